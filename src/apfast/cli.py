@@ -1,0 +1,275 @@
+"""The ``apfast`` command line: Gen 2 ``ap_pipe``-style subcommands.
+
+``main(argv)`` returns the exit status: 0 ok, 1 error, 2 usage or config error,
+130 on Ctrl-C; an :class:`~apfast.errors.ApfastError`'s ``exit_code`` wins.
+User-facing results go to stdout; progress and diagnostics go to the log on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from apfast import __version__
+from apfast.errors import ApfastError, ConfigError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("apfast")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _progress(msg: str) -> None:
+    log.info("%s", msg)
+
+
+# -- subcommand implementations -------------------------------------------------------------------
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from apfast.ingest import ingest_raws
+
+    files = _expand_files(args.files)
+    t0 = time.perf_counter()
+    rep = ingest_raws(args.repo, files, mode=args.mode, camera=args.camera, progress=_progress)
+    dt = time.perf_counter() - t0
+    _out(
+        f"ingested {len(rep.ingested)} file(s), {rep.n_rows} CCD row(s) into {Path(args.repo) / 'registry.sqlite3'}"
+        f" in {dt:.2f} s; {len(rep.already_present)} already present"
+        + (f"; skipped {len(rep.skipped_hdus)} non-science HDU(s)" if rep.skipped_hdus else "")
+    )
+    return 0
+
+
+def _cmd_ingest_calibs(args: argparse.Namespace) -> int:
+    from apfast.calibs import ingest_calibs
+
+    files = _expand_files(args.files)
+    rep = ingest_calibs(args.calib_root, files, validity_days=args.validity, mode=args.mode, progress=_progress)
+    _out(f"{rep}")
+    return 0
+
+
+def _cmd_ingest_refcat(args: argparse.Namespace) -> int:
+    from apfast.refcat import ingest_refcat
+
+    cmap = None
+    if args.column_map:
+        cmap = {}
+        for item in args.column_map.split(","):
+            if "=" not in item:
+                msg = f"--column-map item {item!r} is not of the form standard_name=input_column"
+                raise ConfigError(msg)
+            k, v = item.split("=", 1)
+            cmap[k.strip()] = v.strip()
+    files = _expand_files(args.files)
+    rep = ingest_refcat(args.repo, args.name, files, kind=args.kind, column_map=cmap, nside=args.nside, progress=_progress)
+    _out(f"{rep}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from apfast.simulate import simulate
+
+    t0 = time.perf_counter()
+    summary = simulate(args.out, small=args.small, seed=args.seed, progress=_progress)
+    _out(f"simulated data in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    _out(f"{summary}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from apfast.demo import run_demo
+
+    return run_demo(args.dir, seed=args.seed, full=args.full, out=_out, progress=_progress)
+
+
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from apfast.warmup import warmup
+
+    results = warmup(progress=_progress)
+    total = sum(t for _, t in results)
+    _out(f"compiled {len(results)} kernel(s) in {total:.1f} s")
+    for name, t in results:
+        _out(f"  {name:<48s} {t:7.2f} s")
+    return 0
+
+
+def _load_cfg(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig, imported lazily
+    from apfast.config import load_config
+
+    return load_config(args.config_file or (), args.config or ())
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from apfast.config import config_to_toml
+
+    _out(config_to_toml(_load_cfg(args)).rstrip())
+    return 0
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    from apfast.config import config_to_toml
+    from apfast.dataid import format_table, parse_ids
+    from apfast.registry import Registry
+
+    cfg = _load_cfg(args)
+    exprs = parse_ids(args.id or [])
+    with Registry(args.repo) as reg:
+        rows = reg.select([dict(e) for e in exprs])
+    if args.show:
+        for what in args.show:
+            if what == "config":
+                _out(config_to_toml(cfg).rstrip())
+            elif what == "data":
+                keys = ["visit", "ccdnum", "detector", "filter", "date", "expTime", "object"]
+                _out(format_table(rows, keys))
+                _out(f"{len(rows)} dataId(s)")
+        return 0
+    msg = (
+        f"matched {len(rows)} CCD(s), but this apfast has no processing stages installed yet "
+        "(ISR and calibration arrive with the calexp stage); use --show data to list the selection"
+    )
+    raise ApfastError(msg)
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def _expand_files(items: Sequence[str]) -> list[Path]:
+    """Expand directories into the FITS/CSV/ECSV/YAML/TXT files they hold (sorted); keep files as given."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(
+                q for q in p.rglob("*")
+                if q.is_file() and q.suffix.lower() in {".fits", ".fz", ".csv", ".ecsv", ".yaml", ".txt", ".fit"}
+            )
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-C", "--config-file", action="append", metavar="FILE.toml",
+                   help="config overrides from a TOML file (repeatable; applied in order)")
+    p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
+                   help="one config override, VALUE a TOML literal (repeatable; later wins)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="apfast",
+        description="Fast alert production: ingest raws, calibs and refcats, process CCDs, read results.",
+    )
+    parser.add_argument("--version", action="version", version=f"apfast {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("ingest", help="register raw exposures in REPO/registry.sqlite3")
+    p.add_argument("repo", help="repository root (created if needed)")
+    p.add_argument("files", nargs="+", help="raw files (e.g. c4d_*_ori.fits.fz) or folders holding them")
+    p.add_argument("--mode", choices=["link", "copy", "move"], default="link", help="how files enter the repo")
+    p.add_argument("--camera", default=None, help="camera name or TOML description for a new repo (default DECam)")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("ingest-calibs", help="register master calibrations in CALIB_ROOT/calibRegistry.sqlite3")
+    p.add_argument("calib_root", help="the calib repository, usually REPO/calibs")
+    p.add_argument("files", nargs="+", help="bias/flat/defects/crosstalk/linearizer files or folders")
+    p.add_argument("--validity", type=float, default=None, metavar="DAYS",
+                   help="validity half-width in days (default: per format; curated files until the next one)")
+    p.add_argument("--mode", choices=["copy", "link", "move"], default="copy")
+    p.set_defaults(func=_cmd_ingest_calibs)
+
+    p = sub.add_parser("ingest-refcat", help="shard a reference catalogue under REPO/ref_cats/NAME")
+    p.add_argument("repo")
+    p.add_argument("name", help="catalogue name, e.g. gaia or ps1")
+    p.add_argument("files", nargs="+", help="CSV or FITS tables")
+    p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto")
+    p.add_argument("--column-map", default=None, metavar="STD=COL,...",
+                   help="map standard column names to the input's, e.g. id=SOURCE_ID,ra=RA_ICRS")
+    p.add_argument("--nside", type=int, default=32, help="HEALPix nside of the shards")
+    p.set_defaults(func=_cmd_ingest_refcat)
+
+    p = sub.add_parser("simulate", help="write realistic simulated DECam data with truth")
+    p.add_argument("out")
+    p.add_argument("--small", action="store_true", help="2 CCDs, 2 template + 3 science visits")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("demo", help="simulate a small dataset and run every stage on it")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full", action="store_true", help="the default-size simulation instead of --small")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("warmup", help="compile every numba kernel into the cache ahead of a batch run")
+    p.set_defaults(func=_cmd_warmup)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    ps = csub.add_parser("show", help="print the effective config as TOML")
+    _add_config_args(ps)
+    ps.set_defaults(func=_cmd_config_show)
+
+    p = sub.add_parser("process", help="process dataIds (ap_pipe.py)")
+    p.add_argument("repo")
+    p.add_argument("--calib", default=None, help="calib repository (default REPO/calibs)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rerun", default=None, metavar="[IN:]OUT", help="write to REPO/rerun/OUT")
+    g.add_argument("--output", default=None, metavar="DIR", help="write to a standalone output repository")
+    p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
+                   help="dataId expression, e.g. visit=1^2 ccdnum=3^6..12 filter=g (repeatable)")
+    p.add_argument("--template", default=None, help="template repository")
+    p.add_argument("--show", action="append", choices=["data", "config"],
+                   help="print the selected dataIds or the effective config and exit")
+    p.add_argument("--doraise", action="store_true", help="stop at the first failing CCD")
+    p.add_argument("--clobber-output", action="store_true", help="redo CCDs whose outputs exist")
+    p.add_argument("-j", "--processes", type=int, default=1)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_process)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    root = logging.getLogger("apfast")
+    root.setLevel(level)
+    if not any(getattr(h, "_apfast", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        h._apfast = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``apfast`` command line and return its exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except ApfastError as exc:
+        if exc.exit_code == 0:
+            log.info("%s", exc)
+            return 0
+        sys.stderr.write(f"apfast {args.command}: error: {exc}\n")
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

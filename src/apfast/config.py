@@ -1,0 +1,841 @@
+"""Pipeline configuration: frozen dataclasses, TOML files and ``-c key=value`` overrides.
+
+The configuration follows LSST ``pex_config`` semantics in dataclass form
+(STYLE.md section 3). Each stage has a frozen, keyword-only config class whose
+fields all carry a type, a default and a ``doc``; :class:`PipelineConfig` nests
+one instance of each. Adding a stage is one new class plus one line in
+:class:`PipelineConfig`.
+
+Settings are applied in order and later settings win:
+
+1. the defaults (or ``base``),
+2. each ``-C file.toml`` in the order given (nested tables ``[apdb]`` or dotted
+   keys ``apdb.db_url = ...``),
+3. each ``-c key=value`` override in the order given.
+
+An override value is parsed as a TOML literal (``999``, ``false``, ``"text"``,
+``[1, 2]``). For ``str`` and ``Literal``-of-``str`` fields, text that is not a
+TOML string is taken as is, so ``-c apdb.isolation_level=READ_UNCOMMITTED`` and
+``-c apdb.db_url=sqlite:///apdb/association.db`` work unquoted. A field typed
+``X | None`` is set to ``None`` with the string ``none`` (``-c
+calibs.validity_days=none``, or ``validity_days = "none"`` in a file).
+
+Examples
+--------
+>>> cfg = load_config(overrides=["apdb.isolation_level=READ_UNCOMMITTED", "calibs.validity_days=999"])
+>>> cfg.apdb.isolation_level, cfg.calibs.validity_days
+('READ_UNCOMMITTED', 999.0)
+>>> load_config(overrides=["apdb.db_ur=x"])
+Traceback (most recent call last):
+...
+apfast.errors.ConfigError: unknown config key 'apdb.db_ur'; did you mean 'apdb.db_url'? (from -c apdb.db_ur=x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+from apfast.errors import ConfigError
+
+__all__ = [
+    "ApdbConfig",
+    "CalibsConfig",
+    "FieldInfo",
+    "IngestConfig",
+    "PipelineConfig",
+    "ProcessConfig",
+    "RefcatConfig",
+    "apply_overrides",
+    "config_fields",
+    "config_sha256",
+    "config_to_toml",
+    "describe_type",
+    "load_config",
+]
+
+#: The string that sets an ``X | None`` field to ``None`` (TOML has no null).
+NONE_TEXT = "none"
+
+
+# --------------------------------------------------------------------------------------------------
+# Field helpers and the shared base
+# --------------------------------------------------------------------------------------------------
+
+
+def _opt(default: Any, doc: str, *, choices: Mapping[str, str] | None = None) -> Any:
+    """A config field with its default, its doc and (for ``Literal`` fields) a doc per choice."""
+    meta: dict[str, Any] = {"doc": doc}
+    if choices is not None:
+        meta["choices"] = dict(choices)
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type) -> Any:
+    """A nested section field; its doc is the first line of the section class docstring."""
+    doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+def _ConfigError(msg: str, key: str) -> ConfigError:  # noqa: N802 - used like a class in raise
+    """A ConfigError that remembers the dotted key, so the loader can say which setting caused it."""
+    err = ConfigError(msg)
+    err.key = key  # type: ignore[attr-defined]
+    return err
+
+
+class _Section:
+    """Base of every config class: type-checks every field, then runs ``_validate``.
+
+    ``_key_prefix`` is filled in by :func:`_register_prefixes` from where the class
+    sits in :class:`PipelineConfig`, so messages name the full dotted key.
+    """
+
+    __slots__ = ()
+    _key_prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            tp = _hints(type(self))[f.name]
+            key = f"{self._key_prefix}{f.name}"
+            value = _check_value(getattr(self, f.name), tp, key)
+            if value is not getattr(self, f.name):
+                object.__setattr__(self, f.name, value)  # normalise int -> float, list -> tuple
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range and cross-field checks; sections override this."""
+
+    def _fail(self, name: str, value: Any, expected: str) -> typing.NoReturn:
+        key = f"{self._key_prefix}{name}"
+        msg = f"config key '{key}' = {value!r} is invalid: {expected}"
+        raise _ConfigError(msg, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngestConfig(_Section):
+    """How raw files enter the repository (``apfast ingest``)."""
+
+    mode: Literal["link", "copy", "move"] = _opt(
+        "link",
+        "How each raw file is placed in the repository.",
+        choices={
+            "link": "symlink to the original file (fast; the original must stay in place)",
+            "copy": "copy the file (safe; doubles disk use)",
+            "move": "move the file into the repository (the original path disappears)",
+        },
+    )
+    camera: str = _opt("DECam", "Camera name of a built-in camera (e.g. DECam) or the path of a camera TOML file.")
+
+    def _validate(self) -> None:
+        if not self.camera.strip():
+            self._fail("camera", self.camera, "give a built-in camera name such as 'DECam' or a camera TOML path")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CalibsConfig(_Section):
+    """Master calibrations (bias, flat, defects) and how long each stays valid."""
+
+    validity_days: float | None = _opt(
+        None,
+        "Days either side of a calibration's date during which it may be used; none = per-format defaults.",
+    )
+
+    def _validate(self) -> None:
+        v = self.validity_days
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            self._fail("validity_days", v, "use a finite number of days >= 0, or none for the defaults")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefcatConfig(_Section):
+    """Reference catalogues for astrometry and photometry."""
+
+    astrometry: str = _opt("gaia", "Name of the reference catalogue used for astrometry (folder under ref_cats/).")
+    photometry: str = _opt("ps1", "Name of the reference catalogue used for photometry (folder under ref_cats/).")
+    nside: int = _opt(32, "HEALPix nside (a power of 2) of the catalogue shards; 32 gives ~1.8 deg pixels.")
+
+    def _validate(self) -> None:
+        for name in ("astrometry", "photometry"):
+            value = getattr(self, name)
+            if not value.strip() or "/" in value or "\\" in value:
+                self._fail(name, value, "give a catalogue folder name under ref_cats/, such as 'gaia' or 'ps1'")
+        n = self.nside
+        if n < 1 or n > 2**13 or n & (n - 1):
+            self._fail("nside", n, "use a power of 2 between 1 and 8192, e.g. 32")
+
+
+_DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*://")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApdbConfig(_Section):
+    """The Alert Production Database (DIA objects, sources and forced sources)."""
+
+    db_url: str = _opt(
+        "sqlite:///apdb/association.db",
+        "SQLAlchemy URL of the APDB, e.g. sqlite:///apdb/association.db or postgresql://host/db.",
+    )
+    isolation_level: Literal["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"] = _opt(
+        "READ_COMMITTED",
+        "Transaction isolation level of APDB connections.",
+        choices={
+            "READ_COMMITTED": "see only committed rows (the usual choice)",
+            "READ_UNCOMMITTED": "also see uncommitted rows (what Rubin uses with SQLite)",
+            "REPEATABLE_READ": "rows read stay unchanged for the transaction",
+            "SERIALIZABLE": "full isolation; slowest with concurrent writers",
+        },
+    )
+    connection_timeout: float = _opt(60.0, "Seconds to wait for a connection or a database lock (> 0).")
+    connection_pool: bool = _opt(True, "Keep a pool of open connections; false opens one per transaction.")
+
+    def _validate(self) -> None:
+        if not _DB_URL_RE.match(self.db_url):
+            self._fail("db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'")
+        t = self.connection_timeout
+        if not (math.isfinite(t) and t > 0):
+            self._fail("connection_timeout", t, "use a finite number of seconds > 0, e.g. 60")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessConfig(_Section):
+    """How ``apfast process`` runs: threads, error handling, overwriting."""
+
+    n_threads: int = _opt(0, "Numba threads per process; 0 uses all cores.")
+    doraise: bool = _opt(False, "Stop at the first failing dataId instead of logging it and going on.")
+    clobber_output: bool = _opt(False, "Overwrite existing outputs instead of refusing to run.")
+
+    def _validate(self) -> None:
+        if self.n_threads < 0:
+            self._fail("n_threads", self.n_threads, "use 0 for all cores or a positive thread count")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineConfig(_Section):
+    """The whole pipeline: one section per stage (add a section with one line here)."""
+
+    ingest: IngestConfig = _section(IngestConfig)
+    calibs: CalibsConfig = _section(CalibsConfig)
+    refcat: RefcatConfig = _section(RefcatConfig)
+    apdb: ApdbConfig = _section(ApdbConfig)
+    process: ProcessConfig = _section(ProcessConfig)
+
+
+class FieldInfo(NamedTuple):
+    """One config key as listed by :func:`config_fields`: its annotation, default and doc."""
+
+    type: Any
+    default: Any
+    doc: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a config class (cached; annotations are strings here)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        all_hints = typing.get_type_hints(cls)
+        hints = {f.name: all_hints[f.name] for f in dataclasses.fields(cls)}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp) and issubclass(tp, _Section)
+
+
+def _union_args(tp: Any) -> tuple[Any, ...] | None:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return None
+
+
+def _is_optional(tp: Any) -> bool:
+    args = _union_args(tp)
+    return args is not None and type(None) in args
+
+
+def _is_text(tp: Any) -> bool:
+    """True for str, Literal-of-str and their Optional forms: raw override text is allowed."""
+    args = _union_args(tp)
+    if args is not None:
+        return any(_is_text(a) for a in args if a is not type(None))
+    if tp is str:
+        return True
+    return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
+
+
+def describe_type(tp: Any) -> str:
+    """Describe a config annotation for people: ``'float or none'``, ``"one of 'a', 'b'"``.
+
+    Parameters
+    ----------
+    tp : type or typing form
+        The resolved annotation of a config field.
+
+    Returns
+    -------
+    str
+        A short phrase used in error messages and ``config show``.
+
+    Examples
+    --------
+    >>> describe_type(float | None)
+    'a number (float) or none'
+    >>> describe_type(Literal["a", "b"])
+    "one of 'a', 'b'"
+    """
+    args = _union_args(tp)
+    if args is not None:
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            parts.append(NONE_TEXT)
+        return " or ".join(parts)
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        (item, *_rest) = typing.get_args(tp)
+        return f"an array of {describe_type(item)}"
+    names = {bool: "true or false", int: "an integer", float: "a number (float)", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if _is_section(tp):
+        return f"a table of {tp.__name__} keys"
+    return getattr(tp, "__name__", str(tp))
+
+
+_MISSING = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float, list -> tuple) or ``_MISSING``."""
+    args = _union_args(tp)
+    if args is not None:
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.strip().lower() == NONE_TEXT and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            out = _coerce(value, a)
+            if out is not _MISSING:
+                return out
+        return _MISSING
+    if typing.get_origin(tp) is Literal:
+        for a in typing.get_args(tp):
+            if type(value) is type(a) and value == a:
+                return a
+        return _MISSING
+    if typing.get_origin(tp) is tuple:
+        item_args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return _MISSING
+        if len(item_args) == 2 and item_args[1] is Ellipsis:
+            items = [_coerce(v, item_args[0]) for v in value]
+        elif len(item_args) == len(value):
+            items = [_coerce(v, a) for v, a in zip(value, item_args, strict=True)]
+        else:
+            return _MISSING
+        return _MISSING if any(i is _MISSING for i in items) else tuple(items)
+    if tp is bool:
+        return value if isinstance(value, bool) else _MISSING
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _MISSING
+        return float(value)
+    if tp is str:
+        return value if isinstance(value, str) else _MISSING
+    if _is_section(tp):
+        return value if isinstance(value, tp) else _MISSING
+    msg = f"config annotation {tp!r} is not supported; use bool, int, float, str, Literal, tuple or X | None"
+    raise TypeError(msg)
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str = "") -> Any:
+    out = _coerce(value, tp)
+    if out is _MISSING:
+        where = f" ({source})" if source else ""
+        what = "is not allowed" if "one of" in describe_type(tp) else "has the wrong type"
+        msg = f"config key '{key}' = {value!r} {what}: expected {describe_type(tp)}{where}"
+        raise _ConfigError(msg, key)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------------
+
+
+def _register_prefixes(cls: type, prefix: str) -> None:
+    """Tell every nested section class its dotted prefix, so its messages name full keys."""
+    cls._key_prefix = prefix  # type: ignore[attr-defined]
+    for name, tp in _hints(cls).items():
+        if _is_section(tp):
+            _register_prefixes(tp, f"{prefix}{name}.")
+
+
+_register_prefixes(PipelineConfig, "")
+
+
+def config_fields(cls: type = PipelineConfig) -> dict[str, FieldInfo]:
+    """List every leaf key of a config class by dotted name.
+
+    Parameters
+    ----------
+    cls : type, optional
+        A config class; the default lists the whole pipeline.
+
+    Returns
+    -------
+    dict of str to FieldInfo
+        ``{"apdb.db_url": FieldInfo(type=str, default='sqlite:///...', doc='...'), ...}``
+        in declaration order. ``FieldInfo`` is a named tuple ``(type, default, doc)``.
+
+    Examples
+    --------
+    >>> info = config_fields()["apdb.connection_timeout"]
+    >>> info.type, info.default
+    (<class 'float'>, 60.0)
+    """
+    out: dict[str, FieldInfo] = {}
+    _collect_fields(cls, "", out)
+    return out
+
+
+def _collect_fields(cls: type, prefix: str, out: dict[str, FieldInfo]) -> None:
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            _collect_fields(tp, f"{prefix}{f.name}.", out)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out[f"{prefix}{f.name}"] = FieldInfo(tp, default, f.metadata.get("doc", ""))
+
+
+def _all_keys() -> list[str]:
+    """Every dotted key, sections included (for suggestions)."""
+    keys: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in _hints(cls).items():
+            keys.append(f"{prefix}{name}")
+            if _is_section(tp):
+                walk(tp, f"{prefix}{name}.")
+
+    walk(PipelineConfig, "")
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    keys = _all_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if not close:
+        # A bare leaf name ("db_url") or a stale section name: match on the last component.
+        last = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == last][:3]
+    where = f" ({source})" if source else ""
+    if close:
+        hint = " or ".join(f"'{k}'" for k in close)
+        msg = f"unknown config key '{key}'; did you mean {hint}?{where}"
+    else:
+        sections = ", ".join(k for k in keys if "." not in k)
+        msg = f"unknown config key '{key}'{where}; keys are section.name with sections {sections}; `apfast config show` lists them all"
+    return _ConfigError(msg, key)
+
+
+def _resolve(key: str, source: str) -> Any:
+    """Return the annotation of dotted ``key`` (a leaf or a section) or raise for unknown keys."""
+    cls: Any = PipelineConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not _is_section(cls):
+            raise _unknown_key(key, source)
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key(key, source)
+        cls = hints[part]
+        if i == len(parts) - 1:
+            return cls
+    raise _unknown_key(key, source)  # pragma: no cover - empty key is caught earlier
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings: (dotted key, typed value, source), collected from files and overrides
+# --------------------------------------------------------------------------------------------------
+
+
+class _Setting(NamedTuple):
+    key: str
+    value: Any
+    source: str
+
+
+def _leaf_settings(key: str, value: Any, source: str) -> list[_Setting]:
+    """Type-check one value for ``key``; a table given for a section is expanded into its keys."""
+    tp = _resolve(key, source)
+    if _is_section(tp):
+        if isinstance(value, Mapping):
+            out: list[_Setting] = []
+            for sub, v in value.items():
+                out.extend(_leaf_settings(f"{key}.{sub}", v, source))
+            return out
+        example = next(iter(config_fields(tp)))
+        msg = (
+            f"config key '{key}' is a section, not a value ({source}); "
+            f"set one of its keys instead, e.g. '{key}.{example}'"
+        )
+        raise _ConfigError(msg, key)
+    if isinstance(value, Mapping):
+        msg = f"config key '{key}' is a value ({describe_type(tp)}), not a table ({source}); write {key} = <value>"
+        raise _ConfigError(msg, key)
+    return [_Setting(key, _check_value(value, tp, key, source), source)]
+
+
+def _parse_override(text: str) -> list[_Setting]:
+    """Parse one ``-c key=value`` string (value is a TOML literal, or raw text for string keys)."""
+    source = f"from -c {text}"
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        msg = (
+            f"malformed config override {text!r}: expected KEY=VALUE with a dotted key, "
+            "e.g. -c apdb.connection_timeout=30 or -c apdb.db_url=sqlite:///apdb/association.db"
+        )
+        raise ConfigError(msg)
+    tp = _resolve(key, source)
+    raw = raw.strip()
+    value: Any = _MISSING
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        parsed = None
+    if parsed is not None and list(parsed) == ["v"]:
+        value = parsed["v"]
+    if _is_text(tp) and not isinstance(value, str):
+        # Rubin users type string values unquoted: keep the text as typed.
+        value = raw
+    if value is _MISSING:
+        if raw.lower() == NONE_TEXT and _is_optional(tp):
+            value = None
+        else:
+            msg = (
+                f"config override {text!r}: {raw!r} is not a valid TOML value for '{key}' "
+                f"(expected {describe_type(tp)}), e.g. -c {key}={_example(tp)}"
+            )
+            raise _ConfigError(msg, key)
+    return _leaf_settings(key, value, source)
+
+
+def _example(tp: Any) -> str:
+    args = _union_args(tp)
+    if args is not None:
+        return _example(next(a for a in args if a is not type(None)))
+    return {bool: "true", int: "4", float: "2.5"}.get(tp, "[1, 2]" if typing.get_origin(tp) is tuple else "x")
+
+
+def _mapping_settings(overrides: Mapping[str, object], source: str) -> list[_Setting]:
+    out: list[_Setting] = []
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+            msg = f"config key {key!r} ({source}) is not a dotted name such as 'apdb.db_url'"
+            raise ConfigError(msg)
+        out.extend(_leaf_settings(key, value, source))
+    return out
+
+
+def _file_settings(path: str | Path) -> list[_Setting]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"config file {str(p)!r} does not exist; check the -C path"
+        raise ConfigError(msg) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"config file {str(p)!r} cannot be read as UTF-8 text: {exc}"
+        raise ConfigError(msg) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends "(at line N, column M)": keep it, it is the location.
+        msg = f"config file {str(p)!r} is not valid TOML: {exc}; fix the file at that line"
+        raise ConfigError(msg) from None
+    return _mapping_settings(data, f"in file {p}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building configs
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested dict of a config's values (sections become dicts; values are kept as is)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = _to_dict(v) if isinstance(v, _Section) else v
+    return out
+
+
+def _from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
+    hints = _hints(cls)
+    kwargs = {k: (_from_dict(hints[k], v) if _is_section(hints[k]) else v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply(cfg: PipelineConfig, settings: Sequence[_Setting]) -> PipelineConfig:
+    if not isinstance(cfg, PipelineConfig):
+        msg = f"expected a PipelineConfig to apply overrides to, got {type(cfg).__name__}"
+        raise ConfigError(msg)
+    data = _to_dict(cfg)
+    last_source: dict[str, str] = {}
+    for s in settings:
+        *parents, leaf = s.key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = s.value
+        last_source[s.key] = s.source
+    try:
+        return _from_dict(PipelineConfig, data)
+    except ConfigError as exc:
+        # Range and cross-field checks run on the finished config: say which setting caused it.
+        if getattr(exc, "key", None) in last_source:
+            msg = f"{exc} ({last_source[exc.key]})"
+            raise _ConfigError(msg, exc.key) from None
+        raise
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, object] | Sequence[str]) -> PipelineConfig:
+    """Return a new config with ``overrides`` applied in order (later settings win).
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The starting configuration; it is not modified (configs are frozen).
+    overrides : mapping or sequence of str
+        Either ``["apdb.connection_pool=false", ...]`` (``-c`` strings, values parsed
+        as TOML literals) or ``{"apdb.connection_pool": False}`` / ``{"apdb":
+        {"connection_pool": False}}`` with Python values.
+
+    Returns
+    -------
+    PipelineConfig
+        The new, validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key (with the closest valid keys), a string without ``=``,
+        a value of the wrong type, or a value out of range.
+
+    Examples
+    --------
+    >>> cfg = apply_overrides(PipelineConfig(), ["process.n_threads=4", "apdb.connection_pool=false"])
+    >>> cfg.process.n_threads, cfg.apdb.connection_pool
+    (4, False)
+    """
+    if isinstance(overrides, Mapping):
+        settings = _mapping_settings(overrides, "in overrides mapping")
+    elif isinstance(overrides, str):
+        msg = f"overrides must be a list of 'key=value' strings or a mapping, not the single string {overrides!r}"
+        raise ConfigError(msg)
+    else:
+        settings = [s for text in overrides for s in _parse_override(text)]
+    return _apply(cfg, settings)
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    *,
+    base: PipelineConfig | None = None,
+) -> PipelineConfig:
+    """Build the effective configuration from defaults, ``-C`` files and ``-c`` overrides.
+
+    Parameters
+    ----------
+    files : sequence of str or Path
+        TOML files applied in order. Keys may be nested tables (``[apdb]``) or dotted.
+    overrides : sequence of str
+        ``key=value`` strings applied after all files, in order.
+    base : PipelineConfig, optional
+        The starting point instead of the defaults (e.g. a camera's own settings).
+
+    Returns
+    -------
+    PipelineConfig
+        The validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        For a missing or unparsable file (naming the file and line), an unknown key,
+        a malformed override, or a bad value. Nothing is applied when one setting fails.
+
+    Examples
+    --------
+    >>> load_config(overrides=["calibs.validity_days=999", "calibs.validity_days=none"]).calibs.validity_days is None
+    True
+    """
+    if isinstance(files, (str, Path)):
+        files = [files]
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    settings: list[_Setting] = []
+    for path in files:
+        settings.extend(_file_settings(path))
+    for text in overrides:
+        settings.extend(_parse_override(text))
+    return _apply(base if base is not None else PipelineConfig(), settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value)  # '60.0', '1e-05', 'inf', '-inf' are all TOML floats
+    if isinstance(value, str):
+        # JSON escapes are TOML basic-string escapes; TOML also forbids a raw DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    msg = f"cannot write {value!r} ({type(value).__name__}) as a TOML value"
+    raise TypeError(msg)
+
+
+def _comment(text: str) -> list[str]:
+    return [f"# {line}".rstrip() for line in text.splitlines()] or ["#"]
+
+
+def config_to_toml(cfg: PipelineConfig) -> str:
+    """Write the effective configuration as TOML: every key, its doc as a comment above it.
+
+    ``None`` values are written as a comment when ``None`` is the default (loading
+    the text leaves them ``None``) and as ``"none"`` otherwise, so the text always
+    loads back to an equal config.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration to write.
+
+    Returns
+    -------
+    str
+        TOML text ending in a newline; ``load_config([file])`` of it equals ``cfg``.
+
+    Examples
+    --------
+    >>> text = config_to_toml(PipelineConfig())
+    >>> '[apdb]' in text and 'isolation_level = "READ_COMMITTED"' in text
+    True
+    """
+    lines = [
+        "# apfast effective configuration. Load it with `apfast ... -C this.toml`;",
+        "# override single keys with -c section.key=value (later settings win).",
+    ]
+    _section_toml(cfg, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
+    cls = type(cfg)
+    hints = _hints(cls)
+    fields = dataclasses.fields(cfg)
+    leaves = [f for f in fields if not _is_section(hints[f.name])]
+    if leaves:
+        lines.append("")
+        if prefix:
+            lines.extend(_comment((cls.__doc__ or "").strip().splitlines()[0].replace("``", "`")))
+            lines.append(f"[{prefix.rstrip('.')}]")
+    for f in leaves:
+        tp = hints[f.name]
+        value = getattr(cfg, f.name)
+        lines.extend(_comment(f.metadata.get("doc", "")))
+        choices = f.metadata.get("choices")
+        if choices:
+            lines.extend(f"#   {_toml_value(k)}: {v}" for k, v in choices.items())
+        else:
+            lines.append(f"# type: {describe_type(tp)}")
+        if value is None:
+            if f.default is None:
+                lines.append(f"# {f.name} = (unset: none)")
+            else:
+                lines.append(f'{f.name} = "{NONE_TEXT}"')
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for f in fields:
+        if _is_section(hints[f.name]):
+            _section_toml(getattr(cfg, f.name), f"{prefix}{f.name}.", lines)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return {"float": repr(value)}  # keep 1 and 1.0 apart, and nan/inf exact
+    if isinstance(value, tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def config_sha256(cfg: PipelineConfig) -> str:
+    """SHA-256 of the configuration's values (not its comments), as 64 hex digits.
+
+    Two configs with equal values have the same digest, even across apfast versions
+    that only reword the docs. Store it beside every output for provenance.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration.
+
+    Returns
+    -------
+    str
+        Lower-case hex digest.
+
+    Examples
+    --------
+    >>> config_sha256(PipelineConfig()) == config_sha256(load_config())
+    True
+    >>> len(config_sha256(PipelineConfig()))
+    64
+    """
+    text = json.dumps(_canonical(_to_dict(cfg)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()

@@ -1,0 +1,652 @@
+"""Exposures (image, mask, variance, WCS, PSF, photometric calibration) and their FITS files.
+
+An :class:`Exposure` is what every stage passes on: a float32 image with an
+optional int32 mask (bits from :mod:`apfast.masks`), a float32 variance, an
+astropy WCS (SIP supported), a :class:`apfast.psf.PsfModel`, a :class:`PhotoCalib`
+and a :class:`VisitInfo`, plus free-form header ``metadata``.
+
+File layout written by :func:`write_exposure` (astropy and ds9 open it):
+
+==========  ===========================================================
+HDU 0       primary, no data: ``APFTYPE='EXPOSURE'``, visit info, photo calib,
+            ``CFGSHA`` (config sha256) and the ``metadata`` cards
+``IMAGE``   float32 image with WCS cards, ``LTV1/LTV2`` = minus ``xy0``
+``MASK``    int32 mask with WCS cards and ``MP_<PLANE>`` bit cards
+``VARIANCE`` float32 variance with WCS cards
+``PSF_*``   the PSF model extensions (``PSFTYPE`` in the first one)
+==========  ===========================================================
+
+Files are written to a temporary name in the target directory and moved into
+place with ``os.replace``, so a crash never leaves a half-written file under
+the final name. :class:`Background` (a binned sky mesh) lives here too, with
+its own FITS I/O.
+
+Examples
+--------
+>>> import numpy as np
+>>> exp = Exposure(np.zeros((4, 6), dtype=">f4"))
+>>> exp.image.dtype.isnative, exp.shape
+(True, (4, 6))
+>>> PhotoCalib(31.4).instflux_to_njy(1.0)
+1.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from apfast import masks
+from apfast.errors import InputError
+from apfast.psf import PsfModel, psf_from_hdus
+
+__all__ = [
+    "NJY_AB_ZERO_POINT",
+    "Background",
+    "Exposure",
+    "PhotoCalib",
+    "VisitInfo",
+    "atomic_output",
+    "read_background",
+    "read_exposure",
+    "wcs_from_header",
+    "write_background",
+    "write_exposure",
+]
+
+log = logging.getLogger(__name__)
+
+#: AB magnitude of a 1 nJy source: 8.9 + 22.5.
+NJY_AB_ZERO_POINT: float = 31.4
+
+#: Keywords owned by the FITS structure; never copied into or out of ``metadata``.
+_STRUCTURAL = frozenset(
+    {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "PCOUNT", "GCOUNT", "XTENSION",
+     "EXTNAME", "EXTVER", "BSCALE", "BZERO", "CHECKSUM", "DATASUM", "END", "ZIMAGE", "ZBITPIX", "ZNAXIS",
+     "ZNAXIS1", "ZNAXIS2", "ZTILE1", "ZTILE2", "ZCMPTYPE", "ZNAME1", "ZVAL1", "ZNAME2", "ZVAL2", "ZQUANTIZ",
+     "ZSIMPLE", "ZEXTEND", "ZTENSION", "ZPCOUNT", "ZGCOUNT", "TFIELDS", "TTYPE1", "TFORM1"}
+)
+_MARKERS = ("APFTYPE", "APFVERS", "CFGSHA")
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    The temporary file is removed when the block raises, so the final name
+    either holds the previous complete file or the new complete file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> with atomic_output(d / "a.txt") as tmp:
+    ...     _ = tmp.write_text("hello")
+    >>> (d / "a.txt").read_text()
+    'hello'
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- visit info
+_VISIT_KEYS: tuple[tuple[str, str, type, str], ...] = (
+    ("visit", "VISIT", int, "visit (exposure) number"),
+    ("ccdnum", "CCDNUM", int, "detector number"),
+    ("detector", "DETPOS", str, "detector name"),
+    ("filter", "BAND", str, "filter band"),
+    ("mjd", "MJD-OBS", float, "MJD at start of exposure (UTC)"),
+    ("date_obs", "DATE-OBS", str, "start of exposure (ISO, UTC)"),
+    ("exptime", "EXPTIME", float, "exposure time (s)"),
+    ("airmass", "AIRMASS", float, "airmass"),
+    ("ra", "BORE-RA", float, "telescope pointing RA (deg)"),
+    ("dec", "BORE-DEC", float, "telescope pointing Dec (deg)"),
+    ("object", "OBJECT", str, "target / field name"),
+    ("camera", "INSTRUME", str, "camera name"),
+)
+_VISIT_CARDS = frozenset(k for _, k, _, _ in _VISIT_KEYS)
+_PHOTO_CARDS = frozenset({"MAGZERO", "MAGZERR", "FLUXMAG0"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VisitInfo:
+    """Where, when and how a CCD image was taken; every field may be ``None`` if unknown.
+
+    ``ra``/``dec`` are the telescope pointing in degrees, ``mjd`` and ``date_obs``
+    the exposure start (UTC), ``filter`` the band (``'g'``), ``detector`` the
+    detector name (``'N4'``), ``camera`` the camera name (``'DECam'``).
+    Header keywords: VISIT, CCDNUM, DETPOS, BAND, MJD-OBS, DATE-OBS, EXPTIME,
+    AIRMASS, BORE-RA, BORE-DEC, OBJECT, INSTRUME.
+    """
+
+    visit: int | None = None
+    ccdnum: int | None = None
+    detector: str | None = None
+    filter: str | None = None
+    mjd: float | None = None
+    date_obs: str | None = None
+    exptime: float | None = None
+    airmass: float | None = None
+    ra: float | None = None
+    dec: float | None = None
+    object: str | None = None
+    camera: str | None = None
+
+    def to_cards(self) -> list[tuple[str, Any, str]]:
+        """``(keyword, value, comment)`` cards for the fields that are set (finite)."""
+        cards = []
+        for attr, key, kind, comment in _VISIT_KEYS:
+            value = getattr(self, attr)
+            if value is None or (kind is float and not math.isfinite(value)):
+                continue
+            cards.append((key, kind(value), comment))
+        return cards
+
+    @classmethod
+    def from_header(cls, header: fits.Header) -> VisitInfo | None:
+        """Build from header keywords; ``None`` when none of them is present."""
+        values: dict[str, Any] = {}
+        for attr, key, kind, _ in _VISIT_KEYS:
+            value = header.get(key)
+            if value is None or isinstance(value, fits.card.Undefined):
+                continue
+            try:
+                values[attr] = kind(value)
+            except (TypeError, ValueError):
+                msg = f"header keyword {key}={value!r} cannot be read as {kind.__name__} for VisitInfo.{attr}"
+                raise InputError(msg) from None
+        return cls(**values) if values else None
+
+
+# --------------------------------------------------------------------------- photometric calibration
+def _scalar_or_array(x: Any) -> Any:
+    return float(x) if np.ndim(x) == 0 else x
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoCalib:
+    """Photometric zero point: ``mag = -2.5 log10(instFlux) + zero_point`` (AB).
+
+    Parameters
+    ----------
+    zero_point : float
+        Magnitude of a source of instrumental flux 1 (counts in the image units).
+    zero_point_err : float
+        1-sigma uncertainty of ``zero_point`` (mag).
+
+    Examples
+    --------
+    >>> pc = PhotoCalib(25.0, 0.01)
+    >>> float(pc.instflux_to_mag(100.0))
+    20.0
+    >>> round(float(pc.njy_to_instflux(pc.instflux_to_njy(3.0))), 12)
+    3.0
+    """
+
+    zero_point: float
+    zero_point_err: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.zero_point) or not (math.isfinite(self.zero_point_err) and self.zero_point_err >= 0):
+            msg = (
+                f"PhotoCalib needs a finite zero_point and a finite non-negative zero_point_err, got "
+                f"{self.zero_point}, {self.zero_point_err}"
+            )
+            raise InputError(msg)
+
+    @property
+    def flux_mag0(self) -> float:
+        """Instrumental flux of a magnitude-0 source, ``10**(0.4 zero_point)`` (FITS ``FLUXMAG0``)."""
+        return 10.0 ** (0.4 * self.zero_point)
+
+    @property
+    def njy_per_instflux(self) -> float:
+        """nJy per unit instrumental flux, ``10**(0.4 (31.4 - zero_point))``."""
+        return 10.0 ** (0.4 * (NJY_AB_ZERO_POINT - self.zero_point))
+
+    def instflux_to_njy(self, flux: Any, flux_err: Any = None) -> Any:
+        """Convert instrumental flux to nJy; with ``flux_err`` return ``(njy, njy_err)``.
+
+        The error adds the zero-point error in quadrature:
+        ``err = |njy| sqrt((flux_err / flux)^2 + (0.4 ln 10 zero_point_err)^2)``.
+        """
+        scale = self.njy_per_instflux
+        njy = _scalar_or_array(np.multiply(flux, scale))
+        if flux_err is None:
+            return njy
+        rel_zp = 0.4 * math.log(10.0) * self.zero_point_err
+        err = np.sqrt((np.multiply(flux_err, scale)) ** 2 + (np.abs(njy) * rel_zp) ** 2)
+        return njy, _scalar_or_array(err)
+
+    def njy_to_instflux(self, njy: Any) -> Any:
+        """Convert nJy to instrumental flux (inverse of :meth:`instflux_to_njy`)."""
+        return _scalar_or_array(np.divide(njy, self.njy_per_instflux))
+
+    def instflux_to_mag(self, flux: Any) -> Any:
+        """AB magnitude of an instrumental flux (NaN for flux <= 0, without a warning)."""
+        f = np.asarray(flux, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mag = np.where(f > 0, -2.5 * np.log10(np.where(f > 0, f, 1.0)) + self.zero_point, np.nan)
+        return mag if mag.ndim else float(mag)
+
+    def to_cards(self) -> list[tuple[str, Any, str]]:
+        """Header cards ``MAGZERO``, ``MAGZERR`` and the derived ``FLUXMAG0``."""
+        return [
+            ("MAGZERO", float(self.zero_point), "mag = -2.5 log10(instFlux) + MAGZERO (AB)"),
+            ("MAGZERR", float(self.zero_point_err), "1-sigma error of MAGZERO (mag)"),
+            ("FLUXMAG0", self.flux_mag0, "instFlux of a magnitude-0 source"),
+        ]
+
+    @classmethod
+    def from_header(cls, header: fits.Header) -> PhotoCalib | None:
+        """Build from ``MAGZERO``/``MAGZERR`` (or ``FLUXMAG0``); ``None`` if neither is present."""
+        if "MAGZERO" in header:
+            return cls(float(header["MAGZERO"]), float(header.get("MAGZERR", 0.0)))
+        if "FLUXMAG0" in header and float(header["FLUXMAG0"]) > 0:
+            return cls(2.5 * math.log10(float(header["FLUXMAG0"])), 0.0)
+        return None
+
+
+# --------------------------------------------------------------------------- WCS helpers
+def wcs_from_header(header: fits.Header) -> WCS | None:
+    """Return the celestial WCS of a header (SIP/TPV as astropy reads them), or ``None`` if it has none.
+
+    astropy's "fixed a non-standard keyword" notices are silenced: they are
+    informational, and the test suite turns warnings into errors.
+    """
+    if "CTYPE1" not in header or "CTYPE2" not in header:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
+
+
+def _wcs_header(wcs: WCS | None) -> fits.Header:
+    if wcs is None:
+        return fits.Header()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return wcs.to_header(relax=True)
+
+
+def _as_plane(a: Any, dtype: Any, name: str, shape: tuple[int, ...] | None) -> np.ndarray | None:
+    if a is None:
+        return None
+    arr = np.asarray(a)
+    if arr.ndim != 2:
+        msg = f"Exposure.{name} must be 2-D (ny, nx), got shape {arr.shape}"
+        raise InputError(msg)
+    if shape is not None and arr.shape != shape:
+        msg = f"Exposure.{name} has shape {arr.shape} but the image has {shape}; give planes of the same shape"
+        raise InputError(msg)
+    if name == "mask" and arr.dtype.kind == "f":
+        msg = f"Exposure.mask must be an integer bit mask (int32), got {arr.dtype}; build it with apfast.masks.bitmask"
+        raise InputError(msg)
+    # asarray keeps views (subimages) when the dtype already matches; >f4 becomes native float32
+    return np.asarray(arr, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- Exposure
+@dataclass(eq=False)
+class Exposure:
+    """An image with its mask, variance, WCS, PSF, photometric calibration and visit info.
+
+    Parameters
+    ----------
+    image : array_like, shape (ny, nx)
+        Pixels; converted to native-endian float32 (views are kept when already float32).
+    mask : array_like of int32, shape (ny, nx), optional
+        Bit mask (planes in :data:`apfast.masks.MASK_BITS`).
+    variance : array_like, shape (ny, nx), optional
+        Per-pixel variance, float32.
+    wcs : astropy.wcs.WCS, optional
+        Pixel -> sky mapping for the (0-based) pixels of ``image``.
+    psf : PsfModel, optional
+        The PSF, evaluated at parent-image coordinates (``local + xy0``).
+    photo_calib : PhotoCalib, optional
+    visit_info : VisitInfo, optional
+    metadata : astropy.io.fits.Header
+        Extra keywords (provenance, raw header cards ...), written to HDU 0.
+    xy0 : tuple of int
+        ``(x0, y0)`` of pixel ``[0, 0]`` in the parent image (non-zero for cutouts).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    wcs: WCS | None = None
+    psf: PsfModel | None = None
+    photo_calib: PhotoCalib | None = None
+    visit_info: VisitInfo | None = None
+    metadata: fits.Header = field(default_factory=fits.Header)
+    xy0: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        self.image = _as_plane(self.image, np.float32, "image", None)  # type: ignore[assignment]
+        self.mask = _as_plane(self.mask, np.int32, "mask", self.image.shape)
+        self.variance = _as_plane(self.variance, np.float32, "variance", self.image.shape)
+        if self.psf is not None and not isinstance(self.psf, PsfModel):
+            msg = f"Exposure.psf must be an apfast.psf.PsfModel, got {type(self.psf).__name__}"
+            raise InputError(msg)
+        if self.metadata is None:
+            self.metadata = fits.Header()
+        elif not isinstance(self.metadata, fits.Header):
+            self.metadata = fits.Header(self.metadata)
+        self.xy0 = (int(self.xy0[0]), int(self.xy0[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of the image."""
+        return self.image.shape  # type: ignore[return-value]
+
+    def subimage(self, y0: int, y1: int, x0: int, x1: int) -> Exposure:
+        """Return a cutout ``[y0:y1, x0:x1]`` sharing pixel memory with this exposure.
+
+        The WCS is shifted so sky coordinates of a pixel are unchanged, and
+        ``xy0`` records the offset so the PSF is evaluated at parent positions.
+
+        Raises
+        ------
+        InputError
+            If the box is empty or outside the image.
+
+        Examples
+        --------
+        >>> e = Exposure(np.arange(20.0).reshape(4, 5))
+        >>> s = e.subimage(1, 3, 2, 5)
+        >>> s.image.tolist(), s.xy0
+        ([[7.0, 8.0, 9.0], [12.0, 13.0, 14.0]], (2, 1))
+        """
+        ny, nx = self.shape
+        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+            msg = f"subimage box y[{y0}:{y1}], x[{x0}:{x1}] is empty or outside the {ny}x{nx} image"
+            raise InputError(msg)
+        sl = (slice(y0, y1), slice(x0, x1))
+        wcs = None
+        if self.wcs is not None:
+            wcs = self.wcs.slice(sl)
+        return Exposure(
+            self.image[sl],
+            None if self.mask is None else self.mask[sl],
+            None if self.variance is None else self.variance[sl],
+            wcs=wcs,
+            psf=self.psf,
+            photo_calib=self.photo_calib,
+            visit_info=self.visit_info,
+            metadata=self.metadata.copy(),
+            xy0=(self.xy0[0] + x0, self.xy0[1] + y0),
+        )
+
+    def copy(self) -> Exposure:
+        """Return a deep copy of the pixel planes, WCS and metadata (PSF and calib are immutable)."""
+        return Exposure(
+            self.image.copy(),
+            None if self.mask is None else self.mask.copy(),
+            None if self.variance is None else self.variance.copy(),
+            wcs=None if self.wcs is None else self.wcs.deepcopy(),
+            psf=self.psf,
+            photo_calib=self.photo_calib,
+            visit_info=self.visit_info,
+            metadata=self.metadata.copy(),
+            xy0=self.xy0,
+        )
+
+
+def _metadata_cards(metadata: fits.Header, skip: frozenset[str]) -> list[fits.Card]:
+    return [card for card in metadata.cards if card.keyword not in skip and card.keyword != ""]
+
+
+def _plane_header(wcs: WCS | None, xy0: tuple[int, int]) -> fits.Header:
+    hdr = _wcs_header(wcs)
+    if xy0 != (0, 0):
+        hdr["LTV1"] = (-xy0[0], "minus x0: parent x = this x - LTV1")
+        hdr["LTV2"] = (-xy0[1], "minus y0: parent y = this y - LTV2")
+    return hdr
+
+
+def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = None) -> Path:
+    """Write an exposure to a multi-extension FITS file, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file; its directory must exist. An existing file is replaced.
+    exp : Exposure
+    config_sha : str, optional
+        sha256 of the pipeline config that made the exposure (keyword ``CFGSHA``).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from apfast import __version__
+
+    path = Path(path)
+    reserved = _STRUCTURAL | _VISIT_CARDS | _PHOTO_CARDS | frozenset(_MARKERS)
+    primary = fits.PrimaryHDU()
+    hdr = primary.header
+    hdr["APFTYPE"] = ("EXPOSURE", "apfast exposure file")
+    hdr["APFVERS"] = (__version__, "apfast version that wrote the file")
+    if config_sha is not None:
+        hdr["CFGSHA"] = (str(config_sha), "sha256 of the pipeline config")
+    if exp.visit_info is not None:
+        for key, value, comment in exp.visit_info.to_cards():
+            hdr[key] = (value, comment)
+    if exp.photo_calib is not None:
+        for key, value, comment in exp.photo_calib.to_cards():
+            hdr[key] = (value, comment)
+    hdr.extend(_metadata_cards(exp.metadata, reserved))
+
+    hdus: list[Any] = [primary]
+    plane_hdr = _plane_header(exp.wcs, exp.xy0)
+    hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.image), header=plane_hdr.copy(), name="IMAGE"))
+    if exp.mask is not None:
+        mhdr = plane_hdr.copy()
+        for key, bit, comment in masks.header_cards():
+            mhdr[key] = (bit, comment)
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.mask), header=mhdr, name="MASK"))
+    if exp.variance is not None:
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
+    if exp.psf is not None:
+        psf_hdus = exp.psf.to_hdus()
+        for h in psf_hdus:
+            if not h.name.startswith("PSF_"):
+                msg = f"{type(exp.psf).__name__}.to_hdus returned extension {h.name!r}; PSF extensions must be named PSF_*"
+                raise InputError(msg)
+        hdus.extend(psf_hdus)
+    with atomic_output(path) as tmp:
+        fits.HDUList(hdus).writeto(tmp)
+    log.debug("wrote exposure %s (%dx%d)", path, exp.shape[1], exp.shape[0])
+    return path
+
+
+def _native(data: Any, dtype: Any) -> np.ndarray:
+    return np.ascontiguousarray(data, dtype=dtype)
+
+
+def read_exposure(path: str | Path) -> Exposure:
+    """Read a file written by :func:`write_exposure`.
+
+    Arrays come back native-endian and C-contiguous (float32 image and
+    variance, int32 mask). ``metadata`` holds the primary cards that are not
+    visit info, photo calib or apfast markers.
+
+    Raises
+    ------
+    InputError
+        If the file does not exist, is not FITS, or has no ``IMAGE`` extension.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"exposure file {path} does not exist"
+        raise InputError(msg)
+    try:
+        hdul = fits.open(path, memmap=False)
+    except OSError as exc:
+        msg = f"{path} is not a readable FITS file ({exc}); it is not an apfast exposure"
+        raise InputError(msg) from None
+    with hdul:
+        names = [h.name for h in hdul]
+        if "IMAGE" not in names:
+            msg = (
+                f"{path} is not an apfast exposure: it has no 'IMAGE' extension (extensions: {names}); "
+                "write it with apfast.exposure.write_exposure"
+            )
+            raise InputError(msg)
+        primary = hdul[0].header
+        img_hdu = hdul["IMAGE"]
+        if img_hdu.data is None or img_hdu.data.ndim != 2:
+            msg = f"{path}: the IMAGE extension holds no 2-D image"
+            raise InputError(msg)
+        image = _native(img_hdu.data, np.float32)
+        mask = _native(hdul["MASK"].data, np.int32) if "MASK" in names else None
+        variance = _native(hdul["VARIANCE"].data, np.float32) if "VARIANCE" in names else None
+        wcs = wcs_from_header(img_hdu.header)
+        xy0 = (-int(img_hdu.header.get("LTV1", 0)), -int(img_hdu.header.get("LTV2", 0)))
+        psf_hdus = [h for h in hdul if h.name.startswith("PSF_")]
+        psf = psf_from_hdus(psf_hdus, source=str(path)) if psf_hdus else None
+        reserved = _STRUCTURAL | _VISIT_CARDS | _PHOTO_CARDS | frozenset(_MARKERS)
+        metadata = fits.Header(_metadata_cards(primary, reserved))
+        return Exposure(
+            image,
+            mask,
+            variance,
+            wcs=wcs,
+            psf=psf,
+            photo_calib=PhotoCalib.from_header(primary),
+            visit_info=VisitInfo.from_header(primary),
+            metadata=metadata,
+            xy0=xy0,
+        )
+
+
+# --------------------------------------------------------------------------- Background
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Background:
+    """A binned sky model: mesh values on a grid of ``bin_size`` boxes over an image.
+
+    This is only the container and its FITS I/O; the smooth interpolation of
+    the mesh to full resolution is done by the background stage.
+
+    Parameters
+    ----------
+    bin_size : int
+        Side of a mesh box in pixels.
+    values : ndarray, shape (my, mx)
+        Sky level per box (image units), float32.
+    image_shape : tuple of int
+        ``(ny, nx)`` of the image the mesh covers.
+    interpolation : str
+        Name of the interpolation used to expand the mesh (e.g. ``'akima'``).
+    variance : ndarray, shape (my, mx), optional
+        Variance of each mesh value.
+    metadata : astropy.io.fits.Header
+        Extra keywords.
+    """
+
+    bin_size: int
+    values: np.ndarray
+    image_shape: tuple[int, int]
+    interpolation: str = "akima"
+    variance: np.ndarray | None = None
+    metadata: fits.Header = field(default_factory=fits.Header)
+
+    def __post_init__(self) -> None:
+        if int(self.bin_size) != self.bin_size or self.bin_size < 1:
+            msg = f"Background bin_size must be a positive integer, got {self.bin_size}"
+            raise InputError(msg)
+        vals = np.ascontiguousarray(self.values, dtype=np.float32)
+        if vals.ndim != 2 or vals.size == 0:
+            msg = f"Background values must be a non-empty 2-D mesh (my, mx), got shape {vals.shape}"
+            raise InputError(msg)
+        var = None
+        if self.variance is not None:
+            var = np.ascontiguousarray(self.variance, dtype=np.float32)
+            if var.shape != vals.shape:
+                msg = f"Background variance shape {var.shape} differs from the mesh shape {vals.shape}"
+                raise InputError(msg)
+        shape = tuple(int(s) for s in self.image_shape)
+        if len(shape) != 2 or min(shape) < 1:
+            msg = f"Background image_shape must be (ny, nx) with positive sizes, got {self.image_shape}"
+            raise InputError(msg)
+        object.__setattr__(self, "bin_size", int(self.bin_size))
+        object.__setattr__(self, "values", vals)
+        object.__setattr__(self, "variance", var)
+        object.__setattr__(self, "image_shape", shape)
+        object.__setattr__(self, "interpolation", str(self.interpolation))
+
+
+def write_background(path: str | Path, bkg: Background) -> Path:
+    """Write a :class:`Background` atomically: HDU 0 keywords, ``BKG_MESH`` and optional ``BKG_VAR``."""
+    path = Path(path)
+    primary = fits.PrimaryHDU()
+    hdr = primary.header
+    hdr["APFTYPE"] = ("BACKGROUND", "apfast background mesh")
+    hdr["BKGBIN"] = (bkg.bin_size, "mesh box side (pixels)")
+    hdr["BKGNY"] = (bkg.image_shape[0], "rows of the image covered")
+    hdr["BKGNX"] = (bkg.image_shape[1], "columns of the image covered")
+    hdr["BKGINTRP"] = (bkg.interpolation, "mesh interpolation")
+    reserved = _STRUCTURAL | frozenset({"APFTYPE", "BKGBIN", "BKGNY", "BKGNX", "BKGINTRP"})
+    hdr.extend(_metadata_cards(bkg.metadata, reserved))
+    hdus: list[Any] = [primary, fits.ImageHDU(bkg.values, name="BKG_MESH")]
+    if bkg.variance is not None:
+        hdus.append(fits.ImageHDU(bkg.variance, name="BKG_VAR"))
+    with atomic_output(path) as tmp:
+        fits.HDUList(hdus).writeto(tmp)
+    return path
+
+
+def read_background(path: str | Path) -> Background:
+    """Read a file written by :func:`write_background`.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, not FITS, or lacks ``BKG_MESH`` or the ``BKG*`` keywords.
+    """
+    path = Path(path)
+    try:
+        hdul = fits.open(path, memmap=False)
+    except (OSError, FileNotFoundError) as exc:
+        msg = f"cannot read background file {path}: {exc}"
+        raise InputError(msg) from None
+    with hdul:
+        names = [h.name for h in hdul]
+        hdr = hdul[0].header
+        missing = [k for k in ("BKGBIN", "BKGNY", "BKGNX") if k not in hdr]
+        if "BKG_MESH" not in names or missing:
+            msg = (
+                f"{path} is not an apfast background: needs a BKG_MESH extension and keywords BKGBIN, BKGNY, "
+                f"BKGNX (missing: {missing + ([] if 'BKG_MESH' in names else ['BKG_MESH'])})"
+            )
+            raise InputError(msg)
+        reserved = _STRUCTURAL | frozenset({"APFTYPE", "BKGBIN", "BKGNY", "BKGNX", "BKGINTRP"})
+        return Background(
+            bin_size=int(hdr["BKGBIN"]),
+            values=_native(hdul["BKG_MESH"].data, np.float32),
+            image_shape=(int(hdr["BKGNY"]), int(hdr["BKGNX"])),
+            interpolation=str(hdr.get("BKGINTRP", "akima")),
+            variance=_native(hdul["BKG_VAR"].data, np.float32) if "BKG_VAR" in names else None,
+            metadata=fits.Header(_metadata_cards(hdr, reserved)),
+        )
+
