@@ -108,6 +108,12 @@ def scan_headers(path: str | Path) -> list[HeaderInfo]:
             fh.seek(offset)
             chunks = []
             pos = offset
+            if out:
+                head = fh.read(9)
+                fh.seek(offset)
+                if head != b"XTENSION=":
+                    # Trailing padding or garbage after the last HDU: stop, as cfitsio does.
+                    break
             while True:
                 block = fh.read(_BLOCK)
                 if not out and pos == 0 and not block.startswith(b"SIMPLE  ="):
@@ -124,9 +130,6 @@ def scan_headers(path: str | Path) -> list[HeaderInfo]:
                 if _has_end(block):
                     break
             raw = b"".join(chunks)
-            if len(out) > 0 and not raw.startswith(b"XTENSION="):
-                # Trailing padding or garbage after the last HDU: stop, as cfitsio does.
-                break
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
