@@ -29,6 +29,7 @@ Examples
 Traceback (most recent call last):
 ...
 apfast.errors.ConfigError: unknown config key 'apdb.db_ur'; did you mean 'apdb.db_url'? (from -c apdb.db_ur=x)
+
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from apfast.errors import ConfigError
 
 __all__ = [
     "ApdbConfig",
+    "ConfigSection",
     "CalibsConfig",
     "FieldInfo",
     "IngestConfig",
@@ -63,6 +65,8 @@ __all__ = [
     "config_to_toml",
     "describe_type",
     "load_config",
+    "opt",
+    "subsection",
 ]
 
 #: The string that sets an ``X | None`` field to ``None`` (TOML has no null).
@@ -74,32 +78,57 @@ NONE_TEXT = "none"
 # --------------------------------------------------------------------------------------------------
 
 
-def _opt(default: Any, doc: str, *, choices: Mapping[str, str] | None = None) -> Any:
-    """A config field with its default, its doc and (for ``Literal`` fields) a doc per choice."""
+def opt(default: Any, doc: str, *, choices: Mapping[str, str] | None = None) -> Any:
+    """Make a config field with its default, its doc and (for ``Literal`` fields) a doc per choice.
+
+    Parameters
+    ----------
+    default : object
+        An immutable default (use a tuple, not a list).
+    doc : str
+        One sentence for ``config show``, with units and what special values mean.
+    choices : mapping of str to str, optional
+        For a ``Literal`` field: each allowed value and what it does.
+
+    Returns
+    -------
+    dataclasses.Field
+        To assign to an annotated attribute of a :class:`ConfigSection` dataclass.
+    """
     meta: dict[str, Any] = {"doc": doc}
     if choices is not None:
         meta["choices"] = dict(choices)
     return field(default=default, metadata=meta)
 
 
-def _section(cls: type) -> Any:
-    """A nested section field; its doc is the first line of the section class docstring."""
+def subsection(cls: type) -> Any:
+    """Make a nested section field; its doc is the first line of the section class docstring."""
     doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
     return field(default_factory=cls, metadata={"doc": doc})
 
 
 def _ConfigError(msg: str, key: str) -> ConfigError:  # noqa: N802 - used like a class in raise
-    """A ConfigError that remembers the dotted key, so the loader can say which setting caused it."""
+    """Make a ConfigError that remembers the dotted key, so the loader can name the setting."""
     err = ConfigError(msg)
     err.key = key  # type: ignore[attr-defined]
     return err
 
 
-class _Section:
+class ConfigSection:
     """Base of every config class: type-checks every field, then runs ``_validate``.
 
-    ``_key_prefix`` is filled in by :func:`_register_prefixes` from where the class
-    sits in :class:`PipelineConfig`, so messages name the full dotted key.
+    A new stage section is a ``@dataclass(frozen=True, slots=True, kw_only=True)``
+    subclass whose fields are made with :func:`opt` (or :func:`subsection` for a
+    nested sub-config), whose ``_validate`` calls ``self._fail(name, value, fix)``
+    for range and cross-field rules, plus one line in :class:`PipelineConfig`::
+
+        diffim: DiffimConfig = subsection(DiffimConfig)
+
+    Supported annotations: ``bool``, ``int``, ``float`` (ints are accepted and
+    stored as float), ``str``, ``Literal[...]``, ``tuple[T, ...]`` (lists become
+    tuples), ``X | None`` and nested sections. ``_key_prefix`` is filled in from
+    where the class sits in :class:`PipelineConfig`, so messages name the full
+    dotted key.
     """
 
     __slots__ = ()
@@ -129,10 +158,10 @@ class _Section:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class IngestConfig(_Section):
+class IngestConfig(ConfigSection):
     """How raw files enter the repository (``apfast ingest``)."""
 
-    mode: Literal["link", "copy", "move"] = _opt(
+    mode: Literal["link", "copy", "move"] = opt(
         "link",
         "How each raw file is placed in the repository.",
         choices={
@@ -141,18 +170,22 @@ class IngestConfig(_Section):
             "move": "move the file into the repository (the original path disappears)",
         },
     )
-    camera: str = _opt("DECam", "Camera name of a built-in camera (e.g. DECam) or the path of a camera TOML file.")
+    camera: str = opt(
+        "DECam", "Camera name of a built-in camera (e.g. DECam) or the path of a camera TOML file."
+    )
 
     def _validate(self) -> None:
         if not self.camera.strip():
-            self._fail("camera", self.camera, "give a built-in camera name such as 'DECam' or a camera TOML path")
+            self._fail(
+                "camera", self.camera, "give a built-in camera name such as 'DECam' or a camera TOML path"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CalibsConfig(_Section):
+class CalibsConfig(ConfigSection):
     """Master calibrations (bias, flat, defects) and how long each stays valid."""
 
-    validity_days: float | None = _opt(
+    validity_days: float | None = opt(
         None,
         "Days either side of a calibration's date during which it may be used; none = per-format defaults.",
     )
@@ -164,18 +197,24 @@ class CalibsConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RefcatConfig(_Section):
+class RefcatConfig(ConfigSection):
     """Reference catalogues for astrometry and photometry."""
 
-    astrometry: str = _opt("gaia", "Name of the reference catalogue used for astrometry (folder under ref_cats/).")
-    photometry: str = _opt("ps1", "Name of the reference catalogue used for photometry (folder under ref_cats/).")
-    nside: int = _opt(32, "HEALPix nside (a power of 2) of the catalogue shards; 32 gives ~1.8 deg pixels.")
+    astrometry: str = opt(
+        "gaia", "Name of the reference catalogue used for astrometry (folder under ref_cats/)."
+    )
+    photometry: str = opt(
+        "ps1", "Name of the reference catalogue used for photometry (folder under ref_cats/)."
+    )
+    nside: int = opt(32, "HEALPix nside (a power of 2) of the catalogue shards; 32 gives ~1.8 deg pixels.")
 
     def _validate(self) -> None:
         for name in ("astrometry", "photometry"):
             value = getattr(self, name)
             if not value.strip() or "/" in value or "\\" in value:
-                self._fail(name, value, "give a catalogue folder name under ref_cats/, such as 'gaia' or 'ps1'")
+                self._fail(
+                    name, value, "give a catalogue folder name under ref_cats/, such as 'gaia' or 'ps1'"
+                )
         n = self.nside
         if n < 1 or n > 2**13 or n & (n - 1):
             self._fail("nside", n, "use a power of 2 between 1 and 8192, e.g. 32")
@@ -185,14 +224,14 @@ _DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*://")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ApdbConfig(_Section):
+class ApdbConfig(ConfigSection):
     """The Alert Production Database (DIA objects, sources and forced sources)."""
 
-    db_url: str = _opt(
+    db_url: str = opt(
         "sqlite:///apdb/association.db",
         "SQLAlchemy URL of the APDB, e.g. sqlite:///apdb/association.db or postgresql://host/db.",
     )
-    isolation_level: Literal["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"] = _opt(
+    isolation_level: Literal["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"] = opt(
         "READ_COMMITTED",
         "Transaction isolation level of APDB connections.",
         choices={
@@ -202,24 +241,26 @@ class ApdbConfig(_Section):
             "SERIALIZABLE": "full isolation; slowest with concurrent writers",
         },
     )
-    connection_timeout: float = _opt(60.0, "Seconds to wait for a connection or a database lock (> 0).")
-    connection_pool: bool = _opt(True, "Keep a pool of open connections; false opens one per transaction.")
+    connection_timeout: float = opt(60.0, "Seconds to wait for a connection or a database lock (> 0).")
+    connection_pool: bool = opt(True, "Keep a pool of open connections; false opens one per transaction.")
 
     def _validate(self) -> None:
         if not _DB_URL_RE.match(self.db_url):
-            self._fail("db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'")
+            self._fail(
+                "db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'"
+            )
         t = self.connection_timeout
         if not (math.isfinite(t) and t > 0):
             self._fail("connection_timeout", t, "use a finite number of seconds > 0, e.g. 60")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ProcessConfig(_Section):
+class ProcessConfig(ConfigSection):
     """How ``apfast process`` runs: threads, error handling, overwriting."""
 
-    n_threads: int = _opt(0, "Numba threads per process; 0 uses all cores.")
-    doraise: bool = _opt(False, "Stop at the first failing dataId instead of logging it and going on.")
-    clobber_output: bool = _opt(False, "Overwrite existing outputs instead of refusing to run.")
+    n_threads: int = opt(0, "Numba threads per process; 0 uses all cores.")
+    doraise: bool = opt(False, "Stop at the first failing dataId instead of logging it and going on.")
+    clobber_output: bool = opt(False, "Overwrite existing outputs instead of refusing to run.")
 
     def _validate(self) -> None:
         if self.n_threads < 0:
@@ -227,14 +268,14 @@ class ProcessConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PipelineConfig(_Section):
+class PipelineConfig(ConfigSection):
     """The whole pipeline: one section per stage (add a section with one line here)."""
 
-    ingest: IngestConfig = _section(IngestConfig)
-    calibs: CalibsConfig = _section(CalibsConfig)
-    refcat: RefcatConfig = _section(RefcatConfig)
-    apdb: ApdbConfig = _section(ApdbConfig)
-    process: ProcessConfig = _section(ProcessConfig)
+    ingest: IngestConfig = subsection(IngestConfig)
+    calibs: CalibsConfig = subsection(CalibsConfig)
+    refcat: RefcatConfig = subsection(RefcatConfig)
+    apdb: ApdbConfig = subsection(ApdbConfig)
+    process: ProcessConfig = subsection(ProcessConfig)
 
 
 class FieldInfo(NamedTuple):
@@ -253,7 +294,7 @@ _HINTS: dict[type, dict[str, Any]] = {}
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a config class (cached; annotations are strings here)."""
+    """Return the resolved field annotations of a config class (cached; they are strings here)."""
     hints = _HINTS.get(cls)
     if hints is None:
         all_hints = typing.get_type_hints(cls)
@@ -263,7 +304,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp) and issubclass(tp, _Section)
+    # any dataclass nests: stage modules define plain frozen dataclasses with doc metadata
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _union_args(tp: Any) -> tuple[Any, ...] | None:
@@ -278,7 +320,7 @@ def _is_optional(tp: Any) -> bool:
 
 
 def _is_text(tp: Any) -> bool:
-    """True for str, Literal-of-str and their Optional forms: raw override text is allowed."""
+    """Return True for str, Literal-of-str and their Optional forms, which take raw override text."""
     args = _union_args(tp)
     if args is not None:
         return any(_is_text(a) for a in args if a is not type(None))
@@ -306,6 +348,7 @@ def describe_type(tp: Any) -> str:
     'a number (float) or none'
     >>> describe_type(Literal["a", "b"])
     "one of 'a', 'b'"
+
     """
     args = _union_args(tp)
     if args is not None:
@@ -421,6 +464,7 @@ def config_fields(cls: type = PipelineConfig) -> dict[str, FieldInfo]:
     >>> info = config_fields()["apdb.connection_timeout"]
     >>> info.type, info.default
     (<class 'float'>, 60.0)
+
     """
     out: dict[str, FieldInfo] = {}
     _collect_fields(cls, "", out)
@@ -434,7 +478,7 @@ def _collect_fields(cls: type, prefix: str, out: dict[str, FieldInfo]) -> None:
         if _is_section(tp):
             _collect_fields(tp, f"{prefix}{f.name}.", out)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         out[f"{prefix}{f.name}"] = FieldInfo(tp, default, f.metadata.get("doc", ""))
 
 
@@ -465,7 +509,10 @@ def _unknown_key(key: str, source: str) -> ConfigError:
         msg = f"unknown config key '{key}'; did you mean {hint}?{where}"
     else:
         sections = ", ".join(k for k in keys if "." not in k)
-        msg = f"unknown config key '{key}'{where}; keys are section.name with sections {sections}; `apfast config show` lists them all"
+        msg = (
+            f"unknown config key '{key}'{where}; keys are section.name with sections {sections}; "
+            "`apfast config show` lists them all"
+        )
     return _ConfigError(msg, key)
 
 
@@ -512,7 +559,10 @@ def _leaf_settings(key: str, value: Any, source: str) -> list[_Setting]:
         )
         raise _ConfigError(msg, key)
     if isinstance(value, Mapping):
-        msg = f"config key '{key}' is a value ({describe_type(tp)}), not a table ({source}); write {key} = <value>"
+        msg = (
+            f"config key '{key}' is a value ({describe_type(tp)}), not a table ({source}); "
+            f"write {key} = <value>"
+        )
         raise _ConfigError(msg, key)
     return [_Setting(key, _check_value(value, tp, key, source), source)]
 
@@ -598,7 +648,7 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = _to_dict(v) if isinstance(v, _Section) else v
+        out[f.name] = _to_dict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
     return out
 
 
@@ -659,11 +709,15 @@ def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, object] | Seque
     >>> cfg = apply_overrides(PipelineConfig(), ["process.n_threads=4", "apdb.connection_pool=false"])
     >>> cfg.process.n_threads, cfg.apdb.connection_pool
     (4, False)
+
     """
     if isinstance(overrides, Mapping):
         settings = _mapping_settings(overrides, "in overrides mapping")
     elif isinstance(overrides, str):
-        msg = f"overrides must be a list of 'key=value' strings or a mapping, not the single string {overrides!r}"
+        msg = (
+            "overrides must be a list of 'key=value' strings or a mapping, "
+            f"not the single string {overrides!r}"
+        )
         raise ConfigError(msg)
     else:
         settings = [s for text in overrides for s in _parse_override(text)]
@@ -700,8 +754,10 @@ def load_config(
 
     Examples
     --------
-    >>> load_config(overrides=["calibs.validity_days=999", "calibs.validity_days=none"]).calibs.validity_days is None
+    >>> cfg = load_config(overrides=["calibs.validity_days=999", "calibs.validity_days=none"])
+    >>> cfg.calibs.validity_days is None
     True
+
     """
     if isinstance(files, (str, Path)):
         files = [files]
@@ -764,6 +820,7 @@ def config_to_toml(cfg: PipelineConfig) -> str:
     >>> text = config_to_toml(PipelineConfig())
     >>> '[apdb]' in text and 'isolation_level = "READ_COMMITTED"' in text
     True
+
     """
     lines = [
         "# apfast effective configuration. Load it with `apfast ... -C this.toml`;",
@@ -836,6 +893,7 @@ def config_sha256(cfg: PipelineConfig) -> str:
     True
     >>> len(config_sha256(PipelineConfig()))
     64
+
     """
     text = json.dumps(_canonical(_to_dict(cfg)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
