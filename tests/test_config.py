@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apfast import config as C
+from apfast import config as cfgmod
 from apfast.config import (
     ApdbConfig,
     CalibsConfig,
@@ -92,7 +92,12 @@ def test_config_fields_lists_every_leaf_with_type_default_doc() -> None:
     for key, (_, default, _) in fields.items():
         sec, name = key.split(".")
         assert getattr(getattr(cfg, sec), name) == default
-    assert set(config_fields(ApdbConfig)) == {"db_url", "isolation_level", "connection_timeout", "connection_pool"}
+    assert set(config_fields(ApdbConfig)) == {
+        "db_url",
+        "isolation_level",
+        "connection_timeout",
+        "connection_pool",
+    }
 
 
 # ------------------------------------------------------------------ overrides
@@ -124,9 +129,13 @@ def test_later_settings_win_and_none_text_unsets(tmp_path: Path) -> None:
     assert cfg.process.n_threads == 3 and cfg.calibs.validity_days == 5.0
     cfg = load_config([f1, f2], ["process.n_threads=4", "process.n_threads=5", "calibs.validity_days=none"])
     assert cfg.process.n_threads == 5 and cfg.calibs.validity_days is None
-    assert load_config([_write(tmp_path, "c.toml", '[calibs]\nvalidity_days = "none"\n')], base=cfg.__class__(
-        calibs=CalibsConfig(validity_days=3.0)
-    )).calibs.validity_days is None
+    assert (
+        load_config(
+            [_write(tmp_path, "c.toml", '[calibs]\nvalidity_days = "none"\n')],
+            base=cfg.__class__(calibs=CalibsConfig(validity_days=3.0)),
+        ).calibs.validity_days
+        is None
+    )
 
 
 def test_base_is_kept_and_not_modified() -> None:
@@ -201,8 +210,11 @@ def test_malformed_override_names_the_expected_form(override: str) -> None:
         ("process.doraise=yes", "is not a valid TOML value for 'process.doraise' (expected true or false)"),
         ("calibs.validity_days=true", "expected a number (float) or none"),
         ("apdb.connection_timeout=abc", "e.g. -c apdb.connection_timeout=2.5"),
-        ("apdb.isolation_level=READ", "'apdb.isolation_level' = 'READ' is not allowed: expected one of "
-         "'READ_COMMITTED', 'READ_UNCOMMITTED', 'REPEATABLE_READ', 'SERIALIZABLE'"),
+        (
+            "apdb.isolation_level=READ",
+            "'apdb.isolation_level' = 'READ' is not allowed: expected one of "
+            "'READ_COMMITTED', 'READ_UNCOMMITTED', 'REPEATABLE_READ', 'SERIALIZABLE'",
+        ),
         ("ingest.mode=symlink", "expected one of 'link', 'copy', 'move'"),
         ("apdb.connection_timeout=-1", "'apdb.connection_timeout' = -1.0 is invalid: use a finite number"),
         ("apdb.connection_timeout=0", "> 0"),
@@ -217,7 +229,10 @@ def test_malformed_override_names_the_expected_form(override: str) -> None:
         ("ingest.camera=", "built-in camera name"),
         ("apdb=3", "'apdb' is a section, not a value"),
         ("apdb.connection_timeout=1\nprocess.n_threads=3", "not a valid TOML value"),
-        ("apdb.connection_timeout={a=1}", "'apdb.connection_timeout' is a value (a number (float)), not a table"),
+        (
+            "apdb.connection_timeout={a=1}",
+            "'apdb.connection_timeout' is a value (a number (float)), not a table",
+        ),
         ("apdb.connection_timeout=[1]", "'apdb.connection_timeout' = [1] has the wrong type"),
     ],
 )
@@ -237,7 +252,9 @@ def test_direct_construction_is_validated_too() -> None:
         ApdbConfig(connection_timeout=0)
     with pytest.raises(ConfigError, match=r"'apdb\.connection_pool' = 'yes' has the wrong type"):
         ApdbConfig(connection_pool="yes")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"'apdb' = \{\} has the wrong type: expected a table of ApdbConfig"):
+    with pytest.raises(
+        ConfigError, match=r"'apdb' = \{\} has the wrong type: expected a table of ApdbConfig"
+    ):
         PipelineConfig(apdb={})  # type: ignore[arg-type]
 
 
@@ -265,7 +282,9 @@ def test_toml_file_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist; check the -C path"):
         load_config([tmp_path / "missing.toml"])
     g = _write(tmp_path, "unknown.toml", "[apdb]\ndb_ur = 'sqlite:///x'\n")
-    with pytest.raises(ConfigError, match=_re(f"unknown config key 'apdb.db_ur'; did you mean 'apdb.db_url'? (in file {g})")):
+    with pytest.raises(
+        ConfigError, match=_re(f"unknown config key 'apdb.db_ur'; did you mean 'apdb.db_url'? (in file {g})")
+    ):
         load_config([g])
     h = _write(tmp_path, "deep.toml", "[apdb.db_url]\nx = 1\n")
     with pytest.raises(ConfigError, match=r"'apdb\.db_url' is a value \(a string\), not a table"):
@@ -336,8 +355,15 @@ _printable = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, ma
     url_tail=st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
 )
 def test_property_toml_round_trip(
-    camera: str, astrometry: str, nside_exp: int, timeout: float, validity: float | None,
-    mode: str, pool: bool, threads: int, url_tail: str,
+    camera: str,
+    astrometry: str,
+    nside_exp: int,
+    timeout: float,
+    validity: float | None,
+    mode: str,
+    pool: bool,
+    threads: int,
+    url_tail: str,
 ) -> None:
     cfg = apply_overrides(
         PipelineConfig(),
@@ -354,7 +380,7 @@ def test_property_toml_round_trip(
         },
     )
     text = config_to_toml(cfg)
-    back = C._apply(PipelineConfig(), C._mapping_settings(tomllib.loads(text), "round trip"))
+    back = cfgmod._apply(PipelineConfig(), cfgmod._mapping_settings(tomllib.loads(text), "round trip"))
     assert back == cfg
     assert config_sha256(back) == config_sha256(cfg)
 
@@ -370,33 +396,70 @@ def test_sha256_tracks_values_only() -> None:
 
 
 def test_describe_type_phrases() -> None:
-    assert C.describe_type(bool) == "true or false"
-    assert C.describe_type(tuple[int, ...]) == "an array of an integer"
-    assert C.describe_type(typing.Literal["a"]) == "one of 'a'"
-    assert C.describe_type(str | None) == "a string or none"
+    assert cfgmod.describe_type(bool) == "true or false"
+    assert cfgmod.describe_type(tuple[int, ...]) == "an array of an integer"
+    assert cfgmod.describe_type(typing.Literal["a"]) == "one of 'a'"
+    assert cfgmod.describe_type(str | None) == "a string or none"
 
 
 def test_tuple_and_optional_str_fields_in_a_new_section() -> None:
     """The machinery supports the field kinds later sections will need."""
 
     @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-    class Extra(C._Section):
+    class Extra(cfgmod.ConfigSection):
         """An extra section."""
 
-        widths: tuple[int, ...] = C._opt((1, 2), "Widths.")
-        label: str | None = C._opt("x", "Label.")
+        widths: tuple[int, ...] = cfgmod.opt((1, 2), "Widths.")
+        label: str | None = cfgmod.opt("x", "Label.")
 
     assert Extra(widths=[3, 4]).widths == (3, 4)
     assert Extra(label="none").label is None
     # None with a non-None default is written as "none" and reads back as None
     lines: list[str] = []
-    C._section_toml(Extra(label=None), "extra.", lines)
+    cfgmod._section_toml(Extra(label=None), "extra.", lines)
     assert 'label = "none"' in lines
     data = tomllib.loads("\n".join(lines))["extra"]
     assert Extra(**data) == Extra(label=None)
-    with pytest.raises(ConfigError, match=r"'widths' = \[1\.5\] has the wrong type: expected an array of an integer"):
+    with pytest.raises(
+        ConfigError, match=r"'widths' = \[1\.5\] has the wrong type: expected an array of an integer"
+    ):
         Extra(widths=[1.5])  # type: ignore[list-item]
-    assert C._coerce((1, "a"), tuple[int, str]) == (1, "a")
-    assert C._coerce((1,), tuple[int, str]) is C._MISSING
-    assert C._toml_value((1.5, "x", True)) == '[1.5, "x", true]'
-    assert C._toml_value(math.inf) == "inf" and C._toml_value(math.nan) == "nan"
+    assert cfgmod._coerce((1, "a"), tuple[int, str]) == (1, "a")
+    assert cfgmod._coerce((1,), tuple[int, str]) is cfgmod._MISSING
+    assert cfgmod._toml_value((1.5, "x", True)) == '[1.5, "x", true]'
+    assert cfgmod._toml_value(math.inf) == "inf" and cfgmod._toml_value(math.nan) == "nan"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Inner(cfgmod.ConfigSection):
+    """_Inner settings."""
+
+    order: int = cfgmod.opt(1, "Polynomial order (>= 0).")
+
+    def _validate(self) -> None:
+        if self.order < 0:
+            self._fail("order", self.order, "use an order >= 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Outer(cfgmod.ConfigSection):
+    """_Outer settings."""
+
+    do_fit: bool = cfgmod.opt(True, "Fit at all.")
+    inner: _Inner = cfgmod.subsection(_Inner)
+
+
+def test_nested_subsections_name_full_dotted_keys() -> None:
+    """A sub-config inside a section (isr.overscan style) reports 'outer.inner.key'."""
+    cfgmod._register_prefixes(_Outer, "outer.")
+    assert list(config_fields(_Outer)) == ["do_fit", "inner.order"]
+    assert config_fields(_Outer)["inner.order"].doc == "Polynomial order (>= 0)."
+    with pytest.raises(
+        ConfigError, match=r"config key 'outer\.inner\.order' = -1 is invalid: use an order >= 0"
+    ):
+        _Outer(inner=_Inner(order=-1))
+    lines: list[str] = []
+    cfgmod._section_toml(_Outer(), "outer.", lines)
+    assert "[outer]" in lines and "[outer.inner]" in lines
+    data = tomllib.loads("\n".join(lines))["outer"]
+    assert _Outer(do_fit=data["do_fit"], inner=_Inner(**data["inner"])) == _Outer()

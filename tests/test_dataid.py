@@ -65,7 +65,9 @@ def test_float_key_and_quoted_whitespace_forms() -> None:
 def test_custom_key_types() -> None:
     e = parse_id(["exposure=1..3", "band=g"], key_types={"exposure": int, "band": str})
     assert dict(e) == {"exposure": (1, 2, 3), "band": ("g",)}
-    with pytest.raises(InputError, match=r"key_types\['x'\] is <class 'bool'>; dataId keys must be int, float or str"):
+    with pytest.raises(
+        InputError, match=r"key_types\['x'\] is <class 'bool'>; dataId keys must be int, float or str"
+    ):
         parse_id(["x=1"], key_types={"x": bool})
 
 
@@ -77,17 +79,29 @@ def test_custom_key_types() -> None:
         (["visit="], "bad dataId term 'visit=': empty value for 'visit'"),
         (["visit=1^^2"], "bad dataId term 'visit=1^^2': empty value for 'visit'"),
         (["filter=g^"], "empty value for 'filter'"),
-        (["visit=1", "visit=2"], "bad dataId term 'visit=2': key 'visit' is given twice in one --id; join the values with ^"),
-        (["visit=abc"], "bad dataId term 'visit=abc': 'abc' is not an integer, a range a..b or a stride a..b:s"),
+        (
+            ["visit=1", "visit=2"],
+            "bad dataId term 'visit=2': key 'visit' is given twice in one --id; join the values with ^",
+        ),
+        (
+            ["visit=abc"],
+            "bad dataId term 'visit=abc': 'abc' is not an integer, a range a..b or a stride a..b:s",
+        ),
         (["visit=1.5"], "'1.5' is not an integer"),
         (["ccdnum=1..x"], "'1..x' is not an integer"),
         (["ccdnum=1...3"], "'1...3' is not an integer"),
-        (["ccdnum=12..6"], "bad dataId term 'ccdnum=12..6': range '12..6' ends before it starts; write it as 6..12"),
+        (
+            ["ccdnum=12..6"],
+            "bad dataId term 'ccdnum=12..6': range '12..6' ends before it starts; write it as 6..12",
+        ),
         (["ccdnum=1..9:0"], "bad dataId term 'ccdnum=1..9:0': stride in '1..9:0' must be a positive integer"),
         (["ccdnum=1..9:-2"], "stride in '1..9:-2' must be a positive integer"),
         (["expTime=fast"], "bad dataId term 'expTime=fast': 'fast' is not a number"),
         (["expTime=nan"], "'nan' is not a finite number"),
-        (["visit=0..1000000"], "'0..1000000' selects 1000001 values, more than the limit of 1000000; narrow the range"),
+        (
+            ["visit=0..1000000"],
+            "'0..1000000' selects 1000001 values, more than the limit of 1000000; narrow the range",
+        ),
         (["visit=0..600000^1000000..1500000"], "more than the limit of 1000000"),
     ],
 )
@@ -104,7 +118,9 @@ def test_unknown_key_lists_known_keys() -> None:
     msg = str(info.value)
     assert msg.startswith("unknown dataId key 'vist' in 'vist=1'; did you mean 'visit'? known keys are ")
     assert msg.endswith(", ".join(DEFAULT_KEY_TYPES))
-    with pytest.raises(DataIdError, match=r"unknown dataId key 'zzz' in 'zzz=1'; known keys are visit, ccdnum"):
+    with pytest.raises(
+        DataIdError, match=r"unknown dataId key 'zzz' in 'zzz=1'; known keys are visit, ccdnum"
+    ):
         parse_id(["zzz=1"])
 
 
@@ -130,7 +146,10 @@ def test_expr_is_a_frozen_hashable_mapping() -> None:
         e.x = 1  # type: ignore[attr-defined]
     with pytest.raises(TypeError):
         e["visit"] = (3,)  # type: ignore[index]
-    assert hash(e) == hash(parse_id(["visit=2^1", "filter=g"])) and len({e, parse_id(["visit=1^2 filter=g"])}) == 1
+    assert (
+        hash(e) == hash(parse_id(["visit=2^1", "filter=g"]))
+        and len({e, parse_id(["visit=1^2 filter=g"])}) == 1
+    )
     assert e == {"visit": (1, 2), "filter": ("g",)}
     assert pickle.loads(pickle.dumps(e)) == e
     assert repr(e) == "DataIdExpr(visit=(1, 2), filter=('g',))"
@@ -185,7 +204,9 @@ def test_property_format_int_values_round_trip_and_is_compact(values: set[int]) 
 
 
 _word = st.text(
-    st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc"), blacklist_characters="^"), min_size=1, max_size=12
+    st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc"), blacklist_characters="^"),
+    min_size=1,
+    max_size=12,
 )
 
 
@@ -219,7 +240,9 @@ def test_expand_is_the_cartesian_product() -> None:
     ]
     assert expand(parse_id([])) == [{}]
     assert len(expand(parse_id(["visit=1..1000", "ccdnum=1..62"]))) == 62000
-    with pytest.raises(DataIdError, match=r"selects 62000000 combinations \(visit:1000000 x ccdnum:62\), more than"):
+    with pytest.raises(
+        DataIdError, match=r"selects 62000000 combinations \(visit:1000000 x ccdnum:62\), more than"
+    ):
         expand(parse_id(["visit=1..1000000", "ccdnum=1..62"]))
 
 
@@ -262,9 +285,13 @@ def test_sql_where_forms() -> None:
 
 
 def test_sql_where_rejects_unknown_keys_bad_columns_and_too_many_params() -> None:
-    with pytest.raises(DataIdError, match=r"dataId key 'tract' cannot select this dataset; use only the keys visit, filter"):
+    with pytest.raises(
+        DataIdError, match=r"dataId key 'tract' cannot select this dataset; use only the keys visit, filter"
+    ):
         to_sql_where(parse_id(["tract=1"]), ["visit", "filter"])
-    with pytest.raises(InputError, match=r"column name 'visit; DROP TABLE raw' .* not a plain SQL identifier"):
+    with pytest.raises(
+        InputError, match=r"column name 'visit; DROP TABLE raw' .* not a plain SQL identifier"
+    ):
         to_sql_where(parse_id(["visit=1"]), {"visit": "visit; DROP TABLE raw"})
     with pytest.raises(DataIdError, match=r"more than 30000 SQL parameters \(key 'visit'\)"):
         to_sql_where(parse_id(["visit=0..200000:2"]), ["visit"])

@@ -133,7 +133,10 @@ def write_catalog(table: Table, path: str | Path) -> Path:
         try:
             hdu.header[_META_JSON_KEY] = json.dumps(extra, sort_keys=True)
         except TypeError as exc:
-            msg = f"catalogue metadata for {path} cannot be stored: {exc}; keep meta values to str/numbers/lists/dicts"
+            msg = (
+                f"catalogue metadata for {path} cannot be stored: {exc}; keep meta values to "
+                f"str/numbers/lists/dicts"
+            )
             raise InputError(msg) from None
     hdu.header["APFTYPE"] = "SOURCECAT"
     with atomic_output(path) as tmp:
@@ -149,6 +152,10 @@ def read_catalog(path: str | Path) -> Table:
     except (OSError, ValueError, IndexError) as exc:
         msg = f"cannot read a source catalogue from {path}: {exc}"
         raise InputError(msg) from None
+    for name in table.colnames:  # FITS is big-endian; numba kernels need native byte order
+        col = table[name]
+        if col.dtype.byteorder not in ("=", "|") and not col.dtype.isnative:
+            table.replace_column(name, col.astype(col.dtype.newbyteorder("=")))
     meta = {k: v for k, v in table.meta.items() if k not in {"EXTNAME", "APFTYPE", _META_JSON_KEY}}
     if _META_JSON_KEY in table.meta:
         meta.update(json.loads(table.meta[_META_JSON_KEY]))
@@ -158,7 +165,9 @@ def read_catalog(path: str | Path) -> Table:
 
 
 # --------------------------------------------------------------------------- raw
-def read_raw(path: str | Path, hdu: int, row: Mapping[str, Any] | None = None, *, camera: str | None = None) -> Exposure:
+def read_raw(
+    path: str | Path, hdu: int, row: Mapping[str, Any] | None = None, *, camera: str | None = None
+) -> Exposure:
     """Read one raw CCD extension as an :class:`Exposure` (float32, untrimmed).
 
     ``metadata`` is the primary header merged with the extension header (the
@@ -173,14 +182,31 @@ def read_raw(path: str | Path, hdu: int, row: Mapping[str, Any] | None = None, *
         raise InputError(msg) from None
     with hdul:
         if hdu >= len(hdul) or hdul[hdu].data is None:
-            msg = f"raw file {path} has no image in HDU {hdu} ({len(hdul)} HDUs); the registry is out of date, re-ingest"
+            msg = (
+                f"raw file {path} has no image in HDU {hdu} ({len(hdul)} HDUs); the registry is out of date, "
+                f"re-ingest"
+            )
             raise InputError(msg)
         ext = hdul[hdu]
         image = np.ascontiguousarray(ext.data, dtype=np.float32)
         meta = fits.Header()
         for card in list(hdul[0].header.cards) + list(ext.header.cards):
-            if card.keyword in {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "XTENSION",
-                                "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "CHECKSUM", "DATASUM", ""}:
+            if card.keyword in {
+                "SIMPLE",
+                "BITPIX",
+                "NAXIS",
+                "NAXIS1",
+                "NAXIS2",
+                "EXTEND",
+                "XTENSION",
+                "PCOUNT",
+                "GCOUNT",
+                "BZERO",
+                "BSCALE",
+                "CHECKSUM",
+                "DATASUM",
+                "",
+            }:
                 continue
             if card.keyword in {"COMMENT", "HISTORY"}:
                 meta.append(card)
@@ -194,10 +220,18 @@ def read_raw(path: str | Path, hdu: int, row: Mapping[str, Any] | None = None, *
     vi = None
     if row is not None:
         vi = VisitInfo(
-            visit=row.get("visit"), ccdnum=row.get("ccdnum"), detector=row.get("detector"),
-            filter=row.get("filter"), mjd=row.get("mjd"), date_obs=row.get("taiObs"),
-            exptime=row.get("expTime"), airmass=row.get("airmass"), ra=row.get("ra"), dec=row.get("dec"),
-            object=row.get("object"), camera=camera,
+            visit=row.get("visit"),
+            ccdnum=row.get("ccdnum"),
+            detector=row.get("detector"),
+            filter=row.get("filter"),
+            mjd=row.get("mjd"),
+            date_obs=row.get("taiObs"),
+            exptime=row.get("expTime"),
+            airmass=row.get("airmass"),
+            ra=row.get("ra"),
+            dec=row.get("dec"),
+            object=row.get("object"),
+            camera=camera,
         )
     return Exposure(image, wcs=wcs, visit_info=vi, metadata=meta)
 
@@ -238,15 +272,22 @@ def _write_text(obj: Any, path: Path) -> None:
 STORAGES: dict[str, Storage] = {}
 
 
-def register_storage(name: str, read: Callable[[Path], Any], write: Callable[[Any, Path], Any] | None,
-                     *, python_type: type | tuple[type, ...] | None = None) -> None:
+def register_storage(
+    name: str,
+    read: Callable[[Path], Any],
+    write: Callable[[Any, Path], Any] | None,
+    *,
+    python_type: type | tuple[type, ...] | None = None,
+) -> None:
     """Add or replace a storage class (``read(path) -> obj``, ``write(obj, path)``)."""
     STORAGES[name] = Storage(name, read, write, python_type)
 
 
 register_storage("Exposure", read_exposure, None, python_type=Exposure)  # write needs config_sha: see put
 register_storage("SourceCatalog", read_catalog, lambda obj, p: write_catalog(obj, p), python_type=Table)
-register_storage("Background", read_background, lambda obj, p: write_background(p, obj), python_type=Background)
+register_storage(
+    "Background", read_background, lambda obj, p: write_background(p, obj), python_type=Background
+)
 register_storage("Json", lambda p: json.loads(Path(p).read_text(encoding="utf-8")), _write_json)
 register_storage("Text", lambda p: Path(p).read_text(encoding="utf-8"), _write_text, python_type=str)
 register_storage("Raw", lambda p: read_raw(p, 0), None)
@@ -276,8 +317,15 @@ class DatasetType:
 DATASET_TYPES: dict[str, DatasetType] = {}
 
 
-def register_dataset_type(name: str, template: str, storage: str, *, repo: RepoKind = "output",
-                          filtered: bool = False, replace: bool = False) -> DatasetType:
+def register_dataset_type(
+    name: str,
+    template: str,
+    storage: str,
+    *,
+    repo: RepoKind = "output",
+    filtered: bool = False,
+    replace: bool = False,
+) -> DatasetType:
     """Register a dataset type so every Butler can get/put it.
 
     Parameters
@@ -304,7 +352,10 @@ def register_dataset_type(name: str, template: str, storage: str, *, repo: RepoK
         redefinition without ``replace=True``.
     """
     if storage not in STORAGES:
-        msg = f"dataset type {name!r}: unknown storage {storage!r}; known: {sorted(STORAGES)} (add one with register_storage)"
+        msg = (
+            f"dataset type {name!r}: unknown storage {storage!r}; known: {sorted(STORAGES)} (add one with "
+            f"register_storage)"
+        )
         raise InputError(msg)
     if repo not in _REPO_KINDS:
         msg = f"dataset type {name!r}: repo must be one of {_REPO_KINDS}, got {repo!r}"
@@ -372,7 +423,8 @@ def _str_value(key: str, value: Any) -> str:
     text = str(value)
     if not text or "/" in text or "\\" in text or ".." in text or "\x00" in text or text.startswith("."):
         msg = (
-            f"dataId value {key}={value!r} is not allowed in a path: it is empty or contains a path separator, "
+            f"dataId value {key}={value!r} is not allowed in a path: it is empty or contains a path "
+            f"separator, "
             "'..', NUL or a leading '.'; give the plain value (e.g. filter=g)"
         )
         raise InputError(msg)
@@ -426,7 +478,9 @@ class Butler:
         (``deepCoadd``); default: the repository chain.
     """
 
-    def __init__(self, path: str | Path, *, calib: str | Path | None = None, template: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, calib: str | Path | None = None, template: str | Path | None = None
+    ) -> None:
         self.repo = Repository(path)
         self.template = Repository(template) if template is not None else None
         self._calib = Path(calib).expanduser().resolve() if calib is not None else None
@@ -451,6 +505,13 @@ class Butler:
             self._registry = Registry(self.repo.root)
         return self._registry
 
+    def _camera(self) -> Any:
+        """Return the root repository's Camera, or ``None`` if it has no camera description."""
+        try:
+            return self.registry.camera
+        except (ImportError, ApfastError):
+            return None
+
     def _raw_rows(self, did: Mapping[str, Any]) -> list[dict[str, Any]]:
         return list(self.registry.find(dict(did)))
 
@@ -469,17 +530,18 @@ class Butler:
     def _relpath(self, dt: DatasetType, did: dict[str, Any]) -> str:
         fields = dt.fields()
         missing = sorted({k for k, _ in fields if k not in did})
-        if missing and "visit" in did and (self.repo.root / REGISTRY_NAME).is_file():
+        if missing and "visit" in did and any((p / REGISTRY_NAME).is_file() for p in self.repo.chain):
             did.update(self._fill_from_registry(did, missing))
             missing = sorted({k for k, _ in fields if k not in did})
         if missing:
             msg = (
-                f"dataset type {dt.name!r} (template {dt.template!r}) needs dataId key(s) {', '.join(missing)}; "
+                f"dataset type {dt.name!r} (template {dt.template!r}) needs dataId key(s) "
+                f"{', '.join(missing)}; "
                 f"got {did}; add them, e.g. {missing[0]}=..."
             )
             raise DataIdError(msg)
         out = []
-        for literal, key, spec, conv in string.Formatter().parse(dt.template):
+        for literal, key, spec, _conv in string.Formatter().parse(dt.template):
             out.append(literal)
             if key is None:
                 continue
@@ -510,13 +572,17 @@ class Butler:
             rows = self._raw_rows(did)
             if len(rows) > 1:
                 keys = sorted(k for k in rows[0] if len({str(r.get(k)) for r in rows}) > 1)
-                msg = f"dataId {did} matches {len(rows)} raw rows; add one of the keys {keys[:6]} to select one"
+                msg = (
+                    f"dataId {did} matches {len(rows)} raw rows; add one of the keys {keys[:6]} to select one"
+                )
                 raise DataIdError(msg)
             if not rows:
                 return _Location(None, [reg_path])
             row = rows[0]
             path = self.repo.root / row["file"]
-            return _Location(path if path.is_file() else None, [reg_path, path], int(row.get("hdu") or 0), row)
+            return _Location(
+                path if path.is_file() else None, [reg_path, path], int(row.get("hdu") or 0), row
+            )
         if dt.repo == "calib":
             return self._locate_calib(dt, did)
         rel = self._relpath(dt, did)
@@ -532,11 +598,17 @@ class Butler:
         date, band = did.get("date"), did.get("filter")
         if date is None or (dt.filtered and band is None):
             if "visit" not in did:
-                msg = f"calib dataset {dt.name!r} needs visit (or date{' and filter' if dt.filtered else ''}) in the dataId, got {did}"
+                msg = (
+                    f"calib dataset {dt.name!r} needs visit (or date{' and filter' if dt.filtered else ''}) "
+                    f"in the dataId, got {did}"
+                )
                 raise DataIdError(msg)
             rows = self._raw_rows({"visit": did["visit"], "ccdnum": did["ccdnum"]})
             if not rows:
-                why = f"no raw registry row for visit={did['visit']} ccdnum={did['ccdnum']} to take the date from"
+                why = (
+                    f"no raw registry row for visit={did['visit']} ccdnum={did['ccdnum']} to take the date "
+                    f"from"
+                )
                 return _Location(None, [self.repo.root / REGISTRY_NAME, reg_file], why=why)
             row = rows[0]
             date = date if date is not None else (row.get("taiObs") or row.get("date"))
@@ -547,7 +619,10 @@ class Butler:
             if self._calib_registry is None:
                 self._calib_registry = CalibRegistry(self.calib_root)
             ref = self._calib_registry.lookup(
-                dt.template, ccdnum=_int_value("ccdnum", did["ccdnum"]), date=date, filter=band if dt.filtered else None
+                dt.template,
+                ccdnum=_int_value("ccdnum", did["ccdnum"]),
+                date=date,
+                filter=band if dt.filtered else None,
             )
         except (ApfastError, LookupError) as exc:
             return _Location(None, [reg_file], why=str(exc))
@@ -563,6 +638,8 @@ class Butler:
             A registered dataset type (``'calexp'``, ``'raw'``, ``'flat'`` ...).
         dataId : dict, optional
             Keys such as ``visit``, ``ccdnum``, ``filter``; ``kwargs`` are merged in (and win).
+        **kwargs
+            More dataId keys.
 
         Returns
         -------
@@ -588,16 +665,13 @@ class Butler:
             raise loc.no_locations(dt.name, did)
         log.debug("get %s %s <- %s", dt.name, did, found)
         if dt.repo == "raw":
-            camera = None
-            try:
-                camera = self.registry.camera.name
-            except (AttributeError, ApfastError):
-                camera = None
-            return read_raw(found, hdu or 0, extra, camera=camera)
+            camera = self._camera()
+            return read_raw(found, hdu or 0, extra, camera=None if camera is None else camera.name)
         if dt.repo == "calib":
             from apfast.calibs import read_calib
 
-            return read_calib(extra)
+            camera = self._camera()
+            return read_calib(extra) if camera is None else read_calib(extra, camera=camera)
         return STORAGES[dt.storage].read(found)
 
     def put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:  # noqa: N803
@@ -613,7 +687,10 @@ class Butler:
         """
         dt = self._dataset_type(datasetType)
         if dt.repo in ("raw", "calib"):
-            msg = f"dataset type {dt.name!r} lives in the {dt.repo} registry; add it with apfast ingest, not Butler.put"
+            msg = (
+                f"dataset type {dt.name!r} lives in the {dt.repo} registry; add it with apfast ingest, not "
+                f"Butler.put"
+            )
             raise InputError(msg)
         storage = STORAGES[dt.storage]
         if storage.python_type is not None and not isinstance(obj, storage.python_type):
@@ -654,8 +731,13 @@ class Butler:
             raise loc.no_locations(dt.name, did)
         return str(self.repo.write_root / self._relpath(dt, did))
 
-    def queryMetadata(self, datasetType: str, format: str | list[str] | tuple[str, ...],  # noqa: A002, N802, N803
-                      dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> list[Any]:
+    def queryMetadata(
+        self,
+        datasetType: str,
+        format: str | list[str] | tuple[str, ...],  # noqa: A002, N802, N803
+        dataId: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
         """Values of raw-registry keys for the rows matching ``dataId`` (Gen 2 ``queryMetadata``).
 
         Parameters
@@ -665,6 +747,9 @@ class Butler:
         format : str or sequence of str
             One key (returns a list of values) or several (a list of tuples).
         dataId : dict, optional
+            Restricts the rows (registry columns such as ``filter``, ``visit``).
+        **kwargs
+            More dataId keys.
 
         Returns
         -------

@@ -762,7 +762,7 @@ class Linearizer:
         >>> lin = Linearizer(1, "S29", (LinearizerAmp("A", "LookupTable", 0, 0.0, None),),
         ...                  np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
         >>> lin.correct(np.array([1.2, 2.0]), "A").tolist()
-        [1.7000000476837158, 3.0]
+        [1.7, 3.0]
         """
         a = self.amp(amp)
         v = np.asarray(values, dtype=np.float64)

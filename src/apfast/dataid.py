@@ -15,6 +15,7 @@ Examples
 'visit=412518^412568 ccdnum=3^6..12 filter=g'
 >>> to_sql_where(parse_id(["visit=1^2", "filter=g"]), ["visit", "filter"])
 ('visit IN (?, ?) AND filter IN (?)', [1, 2, 'g'])
+
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ MAX_VALUES = 1_000_000
 #: Most bound parameters one WHERE fragment may use (SQLite allows 32766 per statement).
 MAX_SQL_PARAMS = 30_000
 
-_SYNTAX = "KEY=V1^V2^... with integer ranges a..b and strides a..b:s, e.g. visit=412518 ccdnum=3^6..12 filter=g"
+_SYNTAX = (
+    "KEY=V1^V2^... with integer ranges a..b and strides a..b:s, e.g. visit=412518 ccdnum=3^6..12 filter=g"
+)
 _INT_RE = re.compile(r"^([+-]?\d+)(?:\.\.([+-]?\d+)(?::([+-]?\d+))?)?$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Runs of at least this many consecutive integers become one BETWEEN in SQL.
@@ -86,6 +89,7 @@ class DataIdExpr(Mapping[str, tuple[Any, ...]]):
     DataIdExpr(visit=(2, 1), filter=('g',))
     >>> e.matches({"visit": 1, "filter": "g", "ccdnum": 5})
     True
+
     """
 
     __slots__ = ("_data", "_hash")
@@ -133,11 +137,11 @@ class DataIdExpr(Mapping[str, tuple[Any, ...]]):
         return all(k in data_id and data_id[k] in v for k, v in self._data.items())
 
     def n_combinations(self) -> int:
-        """Number of dataIds :func:`expand` would return (the product of the value counts)."""
+        """Return how many dataIds :func:`expand` would give (the product of the value counts)."""
         return math.prod(len(v) for v in self._data.values())
 
     def to_string(self) -> str:
-        """The canonical ``--id`` text; parsing it gives back an equal expression.
+        """Return the canonical ``--id`` text; parsing it gives back an equal expression.
 
         Integer values are compressed into ranges and strides (:func:`format_int_values`).
         """
@@ -173,6 +177,7 @@ def format_int_values(values: Collection[int]) -> str:
     '3^6..12'
     >>> format_int_values([1, 4, 7, 10, 11])
     '1..10:3^11'
+
     """
     vals = sorted(set(values))
     terms: list[str] = []
@@ -286,10 +291,11 @@ def parse_id(tokens: Sequence[str] | str, *, key_types: Mapping[str, type] = DEF
     --------
     >>> parse_id(["ccdnum=1..9:3", "filter=g^r"])
     DataIdExpr(ccdnum=(1, 4, 7), filter=('g', 'r'))
-    >>> parse_id("visit=5..3")
+    >>> parse_id("visit=5..3")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    apfast.errors.DataIdError: bad dataId term 'visit=5..3': range '5..3' ends before it starts; write it as 3..5; expected KEY=V1^V2^... with integer ranges a..b and strides a..b:s, e.g. visit=412518 ccdnum=3^6..12 filter=g
+    apfast.errors.DataIdError: bad dataId term 'visit=5..3': range '5..3' ends before it starts; ...
+
     """
     if isinstance(tokens, str):
         tokens = [tokens]
@@ -341,6 +347,7 @@ def parse_ids(
     --------
     >>> parse_ids([["visit=1"], ["visit=2", "ccdnum=3"]])
     [DataIdExpr(visit=(1,)), DataIdExpr(visit=(2,), ccdnum=(3,))]
+
     """
     out: list[DataIdExpr] = []
     for i, tokens in enumerate(id_args, start=1):
@@ -379,13 +386,17 @@ def expand(expr: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     --------
     >>> expand(parse_id(["visit=1^2", "ccdnum=5"]))
     [{'visit': 1, 'ccdnum': 5}, {'visit': 2, 'ccdnum': 5}]
+
     """
     keys = list(expr)
     counts = [len(expr[k]) for k in keys]
     total = math.prod(counts)
     if total > MAX_VALUES:
         sizes = " x ".join(f"{k}:{n}" for k, n in zip(keys, counts, strict=True))
-        msg = f"the dataId expression selects {total} combinations ({sizes}), more than {MAX_VALUES}; narrow the --id"
+        msg = (
+            f"the dataId expression selects {total} combinations ({sizes}), "
+            f"more than {MAX_VALUES}; narrow the --id"
+        )
         raise DataIdError(msg)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(expr[k] for k in keys))]
 
@@ -414,11 +425,13 @@ def format_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
 
     Examples
     --------
-    >>> print(format_table([{"visit": 411420, "filter": "g"}, {"visit": 7, "filter": "VR"}], ["visit", "filter"]))
+    >>> rows = [{"visit": 411420, "filter": "g"}, {"visit": 7, "filter": "VR"}]
+    >>> print(format_table(rows, ["visit", "filter"]))
      visit  filter
     ------  ------
     411420  g
          7  VR
+
     """
     keys = list(keys)
     if not keys:
@@ -426,7 +439,11 @@ def format_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
         raise InputError(msg)
     cells = [[_cell(row.get(k, "-")) for k in keys] for row in rows]
     numeric = [
-        all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for row in rows if k in row)
+        all(
+            isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+            for row in rows
+            if k in row
+        )
         for k in keys
     ]
     widths = [max([len(k)] + [len(c[j]) for c in cells]) for j, k in enumerate(keys)]
@@ -500,8 +517,11 @@ def to_sql_where(
     --------
     >>> to_sql_where(parse_id(["ccdnum=3^6..12"]), {"ccdnum": "ccd"})
     ('(ccd IN (?) OR ccd BETWEEN ? AND ?)', [3, 6, 12])
+
     """
-    columns = dict(allowed_columns) if isinstance(allowed_columns, Mapping) else {c: c for c in allowed_columns}
+    columns = (
+        dict(allowed_columns) if isinstance(allowed_columns, Mapping) else {c: c for c in allowed_columns}
+    )
     clauses: list[str] = []
     params: list[Any] = []
     for key, vals in expr.items():
@@ -511,7 +531,10 @@ def to_sql_where(
             raise DataIdError(msg)
         col = columns[key]
         if not isinstance(col, str) or not _IDENT_RE.match(col):
-            msg = f"column name {col!r} for dataId key {key!r} is not a plain SQL identifier; fix allowed_columns"
+            msg = (
+                f"column name {col!r} for dataId key {key!r} is not a plain SQL identifier; "
+                "fix allowed_columns"
+            )
             raise InputError(msg)
         parts: list[str] = []
         values = [_py(v) for v in vals]

@@ -73,10 +73,46 @@ NJY_AB_ZERO_POINT: float = 31.4
 
 #: Keywords owned by the FITS structure; never copied into or out of ``metadata``.
 _STRUCTURAL = frozenset(
-    {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "PCOUNT", "GCOUNT", "XTENSION",
-     "EXTNAME", "EXTVER", "BSCALE", "BZERO", "CHECKSUM", "DATASUM", "END", "ZIMAGE", "ZBITPIX", "ZNAXIS",
-     "ZNAXIS1", "ZNAXIS2", "ZTILE1", "ZTILE2", "ZCMPTYPE", "ZNAME1", "ZVAL1", "ZNAME2", "ZVAL2", "ZQUANTIZ",
-     "ZSIMPLE", "ZEXTEND", "ZTENSION", "ZPCOUNT", "ZGCOUNT", "TFIELDS", "TTYPE1", "TFORM1"}
+    {
+        "SIMPLE",
+        "BITPIX",
+        "NAXIS",
+        "NAXIS1",
+        "NAXIS2",
+        "NAXIS3",
+        "EXTEND",
+        "PCOUNT",
+        "GCOUNT",
+        "XTENSION",
+        "EXTNAME",
+        "EXTVER",
+        "BSCALE",
+        "BZERO",
+        "CHECKSUM",
+        "DATASUM",
+        "END",
+        "ZIMAGE",
+        "ZBITPIX",
+        "ZNAXIS",
+        "ZNAXIS1",
+        "ZNAXIS2",
+        "ZTILE1",
+        "ZTILE2",
+        "ZCMPTYPE",
+        "ZNAME1",
+        "ZVAL1",
+        "ZNAME2",
+        "ZVAL2",
+        "ZQUANTIZ",
+        "ZSIMPLE",
+        "ZEXTEND",
+        "ZTENSION",
+        "ZPCOUNT",
+        "ZGCOUNT",
+        "TFIELDS",
+        "TTYPE1",
+        "TFORM1",
+    }
 )
 _MARKERS = ("APFTYPE", "APFVERS", "CFGSHA")
 
@@ -206,7 +242,9 @@ class PhotoCalib:
     zero_point_err: float = 0.0
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.zero_point) or not (math.isfinite(self.zero_point_err) and self.zero_point_err >= 0):
+        if not math.isfinite(self.zero_point) or not (
+            math.isfinite(self.zero_point_err) and self.zero_point_err >= 0
+        ):
             msg = (
                 f"PhotoCalib needs a finite zero_point and a finite non-negative zero_point_err, got "
                 f"{self.zero_point}, {self.zero_point_err}"
@@ -280,12 +318,43 @@ def wcs_from_header(header: fits.Header) -> WCS | None:
         return WCS(header)
 
 
+def _exact_card(key: str, value: float) -> fits.Card:
+    # astropy (and wcslib's to_header) print floats with at most 12-20 characters; a free-format
+    # value with Python's shortest round-trip repr keeps every bit and is valid FITS.
+    return fits.Card.fromstring(f"{key:<8}= {repr(float(value)).upper():>20}")
+
+
 def _wcs_header(wcs: WCS | None) -> fits.Header:
+    """``wcs.to_header(relax=True)`` with CRVAL/CRPIX/CDELT/PC/CD and SIP values written exactly."""
     if wcs is None:
         return fits.Header()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
-        return wcs.to_header(relax=True)
+        hdr = wcs.to_header(relax=True)
+    w = wcs.wcs
+    exact: dict[str, float] = {}
+    n = int(w.naxis)
+    pc, cdelt = w.get_pc(), w.get_cdelt()
+    for i in range(n):
+        exact[f"CRVAL{i + 1}"] = w.crval[i]
+        exact[f"CRPIX{i + 1}"] = w.crpix[i]
+        exact[f"CDELT{i + 1}"] = cdelt[i]
+        for j in range(n):
+            exact[f"PC{i + 1}_{j + 1}"] = pc[i, j]
+            if w.has_cd():
+                exact[f"CD{i + 1}_{j + 1}"] = w.cd[i, j]
+    if wcs.sip is not None:
+        for name, arr in (("A", wcs.sip.a), ("B", wcs.sip.b), ("AP", wcs.sip.ap), ("BP", wcs.sip.bp)):
+            if arr is not None:
+                for (p, q), v in np.ndenumerate(arr):
+                    exact[f"{name}_{p}_{q}"] = v
+    out = fits.Header()
+    for card in hdr.cards:
+        if card.keyword in exact and isinstance(card.value, float | int) and not isinstance(card.value, bool):
+            out.append(_exact_card(card.keyword, exact[card.keyword]))
+        else:
+            out.append(card)
+    return out
 
 
 def _as_plane(a: Any, dtype: Any, name: str, shape: tuple[int, ...] | None) -> np.ndarray | None:
@@ -296,10 +365,15 @@ def _as_plane(a: Any, dtype: Any, name: str, shape: tuple[int, ...] | None) -> n
         msg = f"Exposure.{name} must be 2-D (ny, nx), got shape {arr.shape}"
         raise InputError(msg)
     if shape is not None and arr.shape != shape:
-        msg = f"Exposure.{name} has shape {arr.shape} but the image has {shape}; give planes of the same shape"
+        msg = (
+            f"Exposure.{name} has shape {arr.shape} but the image has {shape}; give planes of the same shape"
+        )
         raise InputError(msg)
     if name == "mask" and arr.dtype.kind == "f":
-        msg = f"Exposure.mask must be an integer bit mask (int32), got {arr.dtype}; build it with apfast.masks.bitmask"
+        msg = (
+            f"Exposure.mask must be an integer bit mask (int32), got {arr.dtype}; build it with "
+            f"apfast.masks.bitmask"
+        )
         raise InputError(msg)
     # asarray keeps views (subimages) when the dtype already matches; >f4 becomes native float32
     return np.asarray(arr, dtype=dtype)
@@ -431,6 +505,7 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
     path : str or Path
         Output file; its directory must exist. An existing file is replaced.
     exp : Exposure
+        The exposure; only its planes that are not ``None`` are written.
     config_sha : str, optional
         sha256 of the pipeline config that made the exposure (keyword ``CFGSHA``).
 
@@ -448,7 +523,7 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
     hdr["APFTYPE"] = ("EXPOSURE", "apfast exposure file")
     hdr["APFVERS"] = (__version__, "apfast version that wrote the file")
     if config_sha is not None:
-        hdr["CFGSHA"] = (str(config_sha), "sha256 of the pipeline config")
+        hdr["CFGSHA"] = str(config_sha)  # 64 hex characters leave no room for a comment
     if exp.visit_info is not None:
         for key, value, comment in exp.visit_info.to_cards():
             hdr[key] = (value, comment)
@@ -463,15 +538,21 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
     if exp.mask is not None:
         mhdr = plane_hdr.copy()
         for key, bit, comment in masks.header_cards():
-            mhdr[key] = (bit, comment)
+            # names longer than 8 characters need HIERARCH cards (as Rubin's afw writes them)
+            mhdr[key if len(key) <= 8 else f"HIERARCH {key}"] = (bit, comment)
         hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.mask), header=mhdr, name="MASK"))
     if exp.variance is not None:
-        hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
+        hdus.append(
+            fits.ImageHDU(np.ascontiguousarray(exp.variance), header=plane_hdr.copy(), name="VARIANCE")
+        )
     if exp.psf is not None:
         psf_hdus = exp.psf.to_hdus()
         for h in psf_hdus:
             if not h.name.startswith("PSF_"):
-                msg = f"{type(exp.psf).__name__}.to_hdus returned extension {h.name!r}; PSF extensions must be named PSF_*"
+                msg = (
+                    f"{type(exp.psf).__name__}.to_hdus returned extension {h.name!r}; PSF extensions must be "
+                    f"named PSF_*"
+                )
                 raise InputError(msg)
         hdus.extend(psf_hdus)
     with atomic_output(path) as tmp:
@@ -649,4 +730,3 @@ def read_background(path: str | Path) -> Background:
             variance=_native(hdul["BKG_VAR"].data, np.float32) if "BKG_VAR" in names else None,
             metadata=fits.Header(_metadata_cards(hdr, reserved)),
         )
-

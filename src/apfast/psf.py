@@ -19,8 +19,9 @@ Conventions shared by every model:
 - ``fwhm(x, y)`` is in pixels. :class:`GaussianPsf` returns the analytic
   ``2 sqrt(2 ln 2) sigma``; the other models use the second moments of the stamp
   (negative pixels clipped to zero), which gives the same value for a
-  well-sampled Gaussian stamp up to truncation at the stamp edge (relative error
-  below 1e-6 when the stamp half-width exceeds 5 sigma).
+  point-sampled Gaussian stamp with sigma >= 1.2 pixels up to truncation at the
+  stamp edge (relative error below 1e-6 when the stamp half-width exceeds 5
+  sigma); below 1 pixel, sampling biases the moments by ~1e-5 or more.
 - ``to_hdus()`` returns FITS extensions named ``PSF_*``; the first carries a
   ``PSFTYPE`` keyword, which :func:`psf_from_hdus` uses to rebuild the right
   class. New models register themselves by subclassing with ``psftype="NAME"``.
@@ -124,10 +125,16 @@ def poly_terms(xn: float, yn: float, order: int) -> np.ndarray:
 def _check_stamp(image: Any, what: str) -> np.ndarray:
     arr = np.array(image, dtype=np.float64, order="C", copy=True)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] % 2 == 0:
-        msg = f"{what} must be a square stamp of odd size, got shape {arr.shape}; crop or pad it to (2r+1, 2r+1)"
+        msg = (
+            f"{what} must be a square stamp of odd size, got shape {arr.shape}; crop or pad it to (2r+1, "
+            f"2r+1)"
+        )
         raise InputError(msg)
     if not np.all(np.isfinite(arr)):
-        msg = f"{what} contains {int(np.count_nonzero(~np.isfinite(arr)))} non-finite pixels; replace them (e.g. by 0)"
+        msg = (
+            f"{what} contains {int(np.count_nonzero(~np.isfinite(arr)))} non-finite pixels; replace them "
+            f"(e.g. by 0)"
+        )
         raise InputError(msg)
     return arr
 
@@ -141,7 +148,10 @@ class PsfModel(ABC):
         super().__init_subclass__(**kwargs)
         if psftype is not None:
             if psftype in PSF_TYPES and PSF_TYPES[psftype] is not cls:
-                msg = f"PSFTYPE {psftype!r} is already used by {PSF_TYPES[psftype].__qualname__}; choose another name"
+                msg = (
+                    f"PSFTYPE {psftype!r} is already used by {PSF_TYPES[psftype].__qualname__}; choose "
+                    f"another name"
+                )
                 raise InputError(msg)
             cls.psftype = psftype
             PSF_TYPES[psftype] = cls
@@ -192,7 +202,10 @@ class GaussianPsf(PsfModel, psftype="GAUSSIAN"):
             msg = f"GaussianPsf sigma must be a positive finite number of pixels, got {sigma}"
             raise InputError(msg)
         if int(size) != size or size < 1 or size % 2 == 0:
-            msg = f"GaussianPsf size must be a positive odd integer, got {size}; try {2 * int(math.ceil(5 * sigma)) + 1}"
+            msg = (
+                f"GaussianPsf size must be a positive odd integer, got {size}; try "
+                f"{2 * int(math.ceil(5 * sigma)) + 1}"
+            )
             raise InputError(msg)
         self.sigma = sigma
         self._size = int(size)
@@ -274,7 +287,13 @@ class ImagePsf(PsfModel, psftype="IMAGE"):
 
     @classmethod
     def from_hdus(cls, hdus: Sequence[Any]) -> ImagePsf:  # noqa: D102
-        return cls(np.asarray(hdus[0].data, dtype=np.float64))
+        psf = cls(np.asarray(hdus[0].data, dtype=np.float64))
+        # the stored stamp is already normalised: keep its exact bits (re-dividing by a sum
+        # of 1 +- 1 ulp would change them)
+        exact = np.array(hdus[0].data, dtype=np.float64, order="C", copy=True)
+        exact.flags.writeable = False
+        psf.image = exact
+        return psf
 
 
 class PolynomialPixelPsf(PsfModel, psftype="POLYPIX"):

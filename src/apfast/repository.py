@@ -103,7 +103,10 @@ class Repository:
     def __init__(self, path: str | Path) -> None:
         p = Path(path).expanduser()
         if not p.is_dir():
-            msg = f"repository {p} does not exist or is not a folder; ingest raws into it or create it with --rerun/--output"
+            msg = (
+                f"repository {p} does not exist or is not a folder; ingest raws into it or create it with "
+                f"--rerun/--output"
+            )
             raise InputError(msg)
         self.path = p.resolve()
         self.cfg: dict[str, Any] = {}
@@ -199,7 +202,10 @@ def _check_name(name: str, what: str) -> str:
         or (os.altsep is not None and os.altsep in name)
     )
     if bad:
-        msg = f"{what} {name!r} is not a valid name: use letters, digits, '-', '_' (no '/', '..' or leading '.')"
+        msg = (
+            f"{what} {name!r} is not a valid name: use letters, digits, '-', '_' (no '/', '..' or leading "
+            f"'.')"
+        )
         raise ConfigError(msg)
     return name
 
@@ -216,13 +222,17 @@ def _ensure_output(out: Path, parent: Path, info: dict[str, Any]) -> Path:
             have = [str(Path(x)) for x in cfg["parents"]]
             if have != [str(parent)]:
                 msg = (
-                    f"output repository {out_r} already exists with parent(s) {have}, but this run would chain it "
+                    f"output repository {out_r} already exists with parent(s) {have}, but this run would "
+                    f"chain it "
                     f"to {parent}; use a new --rerun/--output name or the original input"
                 )
                 raise ConfigError(msg)
             return out_r
         if (out / REGISTRY_NAME).is_file():
-            msg = f"{out_r} is a root repository (it has {REGISTRY_NAME}); it cannot be used as an output repository"
+            msg = (
+                f"{out_r} is a root repository (it has {REGISTRY_NAME}); it cannot be used as an output "
+                f"repository"
+            )
             raise ConfigError(msg)
         if any(out.iterdir()):
             msg = (
@@ -245,7 +255,9 @@ def _ensure_output(out: Path, parent: Path, info: dict[str, Any]) -> Path:
     return out.resolve()
 
 
-def create_output_repo(input_repo: str | Path, *, rerun: str | None = None, output: str | Path | None = None) -> Path:
+def create_output_repo(
+    input_repo: str | Path, *, rerun: str | None = None, output: str | Path | None = None
+) -> Path:
     """Create (or re-open) the output repository of a run and return its absolute path.
 
     Parameters
@@ -360,7 +372,8 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
         if not clobber:
             msg = (
                 f"{path} holds a different configuration (sha256 {old_sha[:12]} vs {sha[:12]}; "
-                f"{_config_difference(old, toml_text)}); rerun with --clobber-config to overwrite it or use a "
+                f"{_config_difference(old, toml_text)}); rerun with --clobber-config to overwrite it or use "
+                f"a "
                 "new --rerun/--output"
             )
             raise ConfigError(msg)
