@@ -10,6 +10,7 @@ import astropy.units as u
 import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
+from astropy.io import fits
 from astropy.table import Table
 from astropy_healpix import HEALPix
 
@@ -215,7 +216,11 @@ def test_merge_second_file_and_reingest_is_noop(tmp_path, rng):
     b.write(tmp_path / "b.fits")
     repo = tmp_path / "repo"
     ingest_refcat(repo, "gaia", [tmp_path / "a.csv"])
-    report = ingest_refcat(repo, "gaia", [tmp_path / "b.fits"])
+    calls = []
+    report = ingest_refcat(repo, "gaia", [tmp_path / "b.fits"], progress=lambda *a: calls.append(a))
+    n_written = len(report.shards_written)
+    assert calls[0] == (f"read {tmp_path / 'b.fits'} (1/1): 3000 sources",)
+    assert calls[-1] == (f"wrote shard {report.shards_written[-1]} ({n_written}/{n_written})",)
     assert report.n_added == 3000 and report.n_total == 6000
     region = load_region(repo, "gaia", ra=150.0, dec=2.0, radius=0.5)
     both = Table(np.concatenate([a.as_array(), b.as_array()]))
@@ -240,6 +245,11 @@ def test_column_map_override_and_generic_kind(tmp_path, rng):
     truth = brute_cone(Table({"ra": t["RA_ICRS"], "dec": t["DE_ICRS"]}), 150.0, 2.0, 0.4)
     assert sorted(region.sources["id"].tolist()) == sorted(t["SOURCE"][truth].tolist())
     assert np.all(np.isnan(region.sources["BP_mag"])) and np.all(np.isfinite(region.sources["G_mag"]))
+    # Upper-case archive names (as some FITS exports have) are matched case-insensitively.
+    up = gaia_table(rng, n=300, id0=70_000)
+    up.rename_columns(up.colnames, [c.upper() for c in up.colnames])
+    up.write(tmp_path / "upper.fits")
+    assert ingest_refcat(repo, "upper", [tmp_path / "upper.fits"]).kind == "gaia"
     # Generic: bands come from the map; errors are already in degrees.
     g = Table({"ID": np.arange(500), "RA": rng.uniform(10, 11, 500), "DEC": rng.uniform(-5, -4, 500),
                "V": rng.uniform(12, 18, 500), "eV": np.full(500, 0.02), "e_ra": np.full(500, 1e-5)})
@@ -344,6 +354,13 @@ def test_unknown_kind_and_unknown_map_key(tmp_path, rng):
         ingest_refcat(tmp_path / "repo", "c", [tmp_path / "g.csv"], nside=48)
     with pytest.raises(RefcatError, match="does not exist"):
         ingest_refcat(tmp_path / "repo", "c", [tmp_path / "nope.csv"])
+    gaia_table(rng, n=10)[:0].write(tmp_path / "empty.fits")
+    with pytest.raises(RefcatError, match=r"empty\.fits: the table has no rows"):
+        ingest_refcat(tmp_path / "repo", "c", [tmp_path / "empty.fits"])
+    (tmp_path / "junk.csv").write_bytes(b"\x00\x01garbage\n1,2\n3\n")
+    with pytest.raises(RefcatError, match=r"junk\.csv: cannot read"):
+        ingest_refcat(tmp_path / "repo", "c", [tmp_path / "junk.csv"])
+    assert list_refcats(tmp_path / "repo") == []
 
 
 def test_missing_catalogue_lists_present(gaia_repo):
@@ -364,8 +381,11 @@ def test_region_without_shards_or_sources(gaia_repo):
         load_region(repo, "gaia", ra=150.0, dec=2.0, radius=radius)
     with pytest.raises(InputError, match="radius=-1"):
         load_region(repo, "gaia", ra=150.0, dec=2.0, radius=-1)
-    with pytest.raises(InputError, match="not convex|>= 3 finite corners"):
+    with pytest.raises(InputError, match=">= 3 finite corners"):
         load_polygon(repo, "gaia", corners_ra=[150.0, 150.1], corners_dec=[2.0, 2.0])
+    # A dart (concave quadrilateral), even where the catalogue has no shards.
+    with pytest.raises(InputError, match="not convex"):
+        load_polygon(repo, "gaia", corners_ra=[10.0, 10.2, 10.1, 10.1], corners_dec=[0.0, 0.0, 0.05, 0.3])
 
 
 def test_failed_ingest_leaves_catalogue_unchanged(gaia_repo, tmp_path, rng):
@@ -426,3 +446,28 @@ def test_shard_selection_never_misses_over_the_sky(tmp_path, rng):
         assert set(pix[inside].tolist()) <= set(got)
         n_read.append(len(got))
     assert np.median(n_read) < 12  # out of 3072 shards
+
+
+def test_shard_files_are_valid_fits_readable_by_astropy(gaia_repo):
+    repo, t, _ = gaia_repo
+    catdir = repo / "ref_cats" / "gaia"
+    config = json.loads((catdir / "config.json").read_text())
+    total = 0
+    for pix, info in config["shards"].items():
+        with fits.open(catdir / f"{pix}.fits") as hdul:
+            hdul.verify("exception")
+            data, header = hdul[1].data, hdul[1].header
+            assert header["HPXPIX"] == int(pix) and header["HPXNSIDE"] == 32 and header["HPXORDER"] == "NESTED"
+            assert len(data) == info["n"] and header["TUNIT2"] == "deg"
+            hp = HEALPix(nside=32, order="nested")
+            assert np.all(hp.lonlat_to_healpix(data["ra"] * u.deg, data["dec"] * u.deg) == int(pix))
+            total += len(data)
+            # The fast reader agrees with astropy on every column.
+            region_rows = load_region(repo, "gaia", ra=float(data["ra"][0]), dec=float(data["dec"][0]),
+                                      radius=1e-7).sources
+            assert region_rows["id"][0] == data["id"][0]
+            for name in data.columns.names:
+                np.testing.assert_array_equal(region_rows[name][0], data[name][0])
+    assert total == len(t) == config["n_sources"]
+    assert [c["name"] for c in config["columns"]][:8] == ["id", "ra", "dec", "ra_err", "dec_err", "pm_ra",
+                                                          "pm_dec", "epoch"]

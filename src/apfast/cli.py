@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto")
     p.add_argument("--column-map", default=None, metavar="STD=COL,...",
                    help="map standard column names to the input's, e.g. id=SOURCE_ID,ra=RA_ICRS")
-    p.add_argument("--nside", type=int, default=32, help="HEALPix nside of the shards")
+    p.add_argument("--nside", type=int, default=None, help="HEALPix nside of new shards (default 32; a merge keeps the stored one)")
     p.set_defaults(func=_cmd_ingest_refcat)
 
     p = sub.add_parser("simulate", help="write realistic simulated DECam data with truth")

@@ -23,8 +23,6 @@ triangle inequality makes exact for the stored data. Sources are then filtered e
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import logging
 import math
@@ -32,19 +30,35 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import astropy.units as u
 import numpy as np
-from astropy.io import ascii as astropy_ascii
-from astropy.io import fits
 from astropy_healpix import HEALPix
 
+from apfast._refcat_io import (
+    _KINDS,
+    _MAS_TO_DEG,
+    AB_NJY_ZEROPOINT,
+    _convert,
+    _detect_kind,
+    _dtype,
+    _Input,
+    _read_input,
+    _read_shard,
+    _resolve_map,
+    _sha256,
+    _unit,
+    _write_shard,
+    mag_to_njy,
+)
 from apfast.errors import InputError, RefcatError
 
 __all__ = [
+    "AB_NJY_ZEROPOINT",
+    "DEFAULT_NSIDE",
     "RefcatIngestReport",
     "RefcatRegion",
     "apply_proper_motion",
@@ -58,42 +72,13 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-#: AB magnitude of 1 nJy: ``flux_nJy = 10**(-0.4 * (mag - AB_NJY_ZEROPOINT))``.
-AB_NJY_ZEROPOINT = 31.4
+#: HEALPix nside of a new catalogue: 12288 pixels of 1.83 deg.
 DEFAULT_NSIDE = 32
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
 _LOCK = "ingest.lock"
-_MAS_TO_DEG = 1.0 / 3.6e6
-_BASE_COLUMNS = ("id", "ra", "dec", "ra_err", "dec_err", "pm_ra", "pm_dec", "epoch")
-_UNITS = {"ra": "deg", "dec": "deg", "ra_err": "deg", "dec_err": "deg", "pm_ra": "mas/yr",
-          "pm_dec": "mas/yr", "epoch": "yr"}
 
-# kind -> (bands, {standard name: (archive column, conversion, required)}).
-# Conversions: "" none, "mas" mas -> deg, "arcsec" arcsec -> deg, "snr" flux_over_error -> mag error.
-_KINDS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, str, bool]]]] = {
-    "gaia": (("G", "BP", "RP"), {
-        "id": ("source_id", "", True), "ra": ("ra", "", True), "dec": ("dec", "", True),
-        "ra_err": ("ra_error", "mas", True), "dec_err": ("dec_error", "mas", True),
-        "pm_ra": ("pmra", "", True), "pm_dec": ("pmdec", "", True), "epoch": ("ref_epoch", "", True),
-        "G_mag": ("phot_g_mean_mag", "", True), "BP_mag": ("phot_bp_mean_mag", "", True),
-        "RP_mag": ("phot_rp_mean_mag", "", True),
-        # The Gaia archive gives flux S/N rather than magnitude errors; used when exported.
-        "G_magErr": ("phot_g_mean_flux_over_error", "snr", False),
-        "BP_magErr": ("phot_bp_mean_flux_over_error", "snr", False),
-        "RP_magErr": ("phot_rp_mean_flux_over_error", "snr", False),
-    }),
-    "ps1": (("g", "r", "i", "z"), {
-        "id": ("obj_id", "", True), "ra": ("ra", "", True), "dec": ("dec", "", True),
-        **{f"{b}_mag": (f"{b}_mean_psf_mag", "", True) for b in "griz"},
-        **{f"{b}_magErr": (f"{b}_mean_psf_mag_error", "", True) for b in "griz"},
-    }),
-    "generic": ((), {"id": ("id", "", True), "ra": ("ra", "", True), "dec": ("dec", "", True)}),
-}
-# Units of ra_err / dec_err given through --column-map, per kind (Gaia mas, PS1 arcsec).
-_ERR_CONVERSION = {"gaia": "mas", "ps1": "arcsec", "generic": ""}
-
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,212 +147,6 @@ class RefcatRegion:
         return tuple(n[:-4] for n in self.sources.dtype.names if n.endswith("_mag"))
 
 
-def mag_to_njy(mag: np.ndarray, mag_err: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Convert AB magnitudes to fluxes in nJy, as Rubin reference catalogues store them.
-
-    Parameters
-    ----------
-    mag : array_like
-        Magnitudes (NaN allowed).
-    mag_err : array_like, optional
-        Magnitude errors; NaN flux errors if omitted.
-
-    Returns
-    -------
-    flux, flux_err : numpy.ndarray
-        ``10**(-0.4 * (mag - 31.4))`` and ``flux * mag_err * ln(10) / 2.5`` (float64, nJy).
-
-    Examples
-    --------
-    >>> float(mag_to_njy(31.4)[0])
-    1.0
-    """
-    mag = np.asarray(mag, dtype=np.float64)
-    flux = 10.0 ** (-0.4 * (mag - AB_NJY_ZEROPOINT))
-    if mag_err is None:
-        return flux, np.full_like(flux, np.nan)
-    return flux, flux * np.asarray(mag_err, dtype=np.float64) * (math.log(10.0) / 2.5)
-
-
-def _dtype(bands: Sequence[str]) -> np.dtype:
-    fields = [("id", "<i8")] + [(c, "<f8") for c in _BASE_COLUMNS[1:]]
-    for b in bands:
-        fields += [(f"{b}_{s}", "<f8") for s in ("mag", "magErr", "flux", "fluxErr")]
-    return np.dtype(fields)
-
-
-def _unit(col: str) -> str:
-    if col.endswith(("_flux", "_fluxErr")):
-        return "nJy"
-    if col.endswith(("_mag", "_magErr")):
-        return "mag"
-    return _UNITS.get(col, "")
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and validating input files (no writes)
-# ----------------------------------------------------------------------------------------------
-
-def _is_fits(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(6)
-    if head[:2] == b"\x1f\x8b":
-        with gzip.open(path, "rb") as fh:
-            head = fh.read(6)
-    return head == b"SIMPLE"
-
-
-def _read_input(path: Path) -> dict[str, np.ndarray]:
-    """Read a CSV or FITS table into {column name: ndarray}; masked/null values become NaN."""
-    out: dict[str, np.ndarray] = {}
-    try:
-        if _is_fits(path):
-            with fits.open(path, memmap=False) as hdul:
-                hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU | fits.TableHDU)), None)
-                if hdu is None:
-                    msg = f"{path}: no FITS table extension found; give a FITS binary table or a CSV file"
-                    raise RefcatError(msg)
-                for name in hdu.columns.names:
-                    out[name] = np.asarray(hdu.data[name])
-        else:
-            # astropy's C CSV reader; empty fields come back masked.
-            table = astropy_ascii.read(str(path), format="csv", guess=False, fast_reader=True)
-            for name in table.colnames:
-                col = table[name]
-                if getattr(col, "mask", None) is not None and np.any(col.mask):
-                    if col.dtype.kind in "iuf":
-                        out[name] = np.ma.filled(col.astype(np.float64), np.nan)
-                    else:
-                        out[name] = np.ma.filled(col, "")
-                else:
-                    out[name] = np.asarray(col)
-    except (OSError, ValueError, astropy_ascii.InconsistentTableError) as exc:
-        msg = f"{path}: cannot read as a CSV (comma, header row) or FITS table: {exc}"
-        raise RefcatError(msg) from exc
-    return out
-
-
-def _detect_kind(columns: Sequence[str], path: Path) -> str:
-    lower = {c.lower() for c in columns}
-    if "source_id" in lower and "phot_g_mean_mag" in lower:
-        return "gaia"
-    if "obj_id" in lower or any(c.endswith("_mean_psf_mag") for c in lower):
-        return "ps1"
-    if {"id", "ra", "dec"} <= lower:
-        return "generic"
-    msg = (f"{path}: cannot tell the catalogue kind from its columns {sorted(columns)}; "
-           f"pass --kind gaia|ps1|generic and, for other column names, "
-           f"--column-map id=<col>,ra=<col>,dec=<col>,g_mag=<col>,...")
-    raise RefcatError(msg)
-
-
-def _resolve_map(kind: str, column_map: Mapping[str, str] | None) -> tuple[tuple[str, ...], dict]:
-    """Return (bands, {standard: (column or '', conversion, required)}) for kind + overrides."""
-    bands, base = _KINDS[kind]
-    spec = dict(base)
-    allowed = set(spec) | set(_BASE_COLUMNS)
-    for std, col in (column_map or {}).items():
-        is_band = std.endswith(("_mag", "_magErr")) and len(std.split("_")[0]) > 0
-        if std not in allowed and not (kind == "generic" and is_band):
-            msg = (f"column map key {std!r} is not a standard column of a {kind} catalogue; "
-                   f"use one of {sorted(allowed)} (bands: <band>_mag, <band>_magErr for generic)")
-            raise InputError(msg)
-        if std in ("id", "ra", "dec") and not col:
-            msg = f"column map {std}= is empty; {std} is required: give the input column name"
-            raise InputError(msg)
-        conv = spec.get(std, ("", "", False))[1]
-        if std in ("ra_err", "dec_err"):
-            conv = _ERR_CONVERSION[kind]
-        if std.endswith("_magErr"):
-            conv = ""  # a mapped column holds a magnitude error, not a flux S/N
-        spec[std] = (col or "", conv, bool(col))
-    if kind == "generic":
-        bands = tuple(dict.fromkeys(s[:-4] for s in spec if s.endswith("_mag")))
-        orphans = [s for s in spec if s.endswith("_magErr") and s[:-7] not in bands]
-        if orphans:
-            msg = f"column map gives {orphans} without the matching <band>_mag; add e.g. {orphans[0][:-7]}_mag=<col>"
-            raise InputError(msg)
-    return bands, spec
-
-
-@dataclass(slots=True)
-class _Input:
-    path: Path
-    sha256: str
-    rows: np.ndarray  # structured, _dtype(bands)
-    pix: np.ndarray   # int64 HEALPix nested pixel per row
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _convert(path: Path, data: dict[str, np.ndarray], bands: Sequence[str], spec: dict
-             ) -> tuple[np.ndarray, dict[str, str]]:
-    """Map, unit-convert and validate one input table; also return {standard: column used}."""
-    by_lower = {c.lower(): c for c in data}
-    missing = [(std, col) for std, (col, _, req) in spec.items()
-               if req and col not in data and col.lower() not in by_lower]
-    if missing:
-        wanted = ", ".join(f"{std} <- {col!r}" for std, col in missing)
-        example = ",".join(f"{std}=<your column>" for std, _ in missing[:3])
-        msg = (f"{path}: missing column(s) {wanted}; columns found: {sorted(data)}; "
-               f"pass --column-map {example} (column_map={{standard: input column}}) "
-               f"or --kind for another catalogue kind")
-        raise RefcatError(msg)
-    n = len(next(iter(data.values()))) if data else 0
-    rows = np.empty(n, dtype=_dtype(bands))
-    for name in rows.dtype.names:
-        rows[name] = np.nan if name != "id" else 0
-    used: dict[str, str] = {}
-    for std, (col, conv, _) in spec.items():
-        if not col or (col not in data and col.lower() not in by_lower):
-            continue
-        used[std] = col if col in data else by_lower[col.lower()]
-        values = data[used[std]]
-        if std == "id":
-            if values.dtype.kind not in "iu":
-                msg = (f"{path}: id column {col!r} has type {values.dtype}, not integer; "
-                       f"map id to an integer column with --column-map id=<col>")
-                raise RefcatError(msg)
-            rows["id"] = values
-            continue
-        try:
-            v = np.asarray(values, dtype=np.float64)
-        except ValueError as exc:
-            msg = f"{path}: column {col!r} (for {std}) is not numeric: {exc}"
-            raise RefcatError(msg) from exc
-        if conv == "mas":
-            v = v * _MAS_TO_DEG
-        elif conv == "arcsec":
-            v = v / 3600.0
-        elif conv == "snr":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                v = (2.5 / math.log(10.0)) / v
-        rows[std] = v
-    ra, dec = rows["ra"], rows["dec"]
-    bad = ~(np.isfinite(ra) & np.isfinite(dec) & (ra >= 0) & (ra <= 360) & (np.abs(dec) <= 90))
-    if bad.any():
-        first = (np.flatnonzero(bad)[:5] + 1).tolist()
-        msg = (f"{path}: {int(bad.sum())} of {n} rows have non-finite or out-of-range ra/dec "
-               f"(need 0 <= ra <= 360, -90 <= dec <= 90 deg; first bad data rows {first}); "
-               f"fix or drop those rows and ingest again")
-        raise RefcatError(msg)
-    rows["ra"] = np.where(ra == 360.0, 0.0, ra)
-    ids = np.sort(rows["id"])
-    dup = ids[1:][ids[1:] == ids[:-1]]
-    if dup.size:
-        msg = f"{path}: {dup.size} duplicate source ids (e.g. {int(dup[0])}); each id must appear once"
-        raise RefcatError(msg)
-    for b in bands:
-        rows[f"{b}_flux"], rows[f"{b}_fluxErr"] = mag_to_njy(rows[f"{b}_mag"], rows[f"{b}_magErr"])
-    return rows, used
-
-
 # ----------------------------------------------------------------------------------------------
 # Catalogue folder helpers
 # ----------------------------------------------------------------------------------------------
@@ -421,28 +200,6 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _read_shard(path: Path, dtype: np.dtype) -> np.ndarray:
-    with fits.open(path, memmap=False) as hdul:
-        data = hdul[1].data
-        out = np.empty(len(data), dtype=dtype)
-        for name in dtype.names:
-            out[name] = data[name]
-    return out
-
-
-def _write_shard(path: Path, rows: np.ndarray, *, name: str, kind: str, nside: int, pix: int) -> None:
-    hdu = fits.BinTableHDU(data=rows, name="REFCAT")
-    for i, col in enumerate(rows.dtype.names, start=1):
-        if _unit(col):
-            hdu.header[f"TUNIT{i}"] = _unit(col)
-    hdu.header["REFCAT"] = (name, "apfast reference catalogue name")
-    hdu.header["REFKIND"] = (kind, "catalogue kind")
-    hdu.header["HPXNSIDE"] = (nside, "HEALPix nside")
-    hdu.header["HPXORDER"] = ("NESTED", "HEALPix ordering")
-    hdu.header["HPXPIX"] = (pix, "HEALPix pixel of this shard")
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
-
-
 def _rmax(rows: np.ndarray, hp: HEALPix, pix: int) -> float:
     lon, lat = hp.healpix_to_lonlat(pix)
     d = _separation(float(lon.to_value(u.deg)), float(lat.to_value(u.deg)), rows["ra"], rows["dec"])
@@ -491,7 +248,8 @@ def ingest_refcat(
         HEALPix nside (power of two). Default 32 (1.8 deg pixels) for a new catalogue and the
         existing value when merging; a different value is an error.
     progress : callable, optional
-        Called as ``progress(step, done, total)`` with step ``"read"`` or ``"write"``.
+        Called with one-line messages (``"read FILE (i/n): N sources"``,
+        ``"wrote shard P (i/n)"``), like the other apfast ingest commands.
 
     Returns
     -------
@@ -567,7 +325,7 @@ def ingest_refcat(
         inputs.append(_Input(path, sha, rows, pix))
         used_kind, used_bands, used_map = k, bands, used
         if progress is not None:
-            progress("read", i + 1, len(paths))
+            progress(f"read {path} ({i + 1}/{len(paths)}): {len(rows)} sources")
     if not inputs:
         total = int(old["n_sources"]) if old else 0
         return RefcatIngestReport(name=name, kind=old["kind"] if old else str(kind), nside=nside,
@@ -623,17 +381,17 @@ def ingest_refcat(
                 tmp = catdir / f".{p}.fits.tmp{os.getpid()}"
                 staged.append((tmp, final))
                 _write_shard(tmp, part, name=name, kind=used_kind, nside=nside, pix=p)
-                shard_info[str(p)] = {"n": int(len(part)), "rmax": _rmax(part, hp, p)}
-                if progress is not None:
-                    progress("write", j + 1, len(upix))
+                shard_info[str(p)] = {"n": len(part), "rmax": _rmax(part, hp, p)}
+                if progress is not None and ((j + 1) % max(1, len(upix) // 10) == 0 or j + 1 == len(upix)):
+                    progress(f"wrote shard {p} ({j + 1}/{len(upix)})")  # about ten messages
             for tmp, final in staged:
                 os.replace(tmp, final)
         finally:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         ingested = (old["files"] if old else []) + [
-            {"path": str(x.path.resolve()), "sha256": x.sha256, "n_sources": int(len(x.rows)), "ingested": now}
+            {"path": str(x.path.resolve()), "sha256": x.sha256, "n_sources": len(x.rows), "ingested": now}
             for x in inputs]
         config = {
             "format_version": FORMAT_VERSION, "name": name, "kind": used_kind, "nside": nside,
@@ -659,7 +417,7 @@ def ingest_refcat(
               name, len(new_rows), len(inputs), len(upix), elapsed)
     return RefcatIngestReport(name=name, kind=used_kind, nside=nside, path=catdir,
                               files_ingested=tuple(str(x.path) for x in inputs),
-                              files_skipped=tuple(skipped), n_added=int(len(new_rows)),
+                              files_skipped=tuple(skipped), n_added=len(new_rows),
                               n_total=config["n_sources"], shards_written=tuple(upix.tolist()),
                               elapsed_s=elapsed)
 
@@ -716,7 +474,8 @@ def _select_shards(config: dict, ra: float, dec: float, radius: float) -> list[i
     return sorted(cand[keep].tolist())
 
 
-def _load(repo: str | Path, name: str, config: dict, shards: list[int], region: str) -> np.ndarray:
+def _load(repo: str | Path, name: str, config: dict, shards: list[int], region: str,
+          select: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     dtype = _dtype(config["bands"])
     catdir = _catalogue_dir(repo, name)
     if not shards:
@@ -727,7 +486,7 @@ def _load(repo: str | Path, name: str, config: dict, shards: list[int], region: 
     parts = []
     for p in shards:
         try:
-            parts.append(_read_shard(catdir / f"{p}.fits", dtype))
+            parts.append(_read_shard(catdir / f"{p}.fits", dtype, select))
         except (OSError, KeyError) as exc:
             msg = f"{catdir / f'{p}.fits'}: unreadable shard of {name!r} ({exc}); re-ingest the catalogue"
             raise RefcatError(msg) from exc
@@ -807,8 +566,8 @@ def load_region(repo: str | Path, name: str, *, ra: float, dec: float, radius: f
     config = _read_config(repo, name)
     desc = f"the cone ra={ra:.6f} dec={dec:+.6f} radius={radius:g} deg"
     shards = _select_shards(config, float(ra), float(dec), float(radius))
-    rows = _load(repo, name, config, shards, desc)
-    rows = rows[_separation(float(ra), float(dec), rows["ra"], rows["dec"]) <= radius]
+    rows = _load(repo, name, config, shards, desc,
+                 lambda r, d: _separation(float(ra), float(dec), r, d) <= radius)
     if rows.size == 0:
         raise _no_sources(name, desc, shards)
     return RefcatRegion(sources=rows, shards_read=tuple(shards), name=name, kind=config["kind"], region=desc)
@@ -835,6 +594,10 @@ def _polygon(corners_ra: Sequence[float], corners_dec: Sequence[float]) -> tuple
     if np.max(np.degrees(np.arccos(np.clip(v @ c, -1, 1)))) >= 90:
         msg = "polygon corners lie more than 90 deg from their centre; give a footprint smaller than a hemisphere"
         raise InputError(msg)
+    normals = np.cross(v, np.roll(v, -1, axis=0))
+    if np.any(np.linalg.norm(normals, axis=1) < 1e-15) or np.any(v @ normals.T < -1e-12):
+        msg = "polygon is not convex or has repeated corners; give the corners of a convex footprint (e.g. a CCD)"
+        raise InputError(msg)
     return v, c
 
 
@@ -844,9 +607,6 @@ def _in_polygon(v: np.ndarray, p: np.ndarray, margin: float) -> np.ndarray:
     normals = np.cross(v, np.roll(v, -1, axis=0))
     normals /= np.linalg.norm(normals, axis=1, keepdims=True)
     side = p @ normals.T  # (N, n_edges); >= 0 on the inner side of every edge (counter-clockwise)
-    if np.any(v @ normals.T < -1e-12):
-        msg = "polygon is not convex; give the corners of a convex footprint (e.g. a CCD)"
-        raise InputError(msg)
     inside = np.all(side >= 0, axis=1)
     if margin <= 0:
         return inside
@@ -907,8 +667,8 @@ def load_polygon(
     dec_txt = ", ".join(f"{x:+.5f}" for x in np.ravel(corners_dec))
     desc = f"the polygon ra=[{ra_txt}] dec=[{dec_txt}] margin={margin:g} deg"
     shards = _select_shards(config, float(cra), float(cdec), radius + 1e-9)
-    rows = _load(repo, name, config, shards, desc)
-    rows = rows[_in_polygon(v, _unit_vectors(rows["ra"], rows["dec"]), float(margin))]
+    rows = _load(repo, name, config, shards, desc,
+                 lambda r, d: _in_polygon(v, _unit_vectors(r, d), float(margin)))
     if rows.size == 0:
         raise _no_sources(name, desc, shards)
     return RefcatRegion(sources=rows, shards_read=tuple(shards), name=name, kind=config["kind"], region=desc)
