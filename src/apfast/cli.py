@@ -52,7 +52,14 @@ def _cmd_ingest_calibs(args: argparse.Namespace) -> int:
 
     files = _expand_files(args.files)
     rep = ingest_calibs(args.calib_root, files, validity_days=args.validity, mode=args.mode, progress=_progress)
-    _out(f"{rep}")
+    counts: dict[str, int] = {}
+    for ref in rep.added:
+        counts[ref.calib_type] = counts.get(ref.calib_type, 0) + 1
+    kinds = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "nothing new"
+    _out(
+        f"registered {rep.n_added} calib row(s) from {len(rep.files)} file(s) in "
+        f"{Path(args.calib_root) / 'calibRegistry.sqlite3'}: {kinds}; {len(rep.skipped)} already present"
+    )
     return 0
 
 
@@ -69,8 +76,13 @@ def _cmd_ingest_refcat(args: argparse.Namespace) -> int:
             k, v = item.split("=", 1)
             cmap[k.strip()] = v.strip()
     files = _expand_files(args.files)
-    rep = ingest_refcat(args.repo, args.name, files, kind=args.kind, column_map=cmap, nside=args.nside, progress=_progress)
-    _out(f"{rep}")
+    rep = ingest_refcat(args.repo, args.name, files, kind=args.kind, column_map=cmap, nside=args.nside,
+                        progress=_progress)
+    _out(
+        f"{rep.name} ({rep.kind}): +{rep.n_added} sources, {rep.n_total} in total, {len(rep.shards_written)} "
+        f"shard(s) written under {rep.path} (nside {rep.nside}) in {rep.elapsed_s:.2f} s; "
+        f"{len(rep.files_skipped)} file(s) already ingested"
+    )
     return 0
 
 

@@ -402,9 +402,7 @@ def ingest_raws(
                 tmp.write_text(cam.to_toml())
         for raw in todo:
             msg = f"{raw.source.name}: {len(raw.rows)} CCD(s) of visit {raw.rows[0]['visit']} -> {raw.dest}"
-            log.info(msg)
-            if progress:
-                progress(msg)
+            (progress or log.info)(msg)
         return IngestReport(
             repo=repo,
             ingested=tuple(r.source for r in todo),

@@ -1,0 +1,106 @@
+"""The command line as a user meets it: exit codes, messages, --show data, config show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apfast.cli import main
+from apfast.testing import write_decam_raw
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    raws = [
+        write_decam_raw(d / "raw", visit=289401, ccdnums=(34, 35, 36), date_obs="2019-03-05T06:07:08.000"),
+        write_decam_raw(d / "raw", visit=289402, ccdnums=(35, 36), date_obs="2019-03-05T06:09:10.000"),
+        write_decam_raw(d / "raw", visit=289403, ccdnums=(35,), date_obs="2019-03-06T06:09:10.000", band="r"),
+    ]
+    assert main(["-q", "ingest", str(d / "repo"), *map(str, raws)]) == 0
+    return d / "repo"
+
+
+def test_ingest_output_and_reingest(repo: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    raw = write_decam_raw(tmp_path / "in", visit=5, ccdnums=(1, 2))
+    assert main(["ingest", str(tmp_path / "r"), str(raw)]) == 0
+    out = capsys.readouterr().out
+    assert "ingested 1 file(s), 2 CCD row(s)" in out
+    assert main(["ingest", str(tmp_path / "r"), str(tmp_path / "in")]) == 0  # a folder: its raws, already present
+    assert "1 already present" in capsys.readouterr().out
+
+
+def test_show_data_table(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["process", str(repo), "--id", "visit=289401^289402", "ccdnum=35..36", "filter=g", "--show", "data"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert "visit" in lines[0] and "ccdnum" in lines[0]
+    assert sum("289401" in ln for ln in lines) == 2
+    assert sum("289402" in ln for ln in lines) == 2
+    assert "4 dataId(s)" in out
+
+
+def test_repeated_id_is_a_union(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["process", str(repo), "--id", "visit=289401", "ccdnum=34", "--id", "visit=289403", "--show", "data"])
+    assert rc == 0
+    assert "2 dataId(s)" in capsys.readouterr().out
+
+
+def test_no_match_lists_available_values(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["process", str(repo), "--id", "visit=289401", "ccdnum=3^6..12", "--show", "data"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "matches no raw data" in err
+    assert "available ccdnum: 34, 35, 36" in err
+    rc = main(["process", str(repo), "--id", "visit=289403", "filter=g", "--show", "data"])
+    assert rc == 2
+    assert "available filter: r" in capsys.readouterr().err
+
+
+def test_bad_id_syntax_exit_2(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["process", str(repo), "--id", "visit=12..3", "--show", "data"]) == 2
+    assert "visit=12..3" in capsys.readouterr().err
+    assert main(["process", str(repo), "--id", "colour=blue", "--show", "data"]) == 2
+
+
+def test_config_show_and_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["config", "show", "-c", "apdb.isolation_level=READ_UNCOMMITTED",
+                 "-c", "apdb.db_url=sqlite:///apdb/association.db"]) == 0
+    out = capsys.readouterr().out
+    assert 'isolation_level = "READ_UNCOMMITTED"' in out
+    assert 'db_url = "sqlite:///apdb/association.db"' in out
+    f = tmp_path / "c.toml"
+    f.write_text('[apdb]\nconnection_timeout = 240\n')
+    assert main(["config", "show", "-C", str(f), "-c", "apdb.connection_timeout=30"]) == 0
+    assert "connection_timeout = 30.0" in capsys.readouterr().out  # later settings win
+
+
+def test_config_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "-c", "apdb.db_ur=x"]) == 2
+    assert "did you mean 'apdb.db_url'" in capsys.readouterr().err
+    assert main(["config", "show", "-c", "apdb.connection_timeout"]) == 2
+    assert main(["config", "show", "-c", "apdb.connection_timeout=-1"]) == 2
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["no-such-command"]) == 2
+    assert main(["--version"]) == 0
+    assert "apfast" in capsys.readouterr().out
+
+
+def test_ingest_error_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "c4d_bad.fits.fz"
+    bad.write_bytes(b"SIMPLE  =                    T" + b" " * 100)
+    assert main(["ingest", str(tmp_path / "repo"), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "apfast ingest: error:" in err and str(bad) in err
+    assert main(["process", str(tmp_path / "nowhere"), "--show", "data"]) == 1
+    assert "apfast ingest" in capsys.readouterr().err  # says how to create a repository
+
+
+def test_process_without_stages_is_honest(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["process", str(repo), "--id", "visit=289401"])
+    assert rc != 0
