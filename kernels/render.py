@@ -19,12 +19,12 @@ from numba import prange
 from apfast._jit import jit, pjit
 
 __all__ = [
-    "render_mixtures",
-    "fill_sky",
-    "apply_defects",
     "add_cosmic_rays",
-    "bleed_columns",
+    "apply_defects",
     "assemble_raw",
+    "bleed_columns",
+    "fill_sky",
+    "render_mixtures",
 ]
 
 
@@ -88,9 +88,9 @@ def render_mixtures(
                     image[i, j] += f * acc
 
 
-@pjit
+@jit
 def fill_sky(image, level, gu, gv, u0, v0, scale):
-    """Fill ``image`` (in place) with a planar sky ``level * (1 + gu*u/scale + gv*v/scale)``.
+    """Fill ``image`` (in place, serial: it is memory bound) with a planar sky ``level * (1 + gu*u/scale + gv*v/scale)``.
 
     ``u = j + u0`` and ``v = i + v0`` are focal-plane coordinates of pixel ``(i, j)``,
     so neighbouring CCDs see one continuous gradient.
@@ -103,7 +103,7 @@ def fill_sky(image, level, gu, gv, u0, v0, scale):
         Sky level, fractional gradients per ``scale`` pixels, focal-plane offset of pixel (0, 0).
     """
     ny, nx = image.shape
-    for i in prange(ny):
+    for i in range(ny):
         v = i + v0
         for j in range(nx):
             image[i, j] = level * (1.0 + gu * (j + u0) / scale + gv * v / scale)
@@ -175,7 +175,7 @@ def add_cosmic_rays(electrons, crmask, x0, y0, length, angle, dep, width):
                         crmask[ii, jj] = 1
 
 
-@pjit
+@jit
 def bleed_columns(electrons, full_well_a, full_well_b, nsplit):
     """Cap pixels at the full well and bleed the excess charge along the column (in place).
 
@@ -201,7 +201,7 @@ def bleed_columns(electrons, full_well_a, full_well_b, nsplit):
     """
     ny, nx = electrons.shape
     nsat = np.zeros(nx, dtype=np.int64)
-    for j in prange(nx):
+    for j in range(nx):
         fw = full_well_b if j < nsplit else full_well_a
         fw32 = np.float32(fw)
         excess = np.zeros(ny, dtype=np.float64)
@@ -244,7 +244,7 @@ def bleed_columns(electrons, full_well_a, full_well_b, nsplit):
     return nsat.sum()
 
 
-@pjit
+@jit
 def assemble_raw(
     signal_b, signal_a, bias_rows_b, bias_rows_a, bias2d, noise, rn_b, rn_a, xt_b_from_a, xt_a_from_b,
     sat_b, sat_a, data_x0, data_y0, out,
@@ -287,7 +287,7 @@ def assemble_raw(
     nrow, ncol = out.shape
     ny, nb = signal_b.shape
     xsplit = data_x0 + nb
-    for r in prange(nrow):
+    for r in range(nrow):
         i = r - data_y0
         for c in range(ncol):
             if c < xsplit:
@@ -304,8 +304,6 @@ def assemble_raw(
                     k = t - nb
                     v += signal_a[i, k] + bias2d[i, t] + xt_a_from_b * signal_b[i, nb - 1 - k]
             v = math.floor(v + 0.5)
-            if v < 0.0:
-                v = 0.0
-            if v > sat:
-                v = sat
+            v = max(v, 0.0)
+            v = min(v, sat)
             out[r, c] = np.uint16(v)
