@@ -41,13 +41,27 @@ import json
 import math
 import re
 import tomllib
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
+from apfast._configbase import (
+    _MISSING,
+    NONE_TEXT,
+    ConfigSection,
+    _check_value,
+    _ConfigError,
+    _hints,
+    _is_optional,
+    _is_section,
+    _is_text,
+    _union_args,
+    describe_type,
+    opt,
+    subsection,
+)
 from apfast.errors import ConfigError
 
 __all__ = [
@@ -69,87 +83,6 @@ __all__ = [
     "subsection",
 ]
 
-#: The string that sets an ``X | None`` field to ``None`` (TOML has no null).
-NONE_TEXT = "none"
-
-
-# --------------------------------------------------------------------------------------------------
-# Field helpers and the shared base
-# --------------------------------------------------------------------------------------------------
-
-
-def opt(default: Any, doc: str, *, choices: Mapping[str, str] | None = None) -> Any:
-    """Make a config field with its default, its doc and (for ``Literal`` fields) a doc per choice.
-
-    Parameters
-    ----------
-    default : object
-        An immutable default (use a tuple, not a list).
-    doc : str
-        One sentence for ``config show``, with units and what special values mean.
-    choices : mapping of str to str, optional
-        For a ``Literal`` field: each allowed value and what it does.
-
-    Returns
-    -------
-    dataclasses.Field
-        To assign to an annotated attribute of a :class:`ConfigSection` dataclass.
-    """
-    meta: dict[str, Any] = {"doc": doc}
-    if choices is not None:
-        meta["choices"] = dict(choices)
-    return field(default=default, metadata=meta)
-
-
-def subsection(cls: type) -> Any:
-    """Make a nested section field; its doc is the first line of the section class docstring."""
-    doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-    return field(default_factory=cls, metadata={"doc": doc})
-
-
-def _ConfigError(msg: str, key: str) -> ConfigError:  # noqa: N802 - used like a class in raise
-    """Make a ConfigError that remembers the dotted key, so the loader can name the setting."""
-    err = ConfigError(msg)
-    err.key = key  # type: ignore[attr-defined]
-    return err
-
-
-class ConfigSection:
-    """Base of every config class: type-checks every field, then runs ``_validate``.
-
-    A new stage section is a ``@dataclass(frozen=True, slots=True, kw_only=True)``
-    subclass whose fields are made with :func:`opt` (or :func:`subsection` for a
-    nested sub-config), whose ``_validate`` calls ``self._fail(name, value, fix)``
-    for range and cross-field rules, plus one line in :class:`PipelineConfig`::
-
-        diffim: DiffimConfig = subsection(DiffimConfig)
-
-    Supported annotations: ``bool``, ``int``, ``float`` (ints are accepted and
-    stored as float), ``str``, ``Literal[...]``, ``tuple[T, ...]`` (lists become
-    tuples), ``X | None`` and nested sections. ``_key_prefix`` is filled in from
-    where the class sits in :class:`PipelineConfig`, so messages name the full
-    dotted key.
-    """
-
-    __slots__ = ()
-    _key_prefix: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            tp = _hints(type(self))[f.name]
-            key = f"{self._key_prefix}{f.name}"
-            value = _check_value(getattr(self, f.name), tp, key)
-            if value is not getattr(self, f.name):
-                object.__setattr__(self, f.name, value)  # normalise int -> float, list -> tuple
-        self._validate()
-
-    def _validate(self) -> None:
-        """Range and cross-field checks; sections override this."""
-
-    def _fail(self, name: str, value: Any, expected: str) -> typing.NoReturn:
-        key = f"{self._key_prefix}{name}"
-        msg = f"config key '{key}' = {value!r} is invalid: {expected}"
-        raise _ConfigError(msg, key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,149 +217,6 @@ class FieldInfo(NamedTuple):
     type: Any
     default: Any
     doc: str
-
-
-# --------------------------------------------------------------------------------------------------
-# Types
-# --------------------------------------------------------------------------------------------------
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    """Return the resolved field annotations of a config class (cached; they are strings here)."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        all_hints = typing.get_type_hints(cls)
-        hints = {f.name: all_hints[f.name] for f in dataclasses.fields(cls)}
-        _HINTS[cls] = hints
-    return hints
-
-
-def _is_section(tp: Any) -> bool:
-    # any dataclass nests: stage modules define plain frozen dataclasses with doc metadata
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _union_args(tp: Any) -> tuple[Any, ...] | None:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return typing.get_args(tp)
-    return None
-
-
-def _is_optional(tp: Any) -> bool:
-    args = _union_args(tp)
-    return args is not None and type(None) in args
-
-
-def _is_text(tp: Any) -> bool:
-    """Return True for str, Literal-of-str and their Optional forms, which take raw override text."""
-    args = _union_args(tp)
-    if args is not None:
-        return any(_is_text(a) for a in args if a is not type(None))
-    if tp is str:
-        return True
-    return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
-
-
-def describe_type(tp: Any) -> str:
-    """Describe a config annotation for people: ``'float or none'``, ``"one of 'a', 'b'"``.
-
-    Parameters
-    ----------
-    tp : type or typing form
-        The resolved annotation of a config field.
-
-    Returns
-    -------
-    str
-        A short phrase used in error messages and ``config show``.
-
-    Examples
-    --------
-    >>> describe_type(float | None)
-    'a number (float) or none'
-    >>> describe_type(Literal["a", "b"])
-    "one of 'a', 'b'"
-
-    """
-    args = _union_args(tp)
-    if args is not None:
-        parts = [describe_type(a) for a in args if a is not type(None)]
-        if type(None) in args:
-            parts.append(NONE_TEXT)
-        return " or ".join(parts)
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        (item, *_rest) = typing.get_args(tp)
-        return f"an array of {describe_type(item)}"
-    names = {bool: "true or false", int: "an integer", float: "a number (float)", str: "a string"}
-    if tp in names:
-        return names[tp]
-    if _is_section(tp):
-        return f"a table of {tp.__name__} keys"
-    return getattr(tp, "__name__", str(tp))
-
-
-_MISSING = object()
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` converted to ``tp`` (int -> float, list -> tuple) or ``_MISSING``."""
-    args = _union_args(tp)
-    if args is not None:
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.strip().lower() == NONE_TEXT and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            out = _coerce(value, a)
-            if out is not _MISSING:
-                return out
-        return _MISSING
-    if typing.get_origin(tp) is Literal:
-        for a in typing.get_args(tp):
-            if type(value) is type(a) and value == a:
-                return a
-        return _MISSING
-    if typing.get_origin(tp) is tuple:
-        item_args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            return _MISSING
-        if len(item_args) == 2 and item_args[1] is Ellipsis:
-            items = [_coerce(v, item_args[0]) for v in value]
-        elif len(item_args) == len(value):
-            items = [_coerce(v, a) for v, a in zip(value, item_args, strict=True)]
-        else:
-            return _MISSING
-        return _MISSING if any(i is _MISSING for i in items) else tuple(items)
-    if tp is bool:
-        return value if isinstance(value, bool) else _MISSING
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return _MISSING
-        return float(value)
-    if tp is str:
-        return value if isinstance(value, str) else _MISSING
-    if _is_section(tp):
-        return value if isinstance(value, tp) else _MISSING
-    msg = f"config annotation {tp!r} is not supported; use bool, int, float, str, Literal, tuple or X | None"
-    raise TypeError(msg)
-
-
-def _check_value(value: Any, tp: Any, key: str, source: str = "") -> Any:
-    out = _coerce(value, tp)
-    if out is _MISSING:
-        where = f" ({source})" if source else ""
-        what = "is not allowed" if "one of" in describe_type(tp) else "has the wrong type"
-        msg = f"config key '{key}' = {value!r} {what}: expected {describe_type(tp)}{where}"
-        raise _ConfigError(msg, key)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

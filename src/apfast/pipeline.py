@@ -1,0 +1,282 @@
+"""Run the pipeline stages over CCDs: the only module that talks to the repository and refcats.
+
+``process_ccd`` is Rubin's ``processCcd`` for one (visit, ccdnum): read the raw
+and its calibrations through the Butler, run ISR, characterize and calibrate
+(pure functions of arrays), and write ``calexp``, ``calexpBackground``, ``src``
+and ``srcMatch`` into the output repository. ``run`` loops over the selected
+CCDs, times each stage, keeps going past a failing CCD (or stops with
+``doraise``) and returns one :class:`CcdOutcome` per CCD for the summary table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from apfast.butler import Butler
+from apfast.calibrate import RefCatalog, mjd_to_epoch, run_calibrate
+from apfast.camera import parse_section
+from apfast.characterize import run_characterize, summarize
+from apfast.errors import AlgorithmError, ApfastError, CalibrationError, NoLocationsError, RefcatError
+from apfast.exposure import Background, Exposure
+from apfast.isr import amp_params_from_header, run_isr
+
+__all__ = ["CcdOutcome", "format_summary", "process_ccd", "run_process_ccd"]
+
+log = logging.getLogger(__name__)
+
+PROCESS_CCD_OUTPUTS = ("calexp", "calexpBackground", "src")
+
+
+@dataclass(slots=True)
+class CcdOutcome:
+    """What happened to one CCD: status, per-stage seconds and headline numbers."""
+
+    visit: int
+    ccdnum: int
+    status: str  # "ok", "failed", "skipped"
+    message: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _optional_calib(butler: Butler, name: str, did: dict[str, Any]) -> Any:
+    try:
+        return butler.get(name, did)
+    except NoLocationsError:
+        return None
+
+
+def _trim_offset(camera: Any, header: Any) -> tuple[int, int]:
+    """``(x0, y0)`` of the trimmed image's first pixel on the raw grid (union of the amp data sections)."""
+    xs, ys = [], []
+    for amp in camera.amplifiers:
+        sec = parse_section(amp.data_section.resolve(header, what=f"amp {amp.name} data section"))
+        xs.append(sec.x0)
+        ys.append(sec.y0)
+    return min(xs), min(ys)
+
+
+def _trimmed_wcs(raw_wcs: WCS | None, offset: tuple[int, int], did: dict[str, Any]) -> WCS:
+    if raw_wcs is None:
+        msg = f"raw {did} has no header WCS; astrometry needs an approximate one to start from"
+        raise CalibrationError(msg)
+    w = raw_wcs.deepcopy()
+    w.wcs.crpix = w.wcs.crpix - np.array(offset, dtype=float)
+    return w
+
+
+def _refs(root: Path, name: str, corners_ra: list[float], corners_dec: list[float], margin: float, *,
+          mag_col: str, epoch: float | None, did: dict[str, Any], colour: tuple[str, str] | None = None) -> RefCatalog:
+    from apfast.refcat import apply_proper_motion, load_polygon
+
+    try:
+        region = load_polygon(root, name, corners_ra=corners_ra, corners_dec=corners_dec, margin=margin)
+    except RefcatError as exc:
+        msg = f"visit={did['visit']} ccdnum={did['ccdnum']}: {exc}"
+        raise RefcatError(msg) from None
+    src = region.sources
+    if mag_col not in src.dtype.names:
+        msg = (
+            f"reference catalogue {name!r} has no column {mag_col!r} (columns: {', '.join(src.dtype.names)}); "
+            "set calibrate.astrometry_mag or use a catalogue with this band"
+        )
+        raise RefcatError(msg)
+    if epoch is not None:
+        ra, dec = apply_proper_motion(region, epoch)
+    else:
+        ra, dec = np.asarray(src["ra"], float), np.asarray(src["dec"], float)
+    err_col = mag_col.replace("_mag", "_magErr")
+    mag_err = np.asarray(src[err_col], float) if err_col in src.dtype.names else np.zeros(len(src))
+    col = None
+    if colour is not None and all(f"{b}_mag" in src.dtype.names for b in colour):
+        col = np.asarray(src[f"{colour[0]}_mag"], float) - np.asarray(src[f"{colour[1]}_mag"], float)
+    return RefCatalog(np.asarray(ra, float), np.asarray(dec, float), np.asarray(src[mag_col], float), mag_err,
+                      name=name, colour=col)
+
+
+def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
+    """Run ISR, characterize and calibrate on one CCD and write its outputs.
+
+    Parameters
+    ----------
+    butler : Butler
+        On the output repository (reads through to the input repository).
+    row : dict
+        The raw registry row of the CCD.
+    cfg : apfast.config.PipelineConfig
+
+    Raises
+    ------
+    ApfastError
+        Any stage failure, with a message naming the CCD and what to change.
+    """
+    did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw = butler.get("raw", did)
+    camera = butler.registry.camera
+    isr_cfg = cfg.isr
+    bias = butler.get("bias", did) if isr_cfg.do_bias else None
+    flat = butler.get("flat", did) if isr_cfg.do_flat else None
+    defects = butler.get("defects", did) if isr_cfg.do_defects else None
+    crosstalk = _optional_calib(butler, "crosstalk", did) if isr_cfg.do_crosstalk else None
+    linearizer = _optional_calib(butler, "linearizer", did) if isr_cfg.do_linearize else None
+    if isr_cfg.do_crosstalk and crosstalk is None:
+        log.warning("visit=%(visit)d ccdnum=%(ccdnum)d: no crosstalk calib; crosstalk not corrected", did)
+        isr_cfg = replace(isr_cfg, do_crosstalk=False)
+    if isr_cfg.do_linearize and linearizer is None:
+        log.info("visit=%(visit)d ccdnum=%(ccdnum)d: no linearizer; linearity not corrected", did)
+        isr_cfg = replace(isr_cfg, do_linearize=False)
+    timings["read"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    amps = amp_params_from_header(camera, raw.metadata)
+    isr = run_isr(raw.image, amps, config=isr_cfg, bias=bias, flat=flat, defects=defects, crosstalk=crosstalk,
+                  linearizer=linearizer, trimmed_shape=tuple(camera.trimmed_shape))
+    timings["isr"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    char = run_characterize(isr.image, isr.mask, isr.variance, config=cfg.characterize)
+    timings["characterize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    initial_wcs = _trimmed_wcs(raw.wcs, _trim_offset(camera, raw.metadata), did)
+    ny, nx = isr.image.shape
+    cra, cdec = initial_wcs.all_pix2world([0, nx - 1, nx - 1, 0], [0, 0, ny - 1, ny - 1], 0)
+    corners_ra, corners_dec = [float(v) % 360.0 for v in cra], [float(v) for v in cdec]
+    margin = cfg.calibrate.astrometry.max_offset_arcsec / 3600.0 + 0.01
+    epoch = mjd_to_epoch(row["mjd"])
+    root = butler.repo.root
+    astrom_refs = _refs(root, cfg.calibrate.astrometry_refcat, corners_ra, corners_dec, margin,
+                        mag_col=cfg.calibrate.astrometry_mag, epoch=epoch, did=did)
+    band = str(row["filter"])
+    term = cfg.calibrate.photocal.colour_term(band)
+    photom_refs = _refs(root, cfg.calibrate.photometry_refcat, corners_ra, corners_dec, margin,
+                        mag_col=f"{band}_mag", epoch=None, did=did,
+                        colour=(term[0], term[1]) if term else None)
+    timings["refcat"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cal = run_calibrate(char.image, char.mask, char.variance, psf=char.psf, psf_sigma=char.psf_sigma,
+                        initial_wcs=initial_wcs, astrom_refs=astrom_refs, photom_refs=photom_refs,
+                        config=cfg.calibrate, colour_coeffs=term[2] if term else ())
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    meta = fits.Header()
+    stats = summarize(char)
+    stats.update(ZP=round(cal.photocal.zero_point, 5), ZP_ERR=round(cal.photocal.zero_point_err, 5),
+                 ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
+                 ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog),
+                 N_SAT=int(isr.n_saturated))
+    for k, v in stats.items():
+        meta[k] = v
+    for k, v, c in cal.apcorr.to_header_cards():
+        meta[k] = (v, c)
+    calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
+                      photo_calib=cal.photocal.photo_calib, visit_info=raw.visit_info, metadata=meta)
+    bkg = char.background
+    butler.put(calexp, "calexp", did)
+    butler.put(Background(bin_size=bkg.bin_size, values=bkg.values, image_shape=tuple(bkg.image_shape),
+                          interpolation=bkg.interpolation.lower(), variance=bkg.stds.astype(np.float32) ** 2),
+               "calexpBackground", did)
+    butler.put(cal.catalog, "src", did)
+    butler.put(cal.matches, "srcMatch", did)
+    timings["write"] = time.perf_counter() - t
+    for k, v in char.timings.items():
+        timings[f"char.{k}"] = v
+    for k, v in cal.timings.items():
+        timings[f"cal.{k}"] = v
+    stats["PSF_FWHM_ARCSEC"] = round(stats["PSF_FWHM"] * camera.pixel_scale, 3)
+    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats)
+
+
+def run_process_ccd(
+    butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, *, doraise: bool = False, clobber_output: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[CcdOutcome]:
+    """Process each CCD row in turn; failures are recorded (or raised with ``doraise``).
+
+    CCDs whose ``calexp``, ``calexpBackground`` and ``src`` already exist in the
+    output repository are skipped unless ``clobber_output``.
+    """
+    out: list[CcdOutcome] = []
+    n = len(rows)
+    for i, row in enumerate(rows, 1):
+        did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+        tag = f"[{i}/{n}] visit={did['visit']} ccdnum={did['ccdnum']}"
+        if not clobber_output and all(_exists_here(butler, d, did) for d in PROCESS_CCD_OUTPUTS):
+            out.append(CcdOutcome(did["visit"], did["ccdnum"], "skipped", "outputs exist (--clobber-output redoes)"))
+            if progress:
+                progress(f"{tag}: outputs exist, skipped")
+            continue
+        t = time.perf_counter()
+        try:
+            res = process_ccd(butler, row, cfg)
+        except (ApfastError, AlgorithmError) as exc:
+            if doraise:
+                raise
+            res = CcdOutcome(did["visit"], did["ccdnum"], "failed", f"{type(exc).__name__}: {exc}")
+            log.error("%s failed: %s", tag, exc)
+        except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night; the traceback is logged
+            if doraise:
+                raise
+            res = CcdOutcome(did["visit"], did["ccdnum"], "failed", f"{type(exc).__name__}: {exc}")
+            log.error("%s failed with an unexpected error:\n%s", tag, traceback.format_exc())
+        res.timings["total"] = time.perf_counter() - t
+        out.append(res)
+        if progress and res.status == "ok":
+            s = res.stats
+            progress(
+                f"{tag}: ok in {res.timings['total']:.2f} s: FWHM {s['PSF_FWHM_ARCSEC']}\" "
+                f"zp {s['ZP']:.3f} astrometry {s['ASTR_RMS'] * 1000:.0f} mas ({s['ASTR_N']} stars), "
+                f"{s['N_SRC']} sources"
+            )
+    return out
+
+
+def _exists_here(butler: Butler, dataset: str, did: dict[str, Any]) -> bool:
+    """Whether the dataset exists in the output (first) repository itself, not a parent."""
+    try:
+        uri = Path(butler.getUri(dataset, did))
+    except ApfastError:
+        return False
+    return uri.exists() and butler.repo.write_root in uri.parents
+
+
+def format_summary(outcomes: Sequence[CcdOutcome]) -> str:
+    """A per-CCD table: status, seconds per stage, PSF FWHM, zero point, astrometric RMS, sources."""
+    stages = ["read", "isr", "characterize", "refcat", "calibrate", "write", "total"]
+    head = ["visit", "ccdnum", "status", *stages, "fwhm\"", "zp", "astr_mas", "n_src"]
+    rows = []
+    for o in outcomes:
+        s = o.stats
+        rows.append(
+            [str(o.visit), str(o.ccdnum), o.status]
+            + [f"{o.timings[k]:.2f}" if k in o.timings else "-" for k in stages]
+            + [str(s.get("PSF_FWHM_ARCSEC", "-")), f"{s['ZP']:.3f}" if "ZP" in s else "-",
+               f"{s['ASTR_RMS'] * 1000:.0f}" if "ASTR_RMS" in s else "-", str(s.get("N_SRC", "-"))]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    for o in outcomes:
+        if o.status == "failed":
+            lines.append(f"FAILED visit={o.visit} ccdnum={o.ccdnum}: {o.message}")
+    ok = [o for o in outcomes if o.status == "ok"]
+    if ok:
+        tot = [o.timings["total"] for o in ok]
+        lines.append(f"{len(ok)} ok, {sum(o.status == 'failed' for o in outcomes)} failed, "
+                     f"{sum(o.status == 'skipped' for o in outcomes)} skipped; median {np.median(tot):.2f} s per CCD")
+    return "\n".join(lines)
