@@ -424,7 +424,9 @@ def test_tuple_and_optional_str_fields_in_a_new_section() -> None:
         ConfigError, match=r"'widths' = \[1\.5\] has the wrong type: expected an array of an integer"
     ):
         Extra(widths=[1.5])  # type: ignore[list-item]
-    assert cfgmod._coerce((1, "a"), tuple[int, str]) == (1, "a")
+    from apfast._configbase import _coerce
+
+    assert _coerce((1, "a"), tuple[int, str]) == (1, "a")
     assert cfgmod._coerce((1,), tuple[int, str]) is cfgmod._MISSING
     assert cfgmod._toml_value((1.5, "x", True)) == '[1.5, "x", true]'
     assert cfgmod._toml_value(math.inf) == "inf" and cfgmod._toml_value(math.nan) == "nan"
