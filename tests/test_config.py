@@ -427,7 +427,9 @@ def test_tuple_and_optional_str_fields_in_a_new_section() -> None:
     from apfast._configbase import _coerce
 
     assert _coerce((1, "a"), tuple[int, str]) == (1, "a")
-    assert cfgmod._coerce((1,), tuple[int, str]) is cfgmod._MISSING
+    from apfast._configbase import _MISSING
+
+    assert _coerce((1,), tuple[int, str]) is _MISSING
     assert cfgmod._toml_value((1.5, "x", True)) == '[1.5, "x", true]'
     assert cfgmod._toml_value(math.inf) == "inf" and cfgmod._toml_value(math.nan) == "nan"
 
