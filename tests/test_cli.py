@@ -101,6 +101,7 @@ def test_ingest_error_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "apfast ingest" in capsys.readouterr().err  # says how to create a repository
 
 
-def test_process_without_stages_is_honest(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_process_needs_an_output(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["process", str(repo), "--id", "visit=289401"])
-    assert rc != 0
+    assert rc == 2
+    assert "--rerun NAME" in capsys.readouterr().err

@@ -126,29 +126,58 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_process(args: argparse.Namespace) -> int:
-    from apfast.config import config_to_toml
-    from apfast.dataid import format_table, parse_ids
+def _select(args: argparse.Namespace) -> list[dict]:
+    from apfast.dataid import parse_ids
     from apfast.registry import Registry
 
-    cfg = _load_cfg(args)
     exprs = parse_ids(args.id or [])
     with Registry(args.repo) as reg:
-        rows = reg.select([dict(e) for e in exprs])
+        return reg.select([dict(e) for e in exprs])
+
+
+def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN001 - PipelineConfig
+    from apfast.config import config_to_toml
+    from apfast.dataid import format_table
+
+    for what in args.show:
+        if what == "config":
+            _out(config_to_toml(cfg).rstrip())
+        elif what == "data":
+            keys = ["visit", "ccdnum", "detector", "filter", "date", "expTime", "object"]
+            _out(format_table(rows, keys))
+            _out(f"{len(rows)} dataId(s)")
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    """``process`` and ``process-ccd``: select, set up the output repository, run, summarise."""
+    import numba
+
+    from apfast.butler import Butler
+    from apfast.config import config_to_toml
+    from apfast.pipeline import format_summary, run_process_ccd
+    from apfast.repository import create_output_repo, write_config
+
+    cfg = _load_cfg(args)
+    rows = _select(args)
     if args.show:
-        for what in args.show:
-            if what == "config":
-                _out(config_to_toml(cfg).rstrip())
-            elif what == "data":
-                keys = ["visit", "ccdnum", "detector", "filter", "date", "expTime", "object"]
-                _out(format_table(rows, keys))
-                _out(f"{len(rows)} dataId(s)")
+        _show(args, cfg, rows)
         return 0
-    msg = (
-        f"matched {len(rows)} CCD(s), but this apfast has no processing stages installed yet "
-        "(ISR and calibration arrive with the calexp stage); use --show data to list the selection"
+    if not args.rerun and not args.output:
+        msg = f"give --rerun NAME (writes {args.repo}/rerun/NAME) or --output DIR for the outputs"
+        raise ConfigError(msg)
+    out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output)
+    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    if cfg.process.n_threads:
+        numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
+    butler = Butler(out_repo, calib=args.calib, template=args.template)
+    log.info("processing %d CCD(s) into %s", len(rows), out_repo)
+    outcomes = run_process_ccd(
+        butler, rows, cfg, doraise=args.doraise or cfg.process.doraise,
+        clobber_output=args.clobber_output or cfg.process.clobber_output, progress=_progress,
     )
-    raise ApfastError(msg)
+    _out(format_summary(outcomes))
+    _out(f"outputs: {out_repo}  (read them with apfast.Butler({str(out_repo)!r}))")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 # -- parser -----------------------------------------------------------------------------------------
@@ -232,22 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ps)
     ps.set_defaults(func=_cmd_config_show)
 
-    p = sub.add_parser("process", help="process dataIds (ap_pipe.py)")
-    p.add_argument("repo")
-    p.add_argument("--calib", default=None, help="calib repository (default REPO/calibs)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--rerun", default=None, metavar="[IN:]OUT", help="write to REPO/rerun/OUT")
-    g.add_argument("--output", default=None, metavar="DIR", help="write to a standalone output repository")
-    p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
-                   help="dataId expression, e.g. visit=1^2 ccdnum=3^6..12 filter=g (repeatable)")
-    p.add_argument("--template", default=None, help="template repository")
-    p.add_argument("--show", action="append", choices=["data", "config"],
-                   help="print the selected dataIds or the effective config and exit")
-    p.add_argument("--doraise", action="store_true", help="stop at the first failing CCD")
-    p.add_argument("--clobber-output", action="store_true", help="redo CCDs whose outputs exist")
-    p.add_argument("-j", "--processes", type=int, default=1)
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_process)
+    for name, help_text in (("process", "process dataIds end to end (ap_pipe.py)"),
+                            ("process-ccd", "ISR, characterize and calibrate dataIds into calexps (processCcd.py)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("repo")
+        p.add_argument("--calib", default=None, help="calib repository (default REPO/calibs)")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--rerun", default=None, metavar="[IN:]OUT", help="write to REPO/rerun/OUT")
+        g.add_argument("--output", default=None, metavar="DIR", help="write to a standalone output repository")
+        p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
+                       help="dataId expression, e.g. visit=1^2 ccdnum=3^6..12 filter=g (repeatable)")
+        p.add_argument("--template", default=None, help="template repository")
+        p.add_argument("--show", action="append", choices=["data", "config"],
+                       help="print the selected dataIds or the effective config and exit")
+        p.add_argument("--doraise", action="store_true", help="stop at the first failing CCD")
+        p.add_argument("--clobber-output", action="store_true", help="redo CCDs whose outputs exist")
+        p.add_argument("--clobber-config", action="store_true", help="replace a different stored config")
+        p.add_argument("-j", "--processes", type=int, default=1)
+        _add_config_args(p)
+        p.set_defaults(func=_cmd_process)
     return parser
 
 
