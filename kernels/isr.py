@@ -295,7 +295,7 @@ def isr_fused(
         v  -= bias[ty, tx]                                                  # bias (ADU)
         var = max(v, 0) / gain + (read_noise / gain)^2                      # ADU^2, Poisson + read
         v  += lut[lut_row[a], clip(trunc(v + lut_offset[a]), 0, ncol - 1)]  # linearity (ip_isr LookupTable)
-        v  /= flat[ty, tx];  var /= flat[ty, tx]^2                          # flat
+        v  *= s / flat[ty, tx];  var *= (s / flat[ty, tx])^2              # output scale and flat
 
     The crosstalk source pixel has the victim's readout coordinates: amp-local
     column ``w - 1 - lx`` when exactly one of the two amps reads out from its
@@ -316,8 +316,9 @@ def isr_fused(
         Per amp, the columns of ``GEOM_COLUMNS``: data_y0, data_x0, height,
         width, trim_y0, trim_x0, assembly_flip_x, assembly_flip_y,
         readout_flip_x, readout_flip_y (flips 0 or 1).
-    elec : ndarray, float64, shape (namp, 3)
-        Gain (e-/ADU), read noise (e-), saturation (raw ADU; NaN disables).
+    elec : ndarray, float64, shape (namp, 4)
+        Gain (e-/ADU), read noise (e-), saturation (raw ADU; NaN disables) and the
+        output scale ``s`` (1: ADU out; the gain: electrons out, Rubin's applyGains).
     rowlevel : ndarray, float64, shape (namp, ny_raw)
         Serial overscan level per amp and raw row.
     collevel : ndarray, float64, shape (namp, max width)
@@ -391,6 +392,7 @@ def isr_fused(
             inv_gain = 1.0 / elec[a, 0]
             rn2 = (elec[a, 1] * inv_gain) ** 2
             sat = elec[a, 2]
+            oscale = elec[a, 3]
             if not do_sat:
                 sat = np.inf
             lrow = lut_row[a]
@@ -456,7 +458,7 @@ def isr_fused(
                 if tstep == 1:
                     for lx in range(w):
                         f = np.float64(flat[ty, tbase + lx])
-                        inv = 1.0 / f
+                        inv = oscale / f
                         vbuf[lx] *= inv
                         qbuf[lx] *= inv * inv
                         ok = (f > 0.0) & (f < np.inf)
@@ -464,11 +466,15 @@ def isr_fused(
                 else:
                     for lx in range(w):
                         f = np.float64(flat[ty, tbase - lx])
-                        inv = 1.0 / f
+                        inv = oscale / f
                         vbuf[lx] *= inv
                         qbuf[lx] *= inv * inv
                         ok = (f > 0.0) & (f < np.inf)
                         mbuf[lx] |= zero if ok else bad_bit
+            elif oscale != 1.0:
+                for lx in range(w):
+                    vbuf[lx] *= oscale
+                    qbuf[lx] *= oscale * oscale
             # 7. write the trimmed row; every BAD pixel gets NaN image and variance
             if tstep == 1:
                 for lx in range(w):
@@ -507,7 +513,7 @@ def _warmup_cases():
     raw16 = np.full((6, 8), 1000, dtype=np.uint16)
     raw32 = raw16.astype(np.float32)
     geom = np.array([[1, 4, 5, 4, 0, 0, 0, 0, 0, 0], [1, 0, 5, 4, 0, 4, 0, 0, 1, 0]], dtype=np.int64)
-    elec = np.array([[4.0, 7.0, 44000.0], [4.0, 7.0, 44000.0]])
+    elec = np.array([[4.0, 7.0, 44000.0, 4.0], [4.0, 7.0, 44000.0, 4.0]])
     rowlevel = np.zeros((2, 6))
     collevel = np.zeros((2, 4))
     xt = np.zeros((2, 2))

@@ -18,7 +18,8 @@ from apfast.masks import bitmask
 
 BITS = {n: bitmask(n) for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT", "INTRP")}
 BITS_ARR = np.array([BITS[n] for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT")], dtype=np.int64)
-OFF = {"do_crosstalk": False, "do_bias": False, "do_linearize": False, "do_flat": False, "do_defects": False}
+OFF = {"do_crosstalk": False, "do_bias": False, "do_linearize": False, "do_flat": False, "do_defects": False,
+       "do_apply_gains": False}  # ADU out: the truths below are in ADU
 
 
 def mini_amps(h=96, w=64, ob=12, npar=8, gain=(4.0, 3.5), rn=(7.0, 6.0), sat=(40000.0, 41000.0)):
@@ -97,7 +98,7 @@ def test_isr_fused_matches_naive(rng, all_on):
         [[a.data_section.y0, a.data_section.x0, *a.data_section.shape, a.trimmed_section.y0,
           a.trimmed_section.x0, 0, 0, int(a.flip_x), 0] for a in amps], dtype=np.int64,
     )  # fmt: skip
-    elec = np.array([[a.gain, a.read_noise, a.saturation] for a in amps])
+    elec = np.array([[a.gain, a.read_noise, a.saturation, 1.0] for a in amps])  # ADU out, as the naive chain
     img = np.empty(tshape, np.float32)
     var = np.empty(tshape, np.float32)
     msk = np.empty(tshape, np.int32)
@@ -291,7 +292,7 @@ def test_end_to_end_truth(rng):
     lut = (np.zeros((2, 50000), np.float32), np.zeros(2))  # identity linearizer
     raw_before = raw.copy()
     bias_before = bias.copy()
-    cfg = IsrConfig(do_crosstalk=False)
+    cfg = IsrConfig(do_crosstalk=False, do_apply_gains=False)
     res = run_isr(raw, amps, config=cfg, bias=bias, flat=flat, defects=defects, linearizer=lut, trimmed_shape=tshape)
     np.testing.assert_array_equal(raw, raw_before)
     np.testing.assert_array_equal(bias, bias_before)
@@ -411,3 +412,16 @@ def test_linearizer_object_and_real_crosstalk(rng, shared_data):
     r2 = run_isr(raw, amps[::-1], config=xcfg, crosstalk=xt, trimmed_shape=tshape)  # reordered by amp name
     np.testing.assert_array_equal(r1.image, r2.image)
     assert not np.array_equal(r1.image, plain.image)
+
+
+def test_apply_gains_gives_electrons(rng):
+    """do_apply_gains multiplies each amp by its gain (variance by gain^2): the output is in electrons."""
+    amps, raw_shape, tshape = mini_amps()
+    raw = _synthetic(rng, amps, raw_shape, tshape)[0]
+    kw = dict(trimmed_shape=tshape)
+    adu = run_isr(raw, amps, config=IsrConfig(**OFF), **kw)
+    ele = run_isr(raw, amps, config=IsrConfig(**{**OFF, "do_apply_gains": True}), **kw)
+    for a in amps:
+        sl = a.trimmed_section.slices
+        np.testing.assert_allclose(ele.image[sl], adu.image[sl] * a.gain, rtol=1e-6)
+        np.testing.assert_allclose(ele.variance[sl], adu.variance[sl] * a.gain**2, rtol=1e-6)

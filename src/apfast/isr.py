@@ -142,6 +142,11 @@ class IsrConfig(ConfigSection):
     saturation_trail_step: int = opt(4, "Run length per extra pixel of trail widening (>= 1).")
     saturation_trail_max: int = opt(4, "Most extra pixels of trail widening each side (0-100).")
     num_edge_suspect: int = opt(35, "Pixels of every CCD edge flagged SUSPECT (not trimmed), as Rubin's DECam.")
+    do_apply_gains: bool = opt(
+        True,
+        "Multiply each amp by its gain so the output is in electrons (as Rubin's IsrTaskLSST); turn off for "
+        "flats made in ADU that already carry the amps' gain ratios.",
+    )
     do_flat: bool = opt(True, "Divide by the master flat (needs a flat); flat <= 0 or NaN pixels become BAD.")
     do_interpolate: bool = opt(True, "Interpolate over the planes in interpolate_mask_planes and set INTRP.")
     interpolate_mask_planes: tuple[str, ...] = opt(
@@ -502,7 +507,9 @@ def run_isr(
         ],
         dtype=np.int64,
     )
-    elec = np.array([[a.gain, a.read_noise, a.saturation] for a in amps], dtype=np.float64)
+    elec = np.array(
+        [[a.gain, a.read_noise, a.saturation, a.gain if cfg.do_apply_gains else 1.0] for a in amps], dtype=np.float64
+    )
     bits = np.array([bitmask(n) for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT")], dtype=np.int64)
     if covered == tshape[0] * tshape[1]:
         image = np.empty(tshape, dtype=np.float32)  # the fused pass writes every pixel
