@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from apfast.config import ConfigSection, opt
+from apfast._configbase import ConfigSection, opt
 from apfast.errors import AlgorithmError, InputError
 from apfast.kernels import background as kb
 from apfast.masks import MASK_BITS, MASK_PLANES, bitmask

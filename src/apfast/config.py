@@ -200,6 +200,12 @@ class ProcessConfig(ConfigSection):
             self._fail("n_threads", self.n_threads, "use 0 for all cores or a positive thread count")
 
 
+# The stage sections are defined beside their stages (they import only apfast._configbase).
+from apfast.calibrate import CalibrateConfig  # noqa: E402
+from apfast.characterize import CharacterizeConfig  # noqa: E402
+from apfast.isr import IsrConfig  # noqa: E402
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PipelineConfig(ConfigSection):
     """The whole pipeline: one section per stage (add a section with one line here)."""
@@ -209,6 +215,9 @@ class PipelineConfig(ConfigSection):
     refcat: RefcatConfig = subsection(RefcatConfig)
     apdb: ApdbConfig = subsection(ApdbConfig)
     process: ProcessConfig = subsection(ProcessConfig)
+    isr: IsrConfig = subsection(IsrConfig)
+    characterize: CharacterizeConfig = subsection(CharacterizeConfig)
+    calibrate: CalibrateConfig = subsection(CalibrateConfig)
 
 
 class FieldInfo(NamedTuple):
@@ -257,19 +266,20 @@ def config_fields(cls: type = PipelineConfig) -> dict[str, FieldInfo]:
 
     """
     out: dict[str, FieldInfo] = {}
-    _collect_fields(cls, "", out)
+    _collect_fields(cls, "", out, cls())
     return out
 
 
-def _collect_fields(cls: type, prefix: str, out: dict[str, FieldInfo]) -> None:
+def _collect_fields(cls: type, prefix: str, out: dict[str, FieldInfo], instance: Any) -> None:
+    """Walk the default ``instance`` so a section nested with a non-default factory reports its real defaults."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        value = getattr(instance, f.name)
         if _is_section(tp):
-            _collect_fields(tp, f"{prefix}{f.name}.", out)
+            _collect_fields(tp, f"{prefix}{f.name}.", out, value)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out[f"{prefix}{f.name}"] = FieldInfo(tp, default, f.metadata.get("doc", ""))
+        out[f"{prefix}{f.name}"] = FieldInfo(tp, value, f.metadata.get("doc", ""))
 
 
 def _all_keys() -> list[str]:

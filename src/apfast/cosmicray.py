@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from apfast.config import ConfigSection, opt
+from apfast._configbase import ConfigSection, opt
 from apfast.errors import AlgorithmError, InputError
 from apfast.kernels import cosmicray as kc
 from apfast.masks import MASK_BITS, MASK_PLANES, bitmask

@@ -90,12 +90,24 @@ class DetectionConfig:
         metadata={
             "doc": "Noise used for the threshold: 'variance' per-pixel variance plane (S/N of the smoothed "
             "image, DIA); 'stdev' one robust stdev of the smoothed image (Rubin 'stdev'); 'value' raw "
-            "smoothed-image units."
+            "smoothed-image units.",
+            "choices": {
+                "variance": "per-pixel variance plane: S/N of the smoothed image (difference imaging)",
+                "stdev": "one robust standard deviation of the smoothed image (Rubin's default)",
+                "value": "the smoothed image in its own units",
+            },
         },
     )
     polarity: Polarity = field(
         default="positive",
-        metadata={"doc": "'positive', 'negative' or 'both' (difference images) signs to detect."},
+        metadata={
+            "doc": "'positive', 'negative' or 'both' (difference images) signs to detect.",
+            "choices": {
+                "positive": "sources brighter than the background",
+                "negative": "sources fainter than the background",
+                "both": "both signs, merged so a dipole is one footprint (difference images)",
+            },
+        },
     )
     smooth: bool = field(
         default=True, metadata={"doc": "Correlate with the Gaussian PSF before thresholding (doSmooth)."}

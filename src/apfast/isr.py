@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from apfast.camera import Camera, Section, parse_section
-from apfast.config import ConfigSection, opt, subsection
+from apfast._configbase import ConfigSection, opt, subsection
 from apfast.errors import InputError
 from apfast.isr_inputs import (
     check_section,
