@@ -129,20 +129,6 @@ def _triangles(xy: np.ndarray, min_side: float) -> tuple[np.ndarray, np.ndarray,
     return idx, np.log(sides), ang
 
 
-def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Least-squares similarity ``dst = s R src + t``: returns (scale, angle, t)."""
-    ms, md = src.mean(0), dst.mean(0)
-    a, b = src - ms, dst - md
-    num_c = np.sum(a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1])
-    num_s = np.sum(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0])
-    den = np.sum(a * a)
-    theta = math.atan2(num_s, num_c)
-    s = math.hypot(num_c, num_s) / den
-    c, sn = math.cos(theta), math.sin(theta)
-    t = md - s * np.array([c * ms[0] - sn * ms[1], sn * ms[0] + c * ms[1]])
-    return s, theta, t
-
-
 def _apply(s: float, theta: float, t: np.ndarray, xy: np.ndarray) -> np.ndarray:
     c, sn = math.cos(theta), math.sin(theta)
     return np.column_stack([s * (c * xy[:, 0] - sn * xy[:, 1]), s * (sn * xy[:, 0] + c * xy[:, 1])]) + t
@@ -207,34 +193,43 @@ def match_pattern(
     tree = cKDTree(r_ls)
     max_off = config.max_offset_arcsec / pixel_scale_arcsec
     max_rot = math.radians(config.max_rotation_deg)
-    votes: list[tuple[float, float, float, float]] = []
-    for k, near in enumerate(tree.query_ball_point(s_ls, tol)):
-        for m in near:
-            dang = (s_ang[k] - r_ang[m] + math.pi) % (2 * math.pi) - math.pi
-            if abs(dang) > max_rot:
-                continue
-            s, th, t = _similarity(ref_xy[r_idx[m]], src_xy[s_idx[k]])
-            if abs(s - 1) > config.max_scale_error or abs(th) > max_rot:
-                continue
-            # the shift the transform implies at the centre of the reference cloud
-            centre = ref_xy.mean(0)
-            shift = _apply(s, th, t, centre[None])[0] - centre
-            if np.hypot(*shift) > max_off + 5:
-                continue
-            votes.append((shift[0], shift[1], s, th))
-    if not votes:
+    near = tree.query_ball_point(s_ls, tol)
+    ks = np.repeat(np.arange(len(near)), [len(n) for n in near])
+    ms = np.fromiter(itertools.chain.from_iterable(near), dtype=np.int64, count=len(ks))
+    dang = (s_ang[ks] - r_ang[ms] + math.pi) % (2 * math.pi) - math.pi
+    keep = np.abs(dang) <= max_rot
+    ks, ms = ks[keep], ms[keep]
+    # similarity transforms of every congruent pair at once: src = s R(theta) ref + t
+    a = ref_xy[r_idx[ms]]  # (P, 3, 2)
+    b = src_xy[s_idx[ks]]
+    am, bm = a.mean(1), b.mean(1)
+    ac, bc = a - am[:, None], b - bm[:, None]
+    num_c = (ac * bc).sum((1, 2))
+    num_s = (ac[..., 0] * bc[..., 1] - ac[..., 1] * bc[..., 0]).sum(1)
+    den = (ac * ac).sum((1, 2))
+    theta = np.arctan2(num_s, num_c)
+    scale = np.hypot(num_c, num_s) / den
+    centre = ref_xy.mean(0)
+    # the shift each transform implies at the centre of the reference cloud
+    c, sn = np.cos(theta), np.sin(theta)
+    rel = centre - am
+    moved = bm + scale[:, None] * np.column_stack([c * rel[:, 0] - sn * rel[:, 1], sn * rel[:, 0] + c * rel[:, 1]])
+    shift = moved - centre
+    ok = (np.abs(scale - 1) <= config.max_scale_error) & (np.abs(theta) <= max_rot)
+    ok &= np.hypot(shift[:, 0], shift[:, 1]) <= max_off + 5
+    votes = np.column_stack([shift[ok], scale[ok], theta[ok]])
+    if len(votes) == 0:
         msg = (
             f"no triangle of the {min(nb, len(src_xy))} brightest sources matches the references within "
             f"offset {config.max_offset_arcsec}\" and rotation {config.max_rotation_deg} deg; widen "
             "calibrate.astrometry.max_offset_arcsec / max_rotation_deg or check the reference catalogue"
         )
         raise AstrometryError(msg, n_sources=len(src_xy), n_refs=len(ref_xy), n_votes=0)
-    v = np.array(votes)
-    # densest 4-px cell of proposed shifts, refined by the mean of its members
+    v = votes
+    # densest 4-px cell of proposed shifts, refined by the median of its members
     cell = np.floor(v[:, :2] / 4.0).astype(np.int64)
     keys, inv, counts = np.unique(cell, axis=0, return_inverse=True, return_counts=True)
     best_n, best = -1, None
-    centre = ref_xy.mean(0)
     for cand in np.argsort(-counts)[:5]:
         members = v[inv.ravel() == cand]
         s, th = float(np.median(members[:, 2])), float(np.median(members[:, 3]))
@@ -263,6 +258,22 @@ def _gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> tuple
     xi = np.cos(d) * np.sin(r - r0) / cosc
     eta = (math.cos(d0) * np.sin(d) - math.sin(d0) * np.cos(d) * np.cos(r - r0)) / cosc
     return np.degrees(xi), np.degrees(eta)
+
+
+def _inverse_gnomonic(xi: Any, eta: Any, ra0: float, dec0: float) -> tuple[Any, Any]:
+    """Sky position (deg) of tangent-plane coordinates (deg) about (ra0, dec0); scalars or arrays."""
+    x, y = np.radians(xi), np.radians(eta)
+    d0 = math.radians(dec0)
+    rho = np.hypot(x, y)
+    c = np.arctan(rho)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(rho > 0, np.sin(c) / np.where(rho > 0, rho, 1.0), 1.0)
+    dec = np.arcsin(np.cos(c) * math.sin(d0) + y * ratio * math.cos(d0))
+    ra = math.radians(ra0) + np.arctan2(x * ratio, np.cos(d0) * np.cos(c) - y * ratio * math.sin(d0))
+    out_ra, out_dec = np.degrees(ra) % 360.0, np.degrees(dec)
+    if np.ndim(out_ra) == 0:
+        return float(out_ra), float(out_dec)
+    return out_ra, out_dec
 
 
 def _terms(order: int, lo: int = 0) -> list[tuple[int, int]]:
@@ -304,6 +315,56 @@ def _sip_wcs(crpix: tuple[float, float], crval: tuple[float, float], cd: np.ndar
         return WCS(h)
 
 
+@dataclass(frozen=True, slots=True)
+class SipSolution:
+    """A fitted TAN-SIP solution evaluated with numpy (0-based pixels), convertible to an astropy WCS.
+
+    The fit loop uses it instead of astropy's WCS, whose construction and iterative
+    inversion cost ~15 ms per call.
+    """
+
+    crpix: tuple[float, float]
+    crval: tuple[float, float]
+    cd: np.ndarray
+    a: dict[tuple[int, int], float]
+    b: dict[tuple[int, int], float]
+    order: int
+    ap: dict[tuple[int, int], float] | None
+    bp: dict[tuple[int, int], float] | None
+    inv_order: int
+
+    def pix2world(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sky (deg) of 0-based pixel positions."""
+        u, v = np.asarray(x, float) - self.crpix[0], np.asarray(y, float) - self.crpix[1]
+        f = _poly(self.a, u, v)
+        g = _poly(self.b, u, v)
+        xi = self.cd[0, 0] * (u + f) + self.cd[0, 1] * (v + g)
+        eta = self.cd[1, 0] * (u + f) + self.cd[1, 1] * (v + g)
+        return _inverse_gnomonic(xi, eta, *self.crval)
+
+    def world2pix(self, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """0-based pixel positions of sky positions (deg), through the fitted inverse polynomials."""
+        xi, eta = _gnomonic(np.asarray(ra, float), np.asarray(dec, float), *self.crval)
+        cdinv = np.linalg.inv(self.cd)
+        uu = cdinv[0, 0] * xi + cdinv[0, 1] * eta
+        vv = cdinv[1, 0] * xi + cdinv[1, 1] * eta
+        if self.ap is not None and self.bp is not None:
+            uu, vv = uu + _poly(self.ap, uu, vv), vv + _poly(self.bp, uu, vv)
+        return uu + self.crpix[0], vv + self.crpix[1]
+
+    def to_wcs(self, shape: tuple[int, int] | None = None) -> WCS:
+        """The astropy WCS (``RA---TAN-SIP`` with A, B, AP, BP cards; plain TAN for order 1)."""
+        return _sip_wcs(self.crpix, self.crval, self.cd, self.a, self.b, self.order, self.ap, self.bp,
+                        self.inv_order, shape)
+
+
+def _poly(coeffs: dict[tuple[int, int], float], u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(u, dtype=float)
+    for (p, q), c in coeffs.items():
+        out = out + c * u**p * v**q
+    return out
+
+
 def fit_tan_sip(
     x: np.ndarray, y: np.ndarray, ra: np.ndarray, dec: np.ndarray, *, order: int,
     crpix: tuple[float, float], crval: tuple[float, float], shape: tuple[int, int] | None = None,
@@ -311,10 +372,17 @@ def fit_tan_sip(
 ) -> WCS:
     """Fit a TAN-SIP WCS to matched pixel (0-based) and sky positions (deg).
 
-    CRPIX stays fixed; CRVAL is re-centred on the sky position of CRPIX (two
+    CRPIX stays fixed; CRVAL is re-centred on the sky position of CRPIX (three
     passes), so the constant terms vanish and the linear terms are the CD matrix.
     Needs at least as many points as polynomial terms (``(order+1)(order+2)/2``).
     """
+    return _fit_sip(x, y, ra, dec, order=order, crpix=crpix, crval=crval, weights=weights).to_wcs(shape)
+
+
+def _fit_sip(
+    x: np.ndarray, y: np.ndarray, ra: np.ndarray, dec: np.ndarray, *, order: int,
+    crpix: tuple[float, float], crval: tuple[float, float], weights: np.ndarray | None = None,
+) -> SipSolution:
     terms = _terms(order)
     if len(x) < len(terms) + 2:
         msg = f"{len(x)} matches cannot constrain a SIP order-{order} fit ({len(terms)} terms per axis)"
@@ -330,8 +398,7 @@ def fit_tan_sip(
         cx, *_ = np.linalg.lstsq(des * sw, xi * sw[:, 0], rcond=None)
         cy, *_ = np.linalg.lstsq(des * sw, eta * sw[:, 0], rcond=None)
         # the sky position of CRPIX is the constant term: move CRVAL there and refit
-        w0 = _sip_wcs(crpix, (ra0, dec0), np.eye(2) * 1e-4, {}, {}, 1, None, None, 0, None)
-        ra0, dec0 = (float(val) for val in w0.wcs_pix2world([[crpix[0] + 1 + cx[0] * 1e4, crpix[1] + 1 + cy[0] * 1e4]], 1)[0])
+        ra0, dec0 = _inverse_gnomonic(cx[0], cy[0], ra0, dec0)
     # constant terms are now ~0: the linear terms are CD
     lin = {t: i for i, t in enumerate(terms)}
     cd = np.array([[cx[lin[(1, 0)]], cx[lin[(0, 1)]]], [cy[lin[(1, 0)]], cy[lin[(0, 1)]]]]) / scale
@@ -350,9 +417,7 @@ def fit_tan_sip(
         gx = np.linspace(u.min(), u.max(), 40)
         gy = np.linspace(v.min(), v.max(), 40)
         gu, gv = (m.ravel() for m in np.meshgrid(gx, gy))
-        fu = sum(val * gu**p * gv**q for (p, q), val in a.items())
-        gvv = sum(val * gu**p * gv**q for (p, q), val in b.items())
-        U, V = gu + fu, gv + gvv
+        U, V = gu + _poly(a, gu, gv), gv + _poly(b, gu, gv)
         iterms = _terms(inv_order, 1)
         iscale = max(np.max(np.abs(U)), np.max(np.abs(V)), 1.0)
         ides = _design(U, V, iterms, iscale)
@@ -360,7 +425,7 @@ def fit_tan_sip(
         capy, *_ = np.linalg.lstsq(ides, gv - V, rcond=None)
         ap = {t: float(c / iscale ** (t[0] + t[1])) for t, c in zip(iterms, capx, strict=True)}
         bp = {t: float(c / iscale ** (t[0] + t[1])) for t, c in zip(iterms, capy, strict=True)}
-    return _sip_wcs(crpix, (ra0, dec0), cd, a, b, order, ap, bp, inv_order, shape)
+    return SipSolution(crpix, (float(ra0), float(dec0)), cd, a, b, order, ap, bp, inv_order)
 
 
 def _sky_sep_arcsec(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
@@ -434,13 +499,15 @@ def solve_astrometry(
     crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     crval = tuple(float(c) for c in initial_wcs.all_pix2world([[crpix[0], crpix[1]]], 0)[0])
     radius = 3 * cfg.match_radius_px
-    wcs = None
+    sol: SipSolution | None = None
     ia = ib = np.empty(0, np.int64)
+    order = 1
+    res = np.empty(0)
     for it in range(cfg.n_rej_iter + 2):
-        if wcs is None:
+        if sol is None:
             ia, ib, _ = _match_nn(src_xy, pred, radius)
         else:
-            px, py = wcs.all_world2pix(ref_ra[r_ids], ref_dec[r_ids], 0)
+            px, py = sol.world2pix(ref_ra[r_ids], ref_dec[r_ids])
             ia, ib, _ = _match_nn(src_xy, np.column_stack([px, py]), radius)
         if len(ia) < cfg.min_matches:
             msg = (
@@ -451,24 +518,25 @@ def solve_astrometry(
         order = 1 if it == 0 else cfg.sip_order
         while order > 1 and len(ia) < 2 * len(_terms(order)):
             order -= 1
-        rra, rdec = ref_ra[r_ids[ib]], ref_dec[r_ids[ib]]
         w = None if src_err is None else 1.0 / np.maximum(np.asarray(src_err)[s_ids[ia]], 0.01) ** 2
-        wcs = fit_tan_sip(src_xy[ia, 0], src_xy[ia, 1], rra, rdec, order=order, crpix=crpix, crval=crval,
-                          shape=shape, weights=w)
-        fra, fdec = wcs.all_pix2world(src_xy[ia, 0], src_xy[ia, 1], 0)
-        res = _sky_sep_arcsec(fra, fdec, rra, rdec)
-        rms = 1.4826 * np.median(res) / 0.8326  # median of a 2D Rayleigh = 1.1774 sigma_1D; per-axis sigma
-        radius = max(cfg.match_radius_px, min(radius, cfg.rej_sigma * max(rms, 0.02) / scale_arcsec * 1.5))
-        keep = res < cfg.rej_sigma * max(np.sqrt(np.mean(res**2)), 1e-4) * 1.0 + 1e-9
-        if it >= 1 and keep.sum() >= cfg.min_matches and not keep.all():
-            ia, ib = ia[keep], ib[keep]
-            rra, rdec = rra[keep], rdec[keep]
-            w2 = None if w is None else w[keep]
-            wcs = fit_tan_sip(src_xy[ia, 0], src_xy[ia, 1], rra, rdec, order=order, crpix=crpix, crval=crval,
-                              shape=shape, weights=w2)
-            fra, fdec = wcs.all_pix2world(src_xy[ia, 0], src_xy[ia, 1], 0)
+        for _ in range(2):  # fit, drop outliers beyond rej_sigma, refit
+            rra, rdec = ref_ra[r_ids[ib]], ref_dec[r_ids[ib]]
+            sol = _fit_sip(src_xy[ia, 0], src_xy[ia, 1], rra, rdec, order=order, crpix=crpix, crval=crval,
+                           weights=w)
+            fra, fdec = sol.pix2world(src_xy[ia, 0], src_xy[ia, 1])
             res = _sky_sep_arcsec(fra, fdec, rra, rdec)
-    assert wcs is not None
+            # 2-D residuals are Rayleigh distributed: per-axis sigma = median / sqrt(2 ln 2)
+            sigma = max(float(np.median(res)) / 1.1774, 1e-4)
+            keep = res < cfg.rej_sigma * sigma * 1.4142
+            if it == 0 or keep.all() or keep.sum() < cfg.min_matches:
+                break
+            ia, ib = ia[keep], ib[keep]
+            w = None if w is None else w[keep]
+        radius = max(cfg.match_radius_px, min(radius, 3.0 * cfg.rej_sigma * sigma / scale_arcsec))
+    assert sol is not None
+    wcs = sol.to_wcs(shape)
+    fra, fdec = wcs.all_pix2world(src_xy[ia, 0], src_xy[ia, 1], 0)
+    res = _sky_sep_arcsec(fra, fdec, ref_ra[r_ids[ib]], ref_dec[r_ids[ib]])
     return AstrometryResult(
         wcs=wcs,
         n_matches=len(ia),

@@ -7,7 +7,8 @@ Rubin's ``CharacterizeImageTask`` (rubin_ap.md section 3), reorganised for speed
    (``install_psf_sigma``, Rubin: 1.5 px) - a narrower PSF than the real one makes
    the sharpness test conservative, so star cores are not eaten;
 3. ``psf_iterations`` times: detect bright sources (5 sigma x 10, smoothed with the
-   current PSF), measure them, and determine the PSF (star selection + PCA);
+   current PSF; after the first pass only with ``redetect``), measure them with the
+   current PSF, and determine the PSF (star selection + PCA);
 4. re-measure the background with every detection masked and subtract it too.
 
 The result carries the background-subtracted, CR-repaired image and the PSF
@@ -55,6 +56,11 @@ class CharacterizeConfig:
         default=1.5, metadata={"doc": "Sigma (pixels) of the Gaussian PSF assumed before one is measured."}
     )
     psf_iterations: int = field(default=2, metadata={"doc": "Detect-measure-PSF passes (Rubin psfIterations)."})
+    redetect: bool = field(
+        default=False,
+        metadata={"doc": "Re-detect in every PSF iteration (Rubin); off: later iterations re-measure the "
+                         "first iteration's bright footprints with the new PSF, which saves a detection pass."},
+    )
     do_cosmic_rays: bool = field(default=True, metadata={"doc": "Find, mask and repair cosmic rays."})
     background: BackgroundConfig = field(
         default_factory=BackgroundConfig, metadata={"doc": "First background model (before detection)."}
@@ -162,10 +168,11 @@ def run_characterize(
     cat: MeasurementResult | None = None
     det = None
     timings["detection"] = timings["measurement"] = timings["psf"] = 0.0
-    for _ in range(cfg.psf_iterations):
-        t = time.perf_counter()
-        det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
-        timings["detection"] += time.perf_counter() - t
+    for it in range(cfg.psf_iterations):
+        if it == 0 or cfg.redetect:
+            t = time.perf_counter()
+            det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
+            timings["detection"] += time.perf_counter() - t
         t = time.perf_counter()
         cat = measure_sources(img, var, msk, det, psf=psf, psf_sigma=sigma, config=cfg.measurement)
         timings["measurement"] += time.perf_counter() - t

@@ -68,7 +68,7 @@ def run_demo(
         raw_files = sorted((sim_dir / "raw").glob("*.fits.fz"))
         calib_files = sorted(p for p in (sim_dir / "calib").iterdir() if p.is_file())
         refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
-        out(f"[1/6] simulated data already in {sim_dir} (delete it to re-simulate)")
+        out(f"[1/7] simulated data already in {sim_dir} (delete it to re-simulate)")
         visits = sorted({int(v) for v in truth.visits["visit"]})
     else:
         summary = simulate(sim_dir, small=not full, seed=seed, progress=progress)
@@ -77,7 +77,7 @@ def run_demo(
         refcats = summary.refcat_files
         visits = list(summary.visits)
         out(
-            f"[1/6] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
+            f"[1/7] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
             f"{len(summary.science_visits)} science) x {len(summary.ccdnums)} full-size CCDs with truth "
             f"-> {sim_dir}  ({summary.elapsed_s:.1f} s)"
         )
@@ -87,7 +87,7 @@ def run_demo(
     done = step("ingest")
     rep = ingest_raws(repo, raw_files, mode="link", progress=progress)
     out(
-        f"[2/6] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
+        f"[2/7] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
         f"present) -> {repo / 'registry.sqlite3'}"
     )
     out(f"      $ apfast ingest {repo} {sim_dir / 'raw'}/c4d_*_ori.fits.fz")
@@ -96,7 +96,7 @@ def run_demo(
     done = step("ingest-calibs")
     crep = ingest_calibs(repo / "calibs", calib_files, progress=progress)
     out(
-        f"[3/6] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
+        f"[3/7] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
         f"{len(crep.skipped)} already present) -> {repo / 'calibs' / 'calibRegistry.sqlite3'}"
     )
     out(f"      $ apfast ingest-calibs {repo / 'calibs'} {sim_dir / 'calib'}/*")
@@ -106,7 +106,7 @@ def run_demo(
     for name, path in zip(("gaia", "ps1"), refcats, strict=True):
         rr = ingest_refcat(repo, name, [path], progress=progress)
         out(
-            f"[4/6] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
+            f"[4/7] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
             f"HEALPix shard(s) -> {rr.path}"
         )
         out(f"      $ apfast ingest-refcat {repo} {name} {path}")
@@ -115,7 +115,7 @@ def run_demo(
     done = step("select")
     with Registry(repo) as reg:
         rows = reg.select([{"visit": visits}])
-    out(f"[5/6] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
+    out(f"[5/7] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
     for line in format_table(rows, ["visit", "ccdnum", "detector", "filter", "date", "expTime"]).splitlines():
         out("      " + line)
     done()
@@ -131,16 +131,37 @@ def run_demo(
     corners_ra = [first[f"corner_ra_{i}"] for i in range(4)]
     corners_dec = [first[f"corner_dec_{i}"] for i in range(4)]
     gaia = load_polygon(repo, "gaia", corners_ra=corners_ra, corners_dec=corners_dec, margin=0.01)
-    out(f"[6/6] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
+    out(f"[6/7] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
     out(f"      raw {raw.image.shape} {raw.image.dtype}, bias {_shape(bias)}, flat {_shape(flat)}, "
         f"{len(defects)} defect box(es); {len(gaia)} Gaia star(s) on the CCD from shards {list(gaia.shards_read)}")
     done()
 
+    done = step("process-ccd")
+    from apfast.config import config_to_toml, load_config
+    from apfast.pipeline import format_summary, run_process_ccd
+    from apfast.repository import create_output_repo, write_config
+
+    cfg = load_config()
+    out_repo = create_output_repo(repo, rerun="demo")
+    write_config(out_repo, config_to_toml(cfg), clobber=True)
+    out(f"[7/7] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
+        "the parallel kernels):")
+    out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={'^'.join(str(v) for v in visits)}")
+    outcomes = run_process_ccd(Butler(out_repo), rows, cfg, progress=progress)
+    for line in format_summary(outcomes).splitlines():
+        out("      " + line)
+    calexp = Butler(out_repo).get("calexp", data_id) if outcomes and outcomes[0].status == "ok" else None
+    if calexp is not None:
+        out(f"      calexp {data_id}: {calexp.image.shape} image/mask/variance, PSF {type(calexp.psf).__name__}, "
+            f"zero point {calexp.photo_calib.zero_point:.3f} (electrons), WCS {calexp.wcs.wcs.ctype[0]}")
+    done()
+    failed = sum(o.status == "failed" for o in outcomes)
+
     out("")
     out("step timings: " + ", ".join(f"{n} {t:.2f} s" for n, t in timings))
-    out(f"outputs: repository {repo}, simulated inputs and truth {sim_dir}")
-    out("next: ISR, calibration, differencing, DIA sources, APDB and alerts arrive with the next stages of apfast.")
-    return 0
+    out(f"outputs: repository {repo}, processed CCDs {out_repo}, simulated inputs and truth {sim_dir}")
+    out("next: templates, differencing, DIA sources, APDB and alerts arrive with the next stages of apfast.")
+    return 1 if failed else 0
 
 
 def _shape(obj: object) -> str:

@@ -288,10 +288,13 @@ def good_pixels(
     return good.view(np.uint8)
 
 
-def _robust_std(values: np.ndarray) -> float:
-    """1.4826 x median absolute deviation (on at most ~2e6 evenly spaced samples)."""
-    step = max(1, values.size // 2_000_000)
-    v = values[::step].astype(np.float64)
+def _robust_std(values: np.ndarray, good: np.ndarray) -> float:
+    """1.4826 x median absolute deviation of the good pixels, on ~2e5 evenly spaced samples.
+
+    Sampling before selecting keeps this O(samples); 2e5 samples give the noise to ~0.3%.
+    """
+    step = max(1, values.size // 200_000)
+    v = values.ravel()[::step][good.ravel()[::step].view(bool)].astype(np.float64)
     if v.size == 0:
         return float("nan")
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
@@ -363,7 +366,7 @@ def detect_sources(
 
     noise = 1.0
     if cfg.threshold_type == "stdev":
-        noise = _robust_std(num[good.view(bool)])
+        noise = _robust_std(num, good)
         if not (math.isfinite(noise) and noise > 0):
             msg = f"the smoothed image has robust stdev {noise}; threshold_type='stdev' needs a noisy image"
             raise InputError(msg)
