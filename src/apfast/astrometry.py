@@ -32,7 +32,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from astropy.io import fits
@@ -59,7 +59,20 @@ class AstrometryError(AlgorithmError):
 class AstrometryConfig:
     """Configuration of astrometric matching and fitting (``calibrate.astrometry``)."""
 
-    sip_order: int = field(default=4, metadata={"doc": "Total polynomial order of the TAN-SIP fit (DECam: 4)."})
+    sip_order: int = field(
+        default=4, metadata={"doc": "Highest total polynomial order of the TAN-SIP fit (DECam: 4)."}
+    )
+    order_selection: Literal["cv", "fixed"] = field(
+        default="cv",
+        metadata={
+            "doc": "How the fitted order is chosen up to sip_order.",
+            "choices": {
+                "cv": "5-fold cross-validation among orders 1..sip_order: a high order is used only when the "
+                      "matched stars constrain it (an order-4 fit to ~80 stars over-fits the corners)",
+                "fixed": "always sip_order (if there are at least 2 stars per polynomial term)",
+            },
+        },
+    )
     n_bright: int = field(default=40, metadata={"doc": "Brightest sources/references used for triangle matching."})
     max_offset_arcsec: float = field(
         default=60.0, metadata={"doc": "Largest shift of the initial WCS the matcher searches for (arcsec)."}
@@ -428,6 +441,32 @@ def _fit_sip(
     return SipSolution(crpix, (float(ra0), float(dec0)), cd, a, b, order, ap, bp, inv_order)
 
 
+def _choose_order(xy: np.ndarray, ra: np.ndarray, dec: np.ndarray, w: np.ndarray | None, max_order: int,
+                  crpix: tuple[float, float], crval: tuple[float, float], k: int = 5) -> int:
+    """The SIP order (1..max_order) with the smallest k-fold cross-validated residual.
+
+    A higher order must lower the cross-validated RMS by more than 3% to be preferred,
+    and needs at least 3 matches per polynomial term in every training fold.
+    """
+    n = len(xy)
+    folds = np.arange(n) % k
+    best_order, best_rms = 1, np.inf
+    for order in range(1, max_order + 1):
+        if (n * (k - 1)) // k < 3 * len(_terms(order)):
+            break
+        sq = np.empty(n)
+        for f in range(k):
+            tr, te = folds != f, folds == f
+            sol = _fit_sip(xy[tr, 0], xy[tr, 1], ra[tr], dec[tr], order=order, crpix=crpix, crval=crval,
+                           weights=None if w is None else w[tr])
+            fra, fdec = sol.pix2world(xy[te, 0], xy[te, 1])
+            sq[te] = _sky_sep_arcsec(fra, fdec, ra[te], dec[te]) ** 2
+        rms = float(np.sqrt(np.mean(sq)))
+        if rms < 0.97 * best_rms:
+            best_order, best_rms = order, rms
+    return best_order
+
+
 def _sky_sep_arcsec(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
     r1, d1, r2, d2 = (np.radians(a) for a in (ra1, dec1, ra2, dec2))
     s = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
@@ -534,6 +573,11 @@ def solve_astrometry(
             w = None if w is None else w[keep]
         radius = max(cfg.match_radius_px, min(radius, 3.0 * cfg.rej_sigma * sigma / scale_arcsec))
     assert sol is not None
+    if cfg.order_selection == "cv" and order > 1:
+        w = None if src_err is None else 1.0 / np.maximum(np.asarray(src_err)[s_ids[ia]], 0.01) ** 2
+        rra, rdec = ref_ra[r_ids[ib]], ref_dec[r_ids[ib]]
+        order = _choose_order(src_xy[ia], rra, rdec, w, order, crpix, crval)
+        sol = _fit_sip(src_xy[ia, 0], src_xy[ia, 1], rra, rdec, order=order, crpix=crpix, crval=crval, weights=w)
     wcs = sol.to_wcs(shape)
     fra, fdec = wcs.all_pix2world(src_xy[ia, 0], src_xy[ia, 1], 0)
     res = _sky_sep_arcsec(fra, fdec, ref_ra[r_ids[ib]], ref_dec[r_ids[ib]])
