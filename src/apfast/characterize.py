@@ -3,9 +3,10 @@
 Rubin's ``CharacterizeImageTask`` (rubin_ap.md section 3), reorganised for speed:
 
 1. subtract a first background (128-px mesh, clipped mean, Akima spline);
-2. find, mask and repair cosmic rays, assuming the installed Gaussian PSF
-   (``install_psf_sigma``, Rubin: 1.5 px) - a narrower PSF than the real one makes
-   the sharpness test conservative, so star cores are not eaten;
+2. find, mask and repair cosmic rays, assuming a Gaussian PSF of the smaller of
+   ``install_psf_sigma`` (Rubin: 1.5 px) and the width measured on the bright stars
+   (``estimate_psf_sigma``): a PSF narrower than the real one makes the sharpness
+   test conservative, so star cores are not eaten, even on undersampled images;
 3. ``psf_iterations`` times: detect bright sources (5 sigma x 10, smoothed with the
    current PSF; after the first pass only with ``redetect``), measure them with the
    current PSF, and determine the PSF (star selection + PCA);
@@ -31,7 +32,7 @@ from apfast.errors import ConfigError
 from apfast.masks import bitmask
 from apfast.measurement import MeasurementConfig, MeasurementResult, measure_sources
 from apfast.psf import PsfModel
-from apfast.psf_determiner import PsfDeterminerConfig, PsfResult, determine_psf
+from apfast.psf_determiner import PsfDeterminerConfig, PsfResult, determine_psf, stellar_locus_size
 
 __all__ = ["CharacterizeConfig", "CharacterizeResult", "clean_star_flags", "run_characterize"]
 
@@ -56,6 +57,11 @@ class CharacterizeConfig:
         default=1.5, metadata={"doc": "Sigma (pixels) of the Gaussian PSF assumed before one is measured."}
     )
     psf_iterations: int = field(default=2, metadata={"doc": "Detect-measure-PSF passes (Rubin psfIterations)."})
+    estimate_psf_sigma: bool = field(
+        default=True,
+        metadata={"doc": "Measure the stars' width before cosmic-ray repair and use it if narrower than "
+                         "install_psf_sigma (undersampled images); the bright detection is then reused."},
+    )
     redetect: bool = field(
         default=False,
         metadata={"doc": "Re-detect in every PSF iteration (Rubin); off: later iterations re-measure the "
@@ -155,6 +161,22 @@ def run_characterize(
     timings["background"] = time.perf_counter() - t
 
     sigma = cfg.install_psf_sigma
+    bad_bits = bitmask(["BAD", "SAT", "CR", "INTRP", "EDGE", "NO_DATA"])
+    det = None
+    timings["detection"] = timings["measurement"] = timings["psf"] = 0.0
+    if cfg.estimate_psf_sigma:
+        # measure the stars' width before the CR test: an installed PSF wider than the real one
+        # (an undersampled image) would make every star core look like a cosmic ray
+        t = time.perf_counter()
+        det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
+        timings["detection"] += time.perf_counter() - t
+        t = time.perf_counter()
+        pre = measure_sources(img, var, msk, det, psf=None, psf_sigma=sigma, config=cfg.measurement)
+        timings["measurement"] += time.perf_counter() - t
+        size = np.sqrt(0.5 * (np.asarray(pre["Ixx"], float) + np.asarray(pre["Iyy"], float)))
+        est = stellar_locus_size(np.asarray(pre["snr"], float), size, clean_star_flags(pre), config=cfg.psf)
+        if np.isfinite(est):
+            sigma = min(sigma, est)
     n_cr = 0
     if cfg.do_cosmic_rays:
         t = time.perf_counter()
@@ -162,14 +184,11 @@ def run_characterize(
         img, msk, n_cr = cr.image, cr.mask, cr.n_cr
         timings["cosmic_rays"] = time.perf_counter() - t
 
-    bad_bits = bitmask(["BAD", "SAT", "CR", "INTRP", "EDGE", "NO_DATA"])
     psf: PsfModel | None = None
     psf_res: PsfResult | None = None
     cat: MeasurementResult | None = None
-    det = None
-    timings["detection"] = timings["measurement"] = timings["psf"] = 0.0
     for it in range(cfg.psf_iterations):
-        if it == 0 or cfg.redetect:
+        if det is None or cfg.redetect:
             t = time.perf_counter()
             det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
             timings["detection"] += time.perf_counter() - t

@@ -40,6 +40,7 @@ __all__ = [
     "determine_psf",
     "halfmax_fwhm",
     "select_stars",
+    "stellar_locus_size",
 ]
 
 
@@ -131,32 +132,13 @@ def _stamp_size(size: float, cfg: PsfDeterminerConfig) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-def select_stars(
-    x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.ndarray, size: np.ndarray, usable: np.ndarray,
-    *, shape: tuple[int, int], config: PsfDeterminerConfig,
-) -> tuple[np.ndarray, float]:
-    """Indices of PSF star candidates on the stellar locus, and the locus size (pixels).
+def _locus(s: np.ndarray, config: PsfDeterminerConfig) -> tuple[float, float]:
+    """Centre and half-width of the stellar locus in the sizes ``s`` (stars share one size).
 
-    Raises
-    ------
-    NoPsfStarsError
-        If fewer than ``min_stars`` candidates remain; the message gives the counts after
-        each cut and the config keys to change.
+    The densest narrow size bin seeds it (galaxies spread to larger sizes, the
+    rare cosmic ray to smaller); ``n_sigma_clip`` clipping about the median refines
+    it, with an absolute floor ``width_std_allowed``.
     """
-    n0 = len(x)
-    ok = usable & np.isfinite(x) & np.isfinite(y) & np.isfinite(size) & np.isfinite(flux) & (flux > 0)
-    ok &= (size > 0.5) & (size < config.max_width)
-    n1 = int(ok.sum())
-    bright = ok & (snr > config.min_snr)
-    n2 = int(bright.sum())
-    if n2 < config.min_stars:
-        msg = (
-            f"only {n2} bright clean source(s) for the PSF ({n0} detected, {n1} clean, {n2} with S/N > "
-            f"{config.min_snr}); lower characterize.psf.min_snr or check the detection and masks"
-        )
-        raise NoPsfStarsError(msg, n_detected=n0, n_clean=n1, n_bright=n2)
-    s = size[bright]
-    # densest narrow bin of size: the stellar locus (galaxies spread to larger sizes)
     lo, hi = np.percentile(s, [1, 99])
     bw = max(0.05, config.width_std_allowed / 2)
     edges = np.arange(lo - bw, hi + 2 * bw, bw)
@@ -171,6 +153,50 @@ def select_stars(
         centre = float(np.median(s[near]))
         mad = 1.4826 * float(np.median(np.abs(s[near] - centre)))
         width = max(config.n_sigma_clip * mad, config.width_std_allowed / 2, 0.02 * centre)
+    return float(centre), float(width)
+
+
+def stellar_locus_size(snr: np.ndarray, size: np.ndarray, usable: np.ndarray, *,
+                       config: PsfDeterminerConfig | None = None) -> float:
+    """The stars' size ``sqrt((Ixx+Iyy)/2)`` (pixels) among clean bright sources; NaN if fewer than 3.
+
+    Used to estimate the PSF width before a PSF model exists (e.g. for cosmic-ray
+    rejection on an undersampled image).
+    """
+    cfg = config or PsfDeterminerConfig()
+    ok = usable & np.isfinite(size) & (size > 0.3) & (size < cfg.max_width) & (snr > cfg.min_snr)
+    if ok.sum() < 3:
+        return math.nan
+    return _locus(size[ok], cfg)[0]
+
+
+def select_stars(
+    x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.ndarray, size: np.ndarray, usable: np.ndarray,
+    *, shape: tuple[int, int], config: PsfDeterminerConfig,
+) -> tuple[np.ndarray, float]:
+    """Indices of PSF star candidates on the stellar locus, and the locus size (pixels).
+
+    Raises
+    ------
+    NoPsfStarsError
+        If fewer than ``min_stars`` candidates remain; the message gives the counts after
+        each cut and the config keys to change.
+    """
+    n0 = len(x)
+    ok = usable & np.isfinite(x) & np.isfinite(y) & np.isfinite(size) & np.isfinite(flux) & (flux > 0)
+    # a pixelated PSF has moments of at least 1/12 px^2: size >= 0.29 px
+    ok &= (size > 0.3) & (size < config.max_width)
+    n1 = int(ok.sum())
+    bright = ok & (snr > config.min_snr)
+    n2 = int(bright.sum())
+    if n2 < config.min_stars:
+        msg = (
+            f"only {n2} bright clean source(s) for the PSF ({n0} detected, {n1} clean, {n2} with S/N > "
+            f"{config.min_snr}); lower characterize.psf.min_snr or check the detection and masks"
+        )
+        raise NoPsfStarsError(msg, n_detected=n0, n_clean=n1, n_bright=n2)
+    s = size[bright]
+    centre, width = _locus(s, config)
     idx = np.flatnonzero(bright)[np.abs(s - centre) < width]
     # isolation: no neighbour within the stamp brighter than isolation_factor * the star
     k = _stamp_size(centre, config)
