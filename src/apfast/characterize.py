@@ -75,7 +75,7 @@ class CharacterizeConfig:
         default_factory=_final_background,
         metadata={"doc": "Background refit with DETECTED pixels ignored; added to the first."},
     )
-    cosmic_ray: CosmicRayConfig = field(default_factory=CosmicRayConfig, metadata={"doc": "Cosmic-ray repair."})
+    cosmicray: CosmicRayConfig = field(default_factory=CosmicRayConfig, metadata={"doc": "Cosmic-ray repair."})
     detection: DetectionConfig = field(
         default_factory=_bright_detection,
         metadata={"doc": "Bright-source detection (Rubin: 5 sigma stdev x includeThresholdMultiplier 10)."},
@@ -150,7 +150,7 @@ def run_characterize(
     apfast.psf_determiner.NoPsfStarsError
         Too few PSF stars (the message names counts and config keys).
     apfast.cosmicray.TooManyCosmicRaysError
-        More CR pixels than ``characterize.cosmic_ray.max_cr_pixels``.
+        More CR pixels than ``characterize.cosmicray.max_cr_pixels``.
     """
     cfg = config or CharacterizeConfig()
     timings: dict[str, float] = {}
@@ -180,7 +180,7 @@ def run_characterize(
     n_cr = 0
     if cfg.do_cosmic_rays:
         t = time.perf_counter()
-        cr = find_cosmic_rays(img, var, msk, psf_sigma=sigma, config=cfg.cosmic_ray)
+        cr = find_cosmic_rays(img, var, msk, psf_sigma=sigma, config=cfg.cosmicray)
         img, msk, n_cr = cr.image, cr.mask, cr.n_cr
         timings["cosmic_rays"] = time.perf_counter() - t
 
