@@ -236,12 +236,15 @@ def find_cosmic_rays(
     if ys.size:
         # report the final, grown cosmic rays: first-pass pieces of one track have merged by now
         n_cr = kc.count_groups(crmask, ys, xs)
-    out = img.copy()
     out_mask = msk.copy()
     bits = 1 << MASK_BITS["CR"]
+    # with no background to add back, the working copy already is the repaired image: save a full copy
+    reuse_work = bkg.ndim == 0 and float(bkg) == 0.0 and not config.keep_crs
+    out = work if reuse_work else img.copy()
     if ys.size and not config.keep_crs:
         kc.interpolate_pixels(work, var, crmask, msk, bad, ys, xs, False, MAX_INTERP_DIST)
-        kc.restore_background(out, work, bkg2, ys, xs)
+        if not reuse_work:
+            kc.restore_background(out, work, bkg2, ys, xs)
         bits |= 1 << MASK_BITS["INTRP"]
     if ys.size:
         out_mask[ys, xs] |= bits
