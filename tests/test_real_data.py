@@ -57,10 +57,9 @@ def test_ztf_psf_fwhm_matches_the_stars(ztf: dict) -> None:
     measured = float(np.median(widths))
     model = res.psf_result.fwhm_center
     assert model == pytest.approx(measured, rel=0.05)
-    # The header's SEEING (1.241, "[pixels]") comes from IPAC's own estimator; this undersampled
-    # image (FWHM ~1.3-1.7 px) makes FWHM estimates estimator-dependent, so it is reported, not asserted.
-    seeing = float(ztf["header"]["SEEING"])
-    assert 0.5 < model / seeing < 2.0
+    # The header's SEEING (1.241 "[pixels]") is a seeing FWHM: on this undersampled image the pixel
+    # response dominates the half-maximum width, so compare the pixel-deconvolved Moffat FWHM.
+    assert res.psf_result.seeing == pytest.approx(float(ztf["header"]["SEEING"]), rel=0.05)
 
 
 def test_ztf_cosmic_rays_spare_star_cores(ztf: dict) -> None:

@@ -221,6 +221,7 @@ def summarize(res: CharacterizeResult) -> dict[str, Any]:
     """Numbers worth logging and storing in the calexp metadata."""
     return {
         "PSF_FWHM": round(float(res.psf_result.fwhm_center), 4),
+        "SEEING": round(float(res.psf_result.seeing), 4),
         "PSF_NSTR": int(res.psf_result.n_stars),
         "N_CR": int(res.n_cosmic_rays),
         "N_ICSRC": len(res.catalog),
