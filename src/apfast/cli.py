@@ -113,10 +113,22 @@ def _cmd_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_files(names: Sequence[str]) -> list[Path]:
+    """``-C`` files; a name that is not a file but ships with apfast (``calexpTemplates.toml``) is taken from there."""
+    packaged = Path(__file__).parent / "configs"
+    out = []
+    for name in names:
+        p = Path(name)
+        if not p.exists() and (packaged / p.name).exists():
+            p = packaged / p.name
+        out.append(p)
+    return out
+
+
 def _load_cfg(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig, imported lazily
     from apfast.config import load_config
 
-    return load_config(args.config_file or (), args.config or ())
+    return load_config(_config_files(args.config_file or ()), args.config or ())
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -128,11 +140,49 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 def _select(args: argparse.Namespace) -> list[dict]:
     from apfast.dataid import parse_ids
+
+    return _select_rows(args.repo, [dict(e) for e in parse_ids(args.id or [])])
+
+
+def _select_rows(repo: str, exprs: list[dict]) -> list[dict]:
     from apfast.registry import Registry
 
-    exprs = parse_ids(args.id or [])
-    with Registry(args.repo) as reg:
-        return reg.select([dict(e) for e in exprs])
+    with Registry(repo) as reg:
+        return reg.select(exprs)
+
+
+def _template_visit(tokens: Sequence[str] | None) -> int | None:
+    """``--templateId visit=N`` (Gen 2: the visit only)."""
+    if not tokens:
+        return None
+    from apfast.dataid import parse_id
+
+    expr = parse_id(list(tokens))
+    visits = expr.get("visit", ())
+    if len(visits) != 1 or set(expr) - {"visit"}:
+        msg = f"--templateId takes exactly one visit (visit=N), got {' '.join(tokens)!r}"
+        raise ConfigError(msg)
+    return int(visits[0])
+
+
+def _cmd_make_templates(args: argparse.Namespace) -> int:
+    from apfast.butler import Butler
+    from apfast.config import config_to_toml
+    from apfast.pipeline import format_summary, make_templates
+    from apfast.repository import create_output_repo, write_config
+
+    cfg = _load_cfg(args)
+    rows = _select(args)
+    if args.show:
+        _show(args, cfg, rows)
+        return 0
+    out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output or "templates")
+    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    butler = Butler(out_repo, calib=args.calib)
+    outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
+    _out(format_summary(outcomes))
+    _out(f"wrote {max(len(paths) - 1, 0)} deepCoadd patch(es) and the sky map under {out_repo / 'deepCoadd'}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN001 - PipelineConfig
@@ -154,7 +204,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
     from apfast.butler import Butler
     from apfast.config import config_to_toml
-    from apfast.pipeline import format_summary, run_process_ccd
+    from apfast.pipeline import format_summary, run_process, run_process_ccd
     from apfast.repository import create_output_repo, write_config
 
     cfg = _load_cfg(args)
@@ -171,10 +221,19 @@ def _cmd_process(args: argparse.Namespace) -> int:
         numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
     butler = Butler(out_repo, calib=args.calib, template=args.template)
     log.info("processing %d CCD(s) into %s", len(rows), out_repo)
-    outcomes = run_process_ccd(
-        butler, rows, cfg, doraise=args.doraise or cfg.process.doraise,
-        clobber_output=args.clobber_output or cfg.process.clobber_output, progress=_progress,
-    )
+    doraise = args.doraise or cfg.process.doraise
+    clobber = args.clobber_output or cfg.process.clobber_output
+    if args.command == "process":
+        template_visit = _template_visit(args.templateId)
+        if cfg.difference.template_source == "calexp" and template_visit is not None:
+            # Gen 2 calexp-template mode: the template visit's CCDs are processed first if needed
+            tmpl_rows = _select_rows(args.repo, [{"visit": [template_visit], "ccdnum": sorted({r["ccdnum"] for r in rows})}])
+            run_process_ccd(butler, tmpl_rows, cfg, doraise=doraise, progress=_progress)
+        outcomes = run_process(butler, rows, cfg, template_root=Path(args.template) if args.template else None,
+                               template_visit=template_visit, doraise=doraise, clobber_output=clobber,
+                               progress=_progress)
+    else:
+        outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber, progress=_progress)
     _out(format_summary(outcomes))
     _out(f"outputs: {out_repo}  (read them with apfast.Butler({str(out_repo)!r}))")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
@@ -262,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=_cmd_config_show)
 
     for name, help_text in (("process", "process dataIds end to end (ap_pipe.py)"),
-                            ("process-ccd", "ISR, characterize and calibrate dataIds into calexps (processCcd.py)")):
+                            ("process-ccd", "ISR, characterize and calibrate dataIds into calexps (processCcd.py)"),
+                            ("make-templates", "process good-seeing visits and coadd them into deepCoadd templates")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("repo")
         p.add_argument("--calib", default=None, help="calib repository (default REPO/calibs)")
@@ -271,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--output", default=None, metavar="DIR", help="write to a standalone output repository")
         p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
                        help="dataId expression, e.g. visit=1^2 ccdnum=3^6..12 filter=g (repeatable)")
-        p.add_argument("--template", default=None, help="template repository")
+        p.add_argument("--template", default=None, help="template repository (default: REPO)")
+        p.add_argument("--templateId", nargs="+", default=None, metavar="visit=N",
+                       help="calexp-template mode (-C calexpTemplates.toml): the template visit")
         p.add_argument("--show", action="append", choices=["data", "config"],
                        help="print the selected dataIds or the effective config and exit")
         p.add_argument("--doraise", action="store_true", help="stop at the first failing CCD")
@@ -279,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--clobber-config", action="store_true", help="replace a different stored config")
         p.add_argument("-j", "--processes", type=int, default=1)
         _add_config_args(p)
-        p.set_defaults(func=_cmd_process)
+        p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
     return parser
 
 

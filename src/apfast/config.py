@@ -203,7 +203,13 @@ class ProcessConfig(ConfigSection):
 # The stage sections are defined beside their stages (they import only apfast._configbase).
 from apfast.calibrate import CalibrateConfig  # noqa: E402
 from apfast.characterize import CharacterizeConfig  # noqa: E402
+from apfast.coadd import CoaddConfig  # noqa: E402
+from apfast.decorrelate import DecorrelationConfig  # noqa: E402
+from apfast.diffim import DifferenceConfig  # noqa: E402
 from apfast.isr import IsrConfig  # noqa: E402
+from apfast.psfmatch import PsfMatchConfig  # noqa: E402
+from apfast.template import TemplateConfig  # noqa: E402
+from apfast.warp import WarpConfig  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,6 +224,12 @@ class PipelineConfig(ConfigSection):
     isr: IsrConfig = subsection(IsrConfig)
     characterize: CharacterizeConfig = subsection(CharacterizeConfig)
     calibrate: CalibrateConfig = subsection(CalibrateConfig)
+    warp: WarpConfig = subsection(WarpConfig)
+    coadd: CoaddConfig = subsection(CoaddConfig)
+    template: TemplateConfig = subsection(TemplateConfig)
+    difference: DifferenceConfig = subsection(DifferenceConfig)
+    diffim: PsfMatchConfig = subsection(PsfMatchConfig)
+    decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
 
 
 class FieldInfo(NamedTuple):

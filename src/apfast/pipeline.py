@@ -30,11 +30,20 @@ from apfast.errors import AlgorithmError, ApfastError, CalibrationError, NoLocat
 from apfast.exposure import Background, Exposure
 from apfast.isr import amp_params_from_header, run_isr
 
-__all__ = ["CcdOutcome", "format_summary", "process_ccd", "run_process_ccd"]
+__all__ = [
+    "CcdOutcome",
+    "format_summary",
+    "make_templates",
+    "process_ccd",
+    "process_diffim",
+    "run_process",
+    "run_process_ccd",
+]
 
 log = logging.getLogger(__name__)
 
 PROCESS_CCD_OUTPUTS = ("calexp", "calexpBackground", "src")
+DIFFIM_OUTPUTS = ("deepDiff_differenceExp", "deepDiff_matchedExp")
 
 
 @dataclass(slots=True)
@@ -201,6 +210,136 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats)
 
 
+def _background_image(butler: Butler, did: dict[str, Any]) -> np.ndarray:
+    from apfast.background import BackgroundModel
+
+    bk = butler.get("calexpBackground", did)
+    return BackgroundModel(
+        bin_size=bk.bin_size, image_shape=tuple(bk.image_shape), values=bk.values,
+        stds=np.zeros_like(bk.values), counts=np.zeros(bk.values.shape, np.int32),
+        filled=np.zeros(bk.values.shape, bool), interpolation=bk.interpolation,
+    ).image()
+
+
+def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_root: Path | None,
+                   template_visit: int | None = None) -> CcdOutcome:
+    """Template, PSF matching, subtraction and decorrelation of one processed CCD; writes deepDiff_*.
+
+    Raises
+    ------
+    NoWorkFound
+        No template covers the CCD (the message names the CCD and the repository searched).
+    """
+    from apfast.diffim import calexp_template, run_image_difference
+    from apfast.errors import NoWorkFound
+    from apfast.template import get_template
+
+    did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    calexp = butler.get("calexp", did)
+    src = butler.get("src", did)
+    dcfg = cfg.difference
+    if dcfg.template_source == "calexp":
+        if template_visit is None:
+            msg = "difference.template_source = 'calexp' needs --templateId visit=N"
+            raise CalibrationError(msg)
+        tdid = {"visit": int(template_visit), "ccdnum": did["ccdnum"]}
+        try:
+            tcal = butler.get("calexp", tdid)
+        except NoLocationsError as exc:
+            msg = f"visit={did['visit']} ccdnum={did['ccdnum']}: template calexp {tdid} not found ({exc})"
+            raise NoWorkFound(msg) from None
+        bkg = _background_image(butler, tdid) if dcfg.calexp_template_add_background else None
+        template = calexp_template(tcal, calexp, background=bkg, warp_config=cfg.warp)
+    else:
+        root = template_root if template_root is not None else butler.repo.root
+        template = get_template(root, calexp, filter=str(row["filter"]), config=cfg.template, warp_config=cfg.warp)
+    timings["template"] = time.perf_counter() - t
+    res = run_image_difference(calexp, template, sources=src, psfmatch=cfg.diffim,
+                               decorrelation=cfg.decorrelation, config=dcfg)
+    timings.update(res.timings)
+    t = time.perf_counter()
+    for k, v in res.stats.items():
+        res.difference.metadata[k] = v
+    butler.put(res.difference, "deepDiff_differenceExp", did)
+    butler.put(res.matched, "deepDiff_matchedExp", did)
+    timings["diff_write"] = time.perf_counter() - t
+    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats))
+
+
+def run_process(
+    butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, *, template_root: Path | None = None,
+    template_visit: int | None = None, doraise: bool = False, clobber_output: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[CcdOutcome]:
+    """``apfast process``: processCcd (unless its outputs exist) then image differencing, per CCD."""
+    from apfast.errors import NoWorkFound
+
+    outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber_output,
+                               progress=progress)
+    n = len(rows)
+    for i, (row, first) in enumerate(zip(rows, outcomes, strict=True), 1):
+        if first.status == "failed":
+            continue
+        did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+        tag = f"[{i}/{n}] visit={did['visit']} ccdnum={did['ccdnum']}"
+        if not clobber_output and first.status == "skipped" and all(
+            _exists_here(butler, d, did) for d in DIFFIM_OUTPUTS
+        ):
+            continue
+        t = time.perf_counter()
+        try:
+            res = process_diffim(butler, row, cfg, template_root=template_root, template_visit=template_visit)
+        except NoWorkFound as exc:
+            first.status, first.message = "skipped", f"no template: {exc}"
+            if progress:
+                progress(f"{tag}: difference skipped: {exc}")
+            continue
+        except (ApfastError, AlgorithmError) as exc:
+            if doraise:
+                raise
+            first.status, first.message = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("%s difference failed: %s", tag, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night
+            if doraise:
+                raise
+            first.status, first.message = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("%s difference failed with an unexpected error:\n%s", tag, traceback.format_exc())
+            continue
+        dt = time.perf_counter() - t
+        first.timings.update(res.timings)
+        first.timings["difference"] = dt
+        first.timings["total"] = first.timings.get("total", 0.0) + dt
+        first.stats.update(res.stats)
+        first.status = "ok"
+        if progress:
+            progress(f"{tag}: difference ({res.stats['DIFF_MODE']}, {res.stats['DIFF_NSTAMP']} stamps) in {dt:.2f} s")
+    return outcomes
+
+
+def make_templates(
+    butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, *, doraise: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[CcdOutcome], list[Path]]:
+    """``apfast make-templates``: processCcd the given visits into the template repository and coadd them."""
+    from apfast.template import build_templates
+
+    outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, progress=progress)
+    by_filter: dict[str, list[Exposure]] = {}
+    for row, o in zip(rows, outcomes, strict=True):
+        if o.status != "failed":
+            by_filter.setdefault(str(row["filter"]), []).append(
+                butler.get("calexp", visit=int(row["visit"]), ccdnum=int(row["ccdnum"]))
+            )
+    paths: list[Path] = []
+    if by_filter:
+        paths = list(build_templates(by_filter, butler.repo.write_root, coadd_config=cfg.coadd,
+                                     warp_config=cfg.warp, progress=progress))
+    return outcomes, paths
+
+
 def run_process_ccd(
     butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, *, doraise: bool = False, clobber_output: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -256,7 +395,10 @@ def _exists_here(butler: Butler, dataset: str, did: dict[str, Any]) -> bool:
 
 def format_summary(outcomes: Sequence[CcdOutcome]) -> str:
     """A per-CCD table: status, seconds per stage, PSF FWHM, zero point, astrometric RMS, sources."""
-    stages = ["read", "isr", "characterize", "refcat", "calibrate", "write", "total"]
+    stages = ["read", "isr", "characterize", "refcat", "calibrate", "write"]
+    if any("difference" in o.timings for o in outcomes):
+        stages += ["template", "psfmatch", "decorrelate", "difference"]
+    stages.append("total")
     head = ["visit", "ccdnum", "status", *stages, "fwhm\"", "zp", "astr_mas", "n_src"]
     rows = []
     for o in outcomes:
