@@ -62,6 +62,9 @@ __all__ = [
 
 FWHM_PER_SIGMA: float = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
+#: Modules defining PsfModel subclasses (WarpedPsf, ConvolvedPsf), imported when a file needs them.
+_STAGE_PSF_MODULES = ("apfast.warp", "apfast.decorrelate")
+
 #: ``PSFTYPE`` keyword value -> model class; filled by ``PsfModel.__init_subclass__``.
 PSF_TYPES: dict[str, type[PsfModel]] = {}
 
@@ -461,6 +464,12 @@ def psf_from_hdus(hdus: Sequence[Any], *, source: str = "<hdus>") -> PsfModel:
         msg = f"{source}: no PSF_* extensions to rebuild a PSF from"
         raise InputError(msg)
     psftype = hdus[0].header.get("PSFTYPE")
+    if psftype not in PSF_TYPES:
+        # PSF models defined by later stages register themselves on import
+        import importlib
+
+        for mod in _STAGE_PSF_MODULES:
+            importlib.import_module(mod)
     if psftype not in PSF_TYPES:
         msg = (
             f"{source}: extension {hdus[0].name} has PSFTYPE={psftype!r}, not one of {sorted(PSF_TYPES)}; "
