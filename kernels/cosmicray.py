@@ -455,12 +455,18 @@ def interpolate_pixels(work, variance, crmask, mask, bad_bits, ys, xs, use_min, 
 
 @jit
 def count_groups(crmask, ys, xs):
-    """Number of 8-connected groups formed by the listed pixels (``crmask`` is 1 on them, 0 elsewhere).
+    """Number of 8-connected groups formed by the listed pixels.
+
+    Only the listed pixels take part: other non-zero ``crmask`` pixels (e.g. left
+    by an earlier pass) are ignored, so the BFS queue never holds more than ``n``
+    entries. (An earlier version followed every ``crmask == 1`` pixel with an
+    ``n``-sized queue and wrote past its end when unlisted pixels were set.)
 
     Parameters
     ----------
     crmask : ndarray, uint8, shape (ny, nx)
-        Visited pixels are set to 2 in place (reset to 1 on return).
+        Listed pixels are marked 3, then 2 when visited, in place; every listed pixel
+        is set to 1 on return, other pixels are left unchanged.
     ys, xs : ndarray, int64, shape (n,)
 
     Returns
@@ -469,11 +475,13 @@ def count_groups(crmask, ys, xs):
     """
     ny, nx = crmask.shape
     n = ys.shape[0]
+    for k in range(n):
+        crmask[ys[k], xs[k]] = 3
     qy = np.empty(max(n, 1), dtype=np.int64)
     qx = np.empty(max(n, 1), dtype=np.int64)
     groups = 0
     for k in range(n):
-        if crmask[ys[k], xs[k]] != 1:
+        if crmask[ys[k], xs[k]] != 3:
             continue
         groups += 1
         crmask[ys[k], xs[k]] = 2
@@ -487,7 +495,7 @@ def count_groups(crmask, ys, xs):
             head += 1
             for ii in range(max(i - 1, 0), min(i + 2, ny)):
                 for jj in range(max(j - 1, 0), min(j + 2, nx)):
-                    if crmask[ii, jj] == 1:
+                    if crmask[ii, jj] == 3:
                         crmask[ii, jj] = 2
                         qy[tail] = ii
                         qx[tail] = jj

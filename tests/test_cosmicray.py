@@ -206,3 +206,17 @@ def test_config_errors_name_the_key(kwargs, key):
 def test_warmup_cases_run():
     for kernel, args in kc._warmup_cases():
         kernel(*args)
+
+
+def test_count_groups_ignores_unlisted_pixels():
+    """Regression: unlisted non-zero crmask pixels once overflowed the n-sized BFS queue (heap corruption)."""
+    from apfast.kernels.cosmicray import count_groups
+
+    crm = np.ones((64, 64), dtype=np.uint8)  # a big blob, but only two pixels are listed
+    ys = np.array([10, 40], dtype=np.int64)
+    xs = np.array([10, 40], dtype=np.int64)
+    assert count_groups(crm, ys, xs) == 2
+    assert crm[10, 10] == 1 and crm[40, 40] == 1 and crm[0, 0] == 1
+    crm[:] = 0
+    crm[5, 5:8] = 1
+    assert count_groups(crm, np.array([5, 5, 5]), np.array([5, 6, 7])) == 1
