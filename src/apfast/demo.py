@@ -68,7 +68,7 @@ def run_demo(
         raw_files = sorted((sim_dir / "raw").glob("*.fits.fz"))
         calib_files = sorted(p for p in (sim_dir / "calib").iterdir() if p.is_file())
         refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
-        out(f"[1/7] simulated data already in {sim_dir} (delete it to re-simulate)")
+        out(f"[1/9] simulated data already in {sim_dir} (delete it to re-simulate)")
         visits = sorted({int(v) for v in truth.visits["visit"]})
     else:
         summary = simulate(sim_dir, small=not full, seed=seed, progress=progress)
@@ -77,7 +77,7 @@ def run_demo(
         refcats = summary.refcat_files
         visits = list(summary.visits)
         out(
-            f"[1/7] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
+            f"[1/9] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
             f"{len(summary.science_visits)} science) x {len(summary.ccdnums)} full-size CCDs with truth "
             f"-> {sim_dir}  ({summary.elapsed_s:.1f} s)"
         )
@@ -87,7 +87,7 @@ def run_demo(
     done = step("ingest")
     rep = ingest_raws(repo, raw_files, mode="link", progress=progress)
     out(
-        f"[2/7] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
+        f"[2/9] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
         f"present) -> {repo / 'registry.sqlite3'}"
     )
     out(f"      $ apfast ingest {repo} {sim_dir / 'raw'}/c4d_*_ori.fits.fz")
@@ -96,7 +96,7 @@ def run_demo(
     done = step("ingest-calibs")
     crep = ingest_calibs(repo / "calibs", calib_files, progress=progress)
     out(
-        f"[3/7] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
+        f"[3/9] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
         f"{len(crep.skipped)} already present) -> {repo / 'calibs' / 'calibRegistry.sqlite3'}"
     )
     out(f"      $ apfast ingest-calibs {repo / 'calibs'} {sim_dir / 'calib'}/*")
@@ -106,7 +106,7 @@ def run_demo(
     for name, path in zip(("gaia", "ps1"), refcats, strict=True):
         rr = ingest_refcat(repo, name, [path], progress=progress)
         out(
-            f"[4/7] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
+            f"[4/9] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
             f"HEALPix shard(s) -> {rr.path}"
         )
         out(f"      $ apfast ingest-refcat {repo} {name} {path}")
@@ -115,7 +115,7 @@ def run_demo(
     done = step("select")
     with Registry(repo) as reg:
         rows = reg.select([{"visit": visits}])
-    out(f"[5/7] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
+    out(f"[5/9] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
     for line in format_table(rows, ["visit", "ccdnum", "detector", "filter", "date", "expTime"]).splitlines():
         out("      " + line)
     done()
@@ -131,7 +131,7 @@ def run_demo(
     corners_ra = [first[f"corner_ra_{i}"] for i in range(4)]
     corners_dec = [first[f"corner_dec_{i}"] for i in range(4)]
     gaia = load_polygon(repo, "gaia", corners_ra=corners_ra, corners_dec=corners_dec, margin=0.01)
-    out(f"[6/7] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
+    out(f"[6/9] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
     out(f"      raw {raw.image.shape} {raw.image.dtype}, bias {_shape(bias)}, flat {_shape(flat)}, "
         f"{len(defects)} defect box(es); {len(gaia)} Gaia star(s) on the CCD from shards {list(gaia.shards_read)}")
     done()
@@ -144,7 +144,7 @@ def run_demo(
     cfg = load_config()
     out_repo = create_output_repo(repo, rerun="demo")
     write_config(out_repo, config_to_toml(cfg), clobber=True)
-    out(f"[7/7] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
+    out(f"[7/9] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
         "the parallel kernels):")
     out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={'^'.join(str(v) for v in visits)}")
     outcomes = run_process_ccd(Butler(out_repo), rows, cfg, progress=progress)
@@ -157,10 +157,39 @@ def run_demo(
     done()
     failed = sum(o.status == "failed" for o in outcomes)
 
+    done = step("templates")
+    from apfast.pipeline import run_process
+    from apfast.template import build_templates
+
+    tmpl_visits = set(summary.template_visits) if summary is not None else {
+        int(r["visit"]) for r in truth.visits if str(r["epoch"]) == "template"}
+    tmpl_root = root / "templates"
+    butler = Butler(out_repo)
+    calexps = [butler.get("calexp", visit=int(r["visit"]), ccdnum=int(r["ccdnum"]))
+               for r, o in zip(rows, outcomes, strict=True) if int(r["visit"]) in tmpl_visits and o.status == "ok"]
+    paths = build_templates({str(rows[0]["filter"]): calexps}, tmpl_root, coadd_config=cfg.coadd,
+                            warp_config=cfg.warp, progress=progress)
+    out(f"[8/9] coadded {len(calexps)} template-epoch calexps into {len(paths) - 1} deepCoadd patch(es) -> "
+        f"{tmpl_root / 'deepCoadd'}")
+    out(f"      $ apfast make-templates {repo} --id visit={'^'.join(str(v) for v in sorted(tmpl_visits))} "
+        f"--output {tmpl_root}")
+    done()
+
+    done = step("difference")
+    sci_rows = [r for r in rows if int(r["visit"]) not in tmpl_visits]
+    diff_out = run_process(butler, sci_rows, cfg, template_root=tmpl_root, progress=progress)
+    out(f"[9/9] warped the template to each science CCD, PSF-matched (Alard-Lupton), subtracted and decorrelated:")
+    out(f"      $ apfast process {repo} --rerun demo --id visit=... --template {tmpl_root}")
+    for line in format_summary(diff_out).splitlines():
+        out("      " + line)
+    failed += sum(o.status == "failed" for o in diff_out)
+    done()
+
     out("")
     out("step timings: " + ", ".join(f"{n} {t:.2f} s" for n, t in timings))
-    out(f"outputs: repository {repo}, processed CCDs {out_repo}, simulated inputs and truth {sim_dir}")
-    out("next: templates, differencing, DIA sources, APDB and alerts arrive with the next stages of apfast.")
+    out(f"outputs: repository {repo}, calexps and differences {out_repo} (deepDiff/), templates {tmpl_root}, "
+        f"simulated inputs and truth {sim_dir}")
+    out("next: DIA sources, the APDB, association and alerts arrive with the next stage of apfast.")
     return 1 if failed else 0
 
 

@@ -315,7 +315,7 @@ def run_process(
         first.stats.update(res.stats)
         first.status = "ok"
         if progress:
-            progress(f"{tag}: difference ({res.stats['DIFF_MODE']}, {res.stats['DIFF_NSTAMP']} stamps) in {dt:.2f} s")
+            progress(f"{tag}: difference ({res.stats['DIFFMODE']}, {res.stats['DIFFNSTP']} stamps) in {dt:.2f} s")
     return outcomes
 
 

@@ -178,7 +178,14 @@ def get_template(
     if science.wcs is None:
         msg = f"{_describe_ccd(science)} has no WCS, so no template can be placed on it; run calibrate first"
         raise InputError(msg)
-    skymap = read_skymap(root)
+    try:
+        skymap = read_skymap(root)
+    except InputError as exc:
+        msg = (
+            f"no template for {_describe_ccd(science)} in filter {filter!r}: {exc}. Build templates with "
+            f"`apfast make-templates REPO --id visit=... --output {root}` or point --template at them"
+        )
+        raise NoWorkFound(msg) from None
     ny, nx = science.shape
     found = skymap.find_tracts_patches(science.wcs, (ny, nx), border=config.template_border)
     ccd = _describe_ccd(science)
@@ -190,7 +197,7 @@ def get_template(
             f"no template for {ccd} in filter {filter!r} from template repository {root}: {reason}. "
             f"Patches overlapping the CCD: {[f'{t}/{p}' for t, p in found] or 'none'}. "
             f"The repository has {listing or 'no coadd patches'}; build templates for this field and filter "
-            f"(apfast.template.build_templates) or lower template.min_coverage"
+            f"(`apfast make-templates`) or lower template.min_coverage"
         )
         return NoWorkFound(msg)
 
