@@ -231,3 +231,15 @@ def _check_value(value: Any, tp: Any, key: str, source: str = "") -> Any:
         msg = f"config key '{key}' = {value!r} {what}: expected {describe_type(tp)}{where}"
         raise _ConfigError(msg, key)
     return out
+
+
+def check_ranges(prefix: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ConfigError for the first ``(field, ok, allowed)`` check that fails.
+
+    The message names the dotted key ``prefix + field``, its value and the allowed values, e.g.
+    ``calibrate.astrometry.sip_order = 9 is invalid; allowed: an integer 1..6``.
+    """
+    for key, ok, allowed in checks:
+        if not ok:
+            msg = f"{prefix}{key} = {getattr(obj, key)!r} is invalid; allowed: {allowed}"
+            raise ConfigError(msg)

@@ -39,7 +39,8 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.spatial import cKDTree
 
-from apfast.errors import AlgorithmError, ConfigError
+from apfast._configbase import check_ranges
+from apfast.errors import AlgorithmError
 
 __all__ = [
     "AstrometryConfig",
@@ -97,10 +98,7 @@ class AstrometryConfig:
             ("rej_sigma", self.rej_sigma > 0, "> 0"),
             ("n_rej_iter", self.n_rej_iter >= 0, ">= 0"),
         ]
-        for key, ok, allowed in checks:
-            if not ok:
-                msg = f"calibrate.astrometry.{key} = {getattr(self, key)!r} is invalid; allowed: {allowed}"
-                raise ConfigError(msg)
+        check_ranges("calibrate.astrometry.", self, checks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from apfast._configbase import check_ranges
 from apfast.errors import AlgorithmError, ConfigError
 from apfast.exposure import PhotoCalib
 from apfast.psf import poly_terms
@@ -63,10 +64,7 @@ class PhotoCalConfig:
             ("apcorr_order", 0 <= self.apcorr_order <= 3, "0..3"),
             ("apcorr_min_stars", self.apcorr_min_stars >= 1, ">= 1"),
         ]
-        for key, ok, allowed in checks:
-            if not ok:
-                msg = f"calibrate.photocal.{key} = {getattr(self, key)!r} is invalid; allowed: {allowed}"
-                raise ConfigError(msg)
+        check_ranges("calibrate.photocal.", self, checks)
         for term in self.colour_terms:
             try:
                 _parse_colour_term(term)

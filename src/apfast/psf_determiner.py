@@ -30,7 +30,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from apfast.errors import AlgorithmError, ConfigError
+from apfast._configbase import check_ranges
+from apfast.errors import AlgorithmError
 from apfast.kernels.stamps import extract_stamps_lanczos3
 from apfast.psf import PolynomialPixelPsf, PsfModel, poly_terms
 
@@ -88,10 +89,7 @@ class PsfDeterminerConfig:
             ("n_iter", self.n_iter >= 1, ">= 1"),
             ("min_stars", self.min_stars >= 2, ">= 2"),
         ]
-        for key, ok, allowed in checks:
-            if not ok:
-                msg = f"characterize.psf.{key} = {getattr(self, key)!r} is invalid; allowed: {allowed}"
-                raise ConfigError(msg)
+        check_ranges("characterize.psf.", self, checks)
 
 
 @dataclass(frozen=True, slots=True)
