@@ -535,13 +535,10 @@ def select_stamps(
             if np.count_nonzero((x[near] - x[i]) ** 2 + (y[near] - y[i]) ** 2 < isolation**2) > 1:
                 use[i] = False
     # no bad pixel in the window the fit touches (stamp plus kernel margin)
-    if bad.any():
-        cs = np.zeros((ny + 1, nx + 1), dtype=np.int64)
-        cs[1:, 1:] = np.cumsum(np.cumsum(bad, axis=0), axis=1)
-        idx = np.nonzero(use)[0]
-        y0, y1, x0, x1 = iy[idx] - m, iy[idx] + m + 1, ix[idx] - m, ix[idx] + m + 1
-        nbad = cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]
-        use[idx[nbad > 0]] = False
+    # (a direct window test per candidate: a summed-area table of the whole CCD cost 0.17 s per call)
+    for i in np.nonzero(use)[0]:
+        if bad[iy[i] - m : iy[i] + m + 1, ix[i] - m : ix[i] + m + 1].any():
+            use[i] = False
     idx = np.nonzero(use)[0]
     cell = (iy[idx] // config.size_cell) * (nx // config.size_cell + 1) + ix[idx] // config.size_cell
     order = np.lexsort((-snr[idx], cell))
