@@ -10,6 +10,11 @@ there. Two pieces:
 - :func:`warp_lanczos3` / :func:`warp_bilinear` resample image, variance and
   mask at those positions, skipping bad source pixels and renormalising the
   remaining weights.
+- :func:`warp_grid` does both at once: it expands the node grids one destination
+  row at a time (bit-identical to :func:`interp_grid_cubic`), optionally scales by
+  an interpolated pixel-area ratio, and resamples, with no full-size maps.
+- :func:`mark_bad_footprints` precomputes which source pixels are bad and which
+  interpolation windows contain one.
 
 Conventions: pixel centres sit at integer coordinates; images are native
 float32, maps float64, masks int32. No I/O, no globals.
@@ -32,6 +37,7 @@ __all__ = [
     "lanczos3_taps",
     "mark_bad_footprints",
     "warp_bilinear",
+    "warp_grid",
     "warp_lanczos3",
 ]
 
@@ -229,25 +235,28 @@ def mark_bad_footprints(src_img, src_var, src_mask, bad_bits, lo, hi, bad, anyba
     """
     ny, nx = src_img.shape
     rowany = np.empty((ny, nx), np.uint8)
+    # pass 1: bad pixels, and each one spread over the columns whose window reaches it
+    # (bad pixels are rare, so this costs one sweep); pass 2: OR over the window's rows
     for r in prange(ny):
+        for c in range(nx):
+            rowany[r, c] = 0
         for c in range(nx):
             b = (src_mask[r, c] & bad_bits) != 0
             b = b or not math.isfinite(src_img[r, c]) or not math.isfinite(src_var[r, c])
-            bad[r, c] = 1 if b else 0
-    for r in prange(ny):
-        for c in range(nx):
-            a = 0
-            for d in range(max(0, c + lo), min(nx, c + hi + 1)):
-                a |= bad[r, d]
-            rowany[r, c] = a
+            if b:
+                bad[r, c] = 1
+                for d in range(max(0, c - hi), min(nx, c - lo + 1)):
+                    rowany[r, d] = 1
+            else:
+                bad[r, c] = 0
     for r in prange(ny):
         r0 = max(0, r + lo)
         r1 = min(ny, r + hi + 1)
         for c in range(nx):
-            a = 0
-            for d in range(r0, r1):
-                a |= rowany[d, c]
-            anybad[r, c] = a
+            anybad[r, c] = rowany[r0, c]
+        for d in range(r0 + 1, r1):
+            for c in range(nx):
+                anybad[r, c] |= rowany[d, c]
 
 
 @jit
@@ -258,149 +267,143 @@ def _bilinear_taps(frac, out):
 
 @jit
 def _dot6(w0, w1, w2, w3, w4, w5, a, r, c):
-    """``sum_j w_j a[r, c + j]`` for ``j = 0..5`` as a pairwise tree (float64)."""
+    """``sum_j w_j a[r, c + j]`` for ``j = 0..5`` as a pairwise tree (in the weights' precision)."""
     return (w0 * a[r, c] + w1 * a[r, c + 1]) + (w2 * a[r, c + 2] + w3 * a[r, c + 3]) + (
         w4 * a[r, c + 4] + w5 * a[r, c + 5]
     )
 
 
 @jit
+def _warp_pixel(
+    x, y, ntap, off, table, src_img, src_var, src_mask, bad, anybad, nodata_bits, intrp_bits, min_good_weight,
+    wx, wy,
+):
+    """Resample at source position ``(x, y)``; return ``(img, var, mask, status)``.
+
+    ``status`` is 0 for a plain sample, 1 for NO_DATA, 2 for a renormalised sample.
+    """
+    ny, nx = src_img.shape
+    if not (math.isfinite(x) and math.isfinite(y)) or abs(x) > 1e9 or abs(y) > 1e9:
+        return 0.0, np.inf, nodata_bits, 1
+    ix = math.floor(x)
+    iy = math.floor(y)
+    fx = x - ix
+    fy = y - iy
+    if fx < SNAP:
+        fx = 0.0
+    elif fx > 1.0 - SNAP:
+        fx = 0.0
+        ix += 1
+    if fy < SNAP:
+        fy = 0.0
+    elif fy > 1.0 - SNAP:
+        fy = 0.0
+        iy += 1
+    # taps with non-zero weight: the whole kernel, or only the centre on an exact integer
+    if ntap == 6:
+        cx = 2
+    else:
+        cx = 0
+    ja, jb = (cx, cx) if fx == 0.0 else (0, ntap - 1)
+    ka, kb = (cx, cx) if fy == 0.0 else (0, ntap - 1)
+    if ix + off + ja < 0 or iy + off + ka < 0 or ix + off + jb >= nx or iy + off + kb >= ny:
+        return 0.0, np.inf, nodata_bits, 1
+    # mask: OR over the bilinear footprint (the 1, 2 or 4 nearest pixels with weight)
+    m = src_mask[iy, ix]
+    if fx != 0.0:
+        m |= src_mask[iy, ix + 1]
+    if fy != 0.0:
+        m |= src_mask[iy + 1, ix]
+        if fx != 0.0:
+            m |= src_mask[iy + 1, ix + 1]
+    if ntap == 6:
+        _table_taps(table, table.shape[0] - 2, fx, wx)
+        _table_taps(table, table.shape[0] - 2, fy, wy)
+    else:
+        _bilinear_taps(fx, wx)
+        _bilinear_taps(fy, wy)
+    clean = anybad[iy, ix] == 0
+    if clean and ntap == 6 and fx != 0.0 and fy != 0.0:
+        # the common case, written as independent partial sums: a serial += chain would be
+        # bound by the floating-point add latency, not by the arithmetic
+        x0, x1, x2, x3, x4, x5 = wx[0], wx[1], wx[2], wx[3], wx[4], wx[5]
+        q0, q1, q2, q3, q4, q5 = x0 * x0, x1 * x1, x2 * x2, x3 * x3, x4 * x4, x5 * x5
+        c = ix - 2
+        r = iy - 2
+        a0 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r, c)
+        a1 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 1, c)
+        a2 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 2, c)
+        a3 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 3, c)
+        a4 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 4, c)
+        a5 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 5, c)
+        v0 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r, c)
+        v1 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 1, c)
+        v2 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 2, c)
+        v3 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 3, c)
+        v4 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 4, c)
+        v5 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 5, c)
+        y0, y1, y2, y3, y4, y5 = wy[0], wy[1], wy[2], wy[3], wy[4], wy[5]
+        s = (y0 * a0 + y1 * a1) + (y2 * a2 + y3 * a3) + (y4 * a4 + y5 * a5)
+        sv = (y0 * y0 * v0 + y1 * y1 * v1) + (y2 * y2 * v2 + y3 * y3 * v3) + (y4 * y4 * v4 + y5 * y5 * v5)
+        return s, sv, m, 0
+    if clean:
+        s = 0.0
+        sv = 0.0
+        for k in range(ka, kb + 1):
+            r = iy + off + k
+            a = 0.0
+            av = 0.0
+            for jj in range(ja, jb + 1):
+                c = ix + off + jj
+                a += wx[jj] * src_img[r, c]
+                av += wx[jj] * wx[jj] * src_var[r, c]
+            s += wy[k] * a
+            sv += wy[k] * wy[k] * av
+        return s, sv, m, 0
+    # slow path: skip bad taps, renormalise over the good ones
+    s = 0.0
+    sv = 0.0
+    wg = 0.0
+    nbad = 0
+    for k in range(ka, kb + 1):
+        r = iy + off + k
+        for jj in range(ja, jb + 1):
+            c = ix + off + jj
+            w = wy[k] * wx[jj]
+            if bad[r, c] != 0:
+                nbad += 1
+                continue
+            s += w * src_img[r, c]
+            sv += w * w * src_var[r, c]
+            wg += w
+    if nbad == 0:
+        return s, sv, m, 0
+    if wg >= min_good_weight:
+        return s / wg, sv / (wg * wg), m | intrp_bits, 2
+    return 0.0, np.inf, m | nodata_bits, 1
+
+
+@jit
 def _warp_row(
     i, ntap, off, table, src_img, src_var, src_mask, bad, anybad, xmap, ymap, out_img, out_var, out_mask,
-    nodata_bits, intrp_bits, min_good_weight, wx, wy, wx2,
+    nodata_bits, intrp_bits, min_good_weight, wx, wy,
 ):
-    """Resample destination row ``i``; return ``(n_nodata, n_renormalised)``."""
-    ny, nx = src_img.shape
+    """Resample destination row ``i`` at ``(xmap[i], ymap[i])``; return ``(n_nodata, n_renormalised)``."""
     nxo = out_img.shape[1]
     n_nodata = 0
     n_renorm = 0
     for j in range(nxo):
-        x = xmap[i, j]
-        y = ymap[i, j]
-        if not (math.isfinite(x) and math.isfinite(y)) or abs(x) > 1e9 or abs(y) > 1e9:
-            out_img[i, j] = 0.0
-            out_var[i, j] = np.inf
-            out_mask[i, j] = nodata_bits
+        v, vv, m, st = _warp_pixel(
+            xmap[i, j], ymap[i, j], ntap, off, table, src_img, src_var, src_mask, bad, anybad,
+            nodata_bits, intrp_bits, min_good_weight, wx, wy,
+        )
+        out_img[i, j] = v
+        out_var[i, j] = vv
+        out_mask[i, j] = m
+        if st == 1:
             n_nodata += 1
-            continue
-        ix = math.floor(x)
-        iy = math.floor(y)
-        fx = x - ix
-        fy = y - iy
-        if fx < SNAP:
-            fx = 0.0
-        elif fx > 1.0 - SNAP:
-            fx = 0.0
-            ix += 1
-        if fy < SNAP:
-            fy = 0.0
-        elif fy > 1.0 - SNAP:
-            fy = 0.0
-            iy += 1
-        # taps with non-zero weight: the whole kernel, or only the centre on an exact integer
-        if ntap == 6:
-            _table_taps(table, table.shape[0] - 2, fx, wx)
-            _table_taps(table, table.shape[0] - 2, fy, wy)
-            for jj in range(6):
-                wx2[jj] = wx[jj] * wx[jj]
-            cx = 2
-        else:
-            _bilinear_taps(fx, wx)
-            _bilinear_taps(fy, wy)
-            cx = 0
-        ja, jb = (cx, cx) if fx == 0.0 else (0, ntap - 1)
-        ka, kb = (cx, cx) if fy == 0.0 else (0, ntap - 1)
-        c0 = ix + off + ja
-        c1 = ix + off + jb
-        r0 = iy + off + ka
-        r1 = iy + off + kb
-        if c0 < 0 or r0 < 0 or c1 >= nx or r1 >= ny:
-            out_img[i, j] = 0.0
-            out_var[i, j] = np.inf
-            out_mask[i, j] = nodata_bits
-            n_nodata += 1
-            continue
-        # mask: OR over the bilinear footprint (the 1, 2 or 4 nearest pixels with weight)
-        m = src_mask[iy, ix]
-        if fx != 0.0:
-            m |= src_mask[iy, ix + 1]
-        if fy != 0.0:
-            m |= src_mask[iy + 1, ix]
-            if fx != 0.0:
-                m |= src_mask[iy + 1, ix + 1]
-        if anybad[iy, ix] == 0 and ntap == 6 and fx != 0.0 and fy != 0.0:
-            # the common case, written as independent partial sums: a serial += chain would be
-            # bound by the floating-point add latency, not by the arithmetic
-            x0, x1, x2, x3, x4, x5 = wx[0], wx[1], wx[2], wx[3], wx[4], wx[5]
-            q0, q1, q2, q3, q4, q5 = wx2[0], wx2[1], wx2[2], wx2[3], wx2[4], wx2[5]
-            c = ix - 2
-            r = iy - 2
-            a0 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r, c)
-            a1 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 1, c)
-            a2 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 2, c)
-            a3 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 3, c)
-            a4 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 4, c)
-            a5 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 5, c)
-            v0 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r, c)
-            v1 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 1, c)
-            v2 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 2, c)
-            v3 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 3, c)
-            v4 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 4, c)
-            v5 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 5, c)
-            y0, y1, y2, y3, y4, y5 = wy[0], wy[1], wy[2], wy[3], wy[4], wy[5]
-            out_img[i, j] = (y0 * a0 + y1 * a1) + (y2 * a2 + y3 * a3) + (y4 * a4 + y5 * a5)
-            out_var[i, j] = (y0 * y0 * v0 + y1 * y1 * v1) + (y2 * y2 * v2 + y3 * y3 * v3) + (
-                y4 * y4 * v4 + y5 * y5 * v5
-            )
-            out_mask[i, j] = m
-            continue
-        if anybad[iy, ix] == 0:
-            s = 0.0
-            sv = 0.0
-            for k in range(ka, kb + 1):
-                r = iy + off + k
-                a = 0.0
-                av = 0.0
-                for jj in range(ja, jb + 1):
-                    c = ix + off + jj
-                    a += wx[jj] * src_img[r, c]
-                    av += wx[jj] * wx[jj] * src_var[r, c]
-                s += wy[k] * a
-                sv += wy[k] * wy[k] * av
-            out_img[i, j] = s
-            out_var[i, j] = sv
-            out_mask[i, j] = m
-            continue
-        # slow path: skip bad taps, renormalise over the good ones
-        s = 0.0
-        sv = 0.0
-        wg = 0.0
-        nbad = 0
-        for k in range(ka, kb + 1):
-            r = iy + off + k
-            for jj in range(ja, jb + 1):
-                c = ix + off + jj
-                w = wy[k] * wx[jj]
-                if bad[r, c] != 0:
-                    nbad += 1
-                    continue
-                s += w * src_img[r, c]
-                sv += w * w * src_var[r, c]
-                wg += w
-        if nbad == 0:
-            out_img[i, j] = s
-            out_var[i, j] = sv
-            out_mask[i, j] = m
-        elif wg >= min_good_weight:
-            out_img[i, j] = s / wg
-            out_var[i, j] = sv / (wg * wg)
-            out_mask[i, j] = m | intrp_bits
+        elif st == 2:
             n_renorm += 1
-        else:
-            out_img[i, j] = 0.0
-            out_var[i, j] = np.inf
-            out_mask[i, j] = m | nodata_bits
-            n_nodata += 1
     return n_nodata, n_renorm
 
 
@@ -452,7 +455,7 @@ def warp_lanczos3(
         wy = np.empty(6)
         nd, nr = _warp_row(
             i, 6, -2, table, src_img, src_var, src_mask, bad, anybad, xmap, ymap, out_img, out_var, out_mask,
-            nodata_bits, intrp_bits, min_good_weight, wx, wy, np.empty(6),
+            nodata_bits, intrp_bits, min_good_weight, wx, wy,
         )
         counts[i, 0] = nd
         counts[i, 1] = nr
@@ -473,10 +476,188 @@ def warp_bilinear(
         wy = np.empty(6)
         nd, nr = _warp_row(
             i, 2, 0, table, src_img, src_var, src_mask, bad, anybad, xmap, ymap, out_img, out_var, out_mask,
-            nodata_bits, intrp_bits, min_good_weight, wx, wy, np.empty(6),
+            nodata_bits, intrp_bits, min_good_weight, wx, wy,
         )
         counts[i, 0] = nd
         counts[i, 1] = nr
+
+
+@pjit
+def warp_grid(
+    ntap, off, src_img, src_var, src_mask, bad, anybad, gx, gy, garea, start, spacing,
+    out_img, out_var, out_mask, nodata_bits, intrp_bits, min_good_weight, counts,
+):
+    """:func:`warp_lanczos3` / :func:`warp_bilinear` with the pixel map computed on the fly.
+
+    The source position of destination pixel ``(i, j)`` is the cubic-convolution
+    interpolation of the node grids ``gx, gy`` exactly as :func:`interp_grid_cubic`
+    computes it (bit for bit), one destination row at a time, so no full-size
+    position maps are materialised. Samples whose 6x6 Lanczos-3 window is clean and
+    inside the source, with both offsets fractional (nearly all), take a fast path that
+    accumulates in float32 (weights rounded to float32; results agree with the float64
+    sums of :func:`warp_lanczos3` to a few float32 ulps of the window's ``sum |w I|``);
+    all others go through the same per-pixel code as :func:`warp_lanczos3`.
+    When ``garea`` has nodes, the image of every
+    sample (not NO_DATA) is multiplied by ``a``, the same interpolation of
+    ``garea`` (the pixel-area ratio), and the variance by ``a^2``.
+
+    Parameters
+    ----------
+    ntap, off : int
+        ``6, -2`` for Lanczos-3, ``2, 0`` for bilinear.
+    src_img, src_var : ndarray (ny, nx) float32
+    src_mask : ndarray (ny, nx) int32
+    bad, anybad : ndarray (ny, nx) uint8
+        From :func:`mark_bad_footprints` with ``lo, hi = off, off + ntap - 1``.
+    gx, gy : ndarray (ncy, ncx) float64
+        Source x and y at the nodes (grid requirements as in :func:`interp_grid_cubic`).
+    garea : ndarray (ncy, ncx) or (0, 0) float64
+        Pixel-area ratio at the nodes, or an empty array for no flux scaling.
+    start, spacing : float
+        Destination coordinate of node 0 and node spacing (see :func:`interp_grid_cubic`).
+    out_img, out_var : ndarray (nyo, nxo) float32
+        Written in place.
+    out_mask : ndarray (nyo, nxo) int32
+        Written in place.
+    nodata_bits, intrp_bits : int
+    min_good_weight : float
+    counts : ndarray (nyo, 2) int64
+        Written in place: per destination row, the number of NO_DATA and renormalised pixels.
+    """
+    nyo, nxo = out_img.shape
+    nys, nxs = src_img.shape
+    ncx = gx.shape[1]
+    use_area = garea.shape[0] > 0
+    if ntap == 6:
+        table = np.empty((TABLE_STEPS + 2, 6))
+        lanczos3_table(TABLE_STEPS, table)
+    else:
+        table = np.empty((2, 6))
+    nst = table.shape[0] - 2
+    f32 = np.float32
+    lx = np.empty(nxo, np.int64)
+    wxs = np.empty((nxo, 4))
+    w = np.empty(4)
+    for j in range(nxo):
+        t = (j - start) / spacing
+        k = math.floor(t)
+        catmull_rom_weights(t - k, w)
+        lx[j] = k - 1
+        for m in range(4):
+            wxs[j, m] = w[m]
+    for i in prange(nyo):
+        wx = np.empty(6)
+        wy = np.empty(6)
+        wr = np.empty(4)
+        t = (i - start) / spacing
+        k = math.floor(t)
+        catmull_rom_weights(t - k, wr)
+        rx = np.zeros(ncx)
+        ry = np.zeros(ncx)
+        ra = np.zeros(ncx)
+        xs = np.empty(nxo)
+        ys = np.empty(nxo)
+        ixs = np.empty(nxo, np.int64)
+        iys = np.empty(nxo, np.int64)
+        fast = np.empty(nxo, np.uint8)
+        tx = np.empty((nxo, 6))
+        ty = np.empty((nxo, 6))
+        for m in range(4):
+            for q in range(ncx):
+                rx[q] += wr[m] * gx[k - 1 + m, q]
+                ry[q] += wr[m] * gy[k - 1 + m, q]
+        if use_area:
+            for m in range(4):
+                for q in range(ncx):
+                    ra[q] += wr[m] * garea[k - 1 + m, q]
+        # pass 1: source positions of the row; flag the common case (Lanczos-3, both offsets
+        # fractional, window inside the source and clean) and fill its taps, so the loop of
+        # pass 2 is plain arithmetic on contiguous row buffers
+        for j in range(nxo):
+            x = 0.0
+            y = 0.0
+            l0 = lx[j]
+            for n in range(4):
+                x += wxs[j, n] * rx[l0 + n]
+                y += wxs[j, n] * ry[l0 + n]
+            xs[j] = x
+            ys[j] = y
+            fast[j] = 0
+            if ntap != 6 or not (x >= 2.0 and y >= 2.0 and x < nxs - 4.0 and y < nys - 4.0):
+                continue
+            ix = int(x)
+            iy = int(y)
+            fx = x - ix
+            fy = y - iy
+            if fx < SNAP or fx > 1.0 - SNAP or fy < SNAP or fy > 1.0 - SNAP or anybad[iy, ix] != 0:
+                continue
+            fast[j] = 1
+            ixs[j] = ix
+            iys[j] = iy
+            t = fx * nst
+            mt = min(int(t), nst - 1)
+            u = t - mt
+            for n in range(6):
+                tx[j, n] = table[mt, n] + u * (table[mt + 1, n] - table[mt, n])
+            t = fy * nst
+            mt = min(int(t), nst - 1)
+            u = t - mt
+            for n in range(6):
+                ty[j, n] = table[mt, n] + u * (table[mt + 1, n] - table[mt, n])
+        n_nodata = 0
+        n_renorm = 0
+        for j in range(nxo):
+            if fast[j] != 0:
+                ix = ixs[j]
+                iy = iys[j]
+                x0, x1, x2 = f32(tx[j, 0]), f32(tx[j, 1]), f32(tx[j, 2])
+                x3, x4, x5 = f32(tx[j, 3]), f32(tx[j, 4]), f32(tx[j, 5])
+                q0, q1, q2, q3, q4, q5 = x0 * x0, x1 * x1, x2 * x2, x3 * x3, x4 * x4, x5 * x5
+                c = ix - 2
+                r = iy - 2
+                a0 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r, c)
+                a1 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 1, c)
+                a2 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 2, c)
+                a3 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 3, c)
+                a4 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 4, c)
+                a5 = _dot6(x0, x1, x2, x3, x4, x5, src_img, r + 5, c)
+                v0 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r, c)
+                v1 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 1, c)
+                v2 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 2, c)
+                v3 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 3, c)
+                v4 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 4, c)
+                v5 = _dot6(q0, q1, q2, q3, q4, q5, src_var, r + 5, c)
+                y0, y1, y2 = f32(ty[j, 0]), f32(ty[j, 1]), f32(ty[j, 2])
+                y3, y4, y5 = f32(ty[j, 3]), f32(ty[j, 4]), f32(ty[j, 5])
+                v = (y0 * a0 + y1 * a1) + (y2 * a2 + y3 * a3) + (y4 * a4 + y5 * a5)
+                vv = (y0 * y0 * v0 + y1 * y1 * v1) + (y2 * y2 * v2 + y3 * y3 * v3) + (
+                    y4 * y4 * v4 + y5 * y5 * v5
+                )
+                msk = src_mask[iy, ix] | src_mask[iy, ix + 1]
+                msk |= src_mask[iy + 1, ix] | src_mask[iy + 1, ix + 1]
+                st = 0
+            else:
+                v, vv, msk, st = _warp_pixel(
+                    xs[j], ys[j], ntap, off, table, src_img, src_var, src_mask, bad, anybad,
+                    nodata_bits, intrp_bits, min_good_weight, wx, wy,
+                )
+            if st == 1:
+                n_nodata += 1
+            else:
+                if st == 2:
+                    n_renorm += 1
+                if use_area:
+                    l0 = lx[j]
+                    a = 0.0
+                    for n in range(4):
+                        a += wxs[j, n] * ra[l0 + n]
+                    v *= a
+                    vv *= a * a
+            out_img[i, j] = v
+            out_var[i, j] = vv
+            out_mask[i, j] = msk
+        counts[i, 0] = n_nodata
+        counts[i, 1] = n_renorm
 
 
 @pjit
@@ -520,10 +701,15 @@ def _warmup_cases():
     g = np.zeros((6, 6))
     bad = np.zeros((n, n), np.uint8)
     args = (img, var, msk, bad, bad, xm, ym, *planes, 256, 4, 0.5, counts)
+    grid = (-8.0, 8.0)
+    srcs = (img, var, msk, bad, bad)
+    bits = (256, 4, 0.5)
     return [
         (mark_bad_footprints, (img, var, msk, 1, -2, 3, np.empty((n, n), np.uint8), np.empty((n, n), np.uint8))),
         (warp_lanczos3, args),
         (warp_bilinear, args),
+        (warp_grid, (6, -2, *srcs, g + 3.0, g + 4.0, g + 1.0, *grid, *planes, *bits, counts)),
+        (warp_grid, (2, 0, *srcs, g + 3.0, g + 4.0, np.empty((0, 0)), *grid, *planes, *bits, counts)),
         (interp_grid_cubic, (g, g, -8.0, 8.0, np.empty((n, n)), np.empty((n, n)))),
         (grow_mask_or, (msk, 1, np.empty((n, n), np.int32))),
     ]

@@ -164,6 +164,123 @@ def test_kernel_matches_naive_with_bad_pixels_and_edges(rng):
     assert counts[:, 0].sum() == (~good).sum() and counts[:, 1].sum() == ((nm & INTRP) != 0).sum()
 
 
+@pytest.mark.parametrize(("lo", "hi"), [(-2, 3), (0, 1)])
+def test_mark_bad_footprints_matches_brute_force(rng, lo, hi):
+    ny, nx = 23, 31
+    img = rng.normal(0.0, 1.0, (ny, nx)).astype(np.float32)
+    var = np.ones((ny, nx), np.float32)
+    msk = np.zeros((ny, nx), np.int32)
+    msk[rng.integers(0, ny, 8), rng.integers(0, nx, 8)] = 1
+    msk[0, 0] = msk[ny - 1, nx - 1] = msk[0, nx - 1] = 1  # corners: windows clipped at the edges
+    msk[10, 3:6] = 2  # not a bad bit
+    img[7, 20] = np.inf
+    var[15, 0] = np.nan
+    bad = np.empty((ny, nx), np.uint8)
+    anybad = np.empty((ny, nx), np.uint8)
+    kw.mark_bad_footprints(img, var, msk, 1, lo, hi, bad, anybad)
+    want_bad = ((msk & 1) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    assert np.array_equal(bad, want_bad.astype(np.uint8))
+    want_any = np.zeros((ny, nx), bool)
+    for r in range(ny):
+        for c in range(nx):
+            want_any[r, c] = want_bad[max(0, r + lo) : r + hi + 1, max(0, c + lo) : c + hi + 1].any()
+    assert np.array_equal(anybad, want_any.astype(np.uint8))
+    assert 0 < want_any.sum() < ny * nx
+
+
+@pytest.mark.parametrize("lanczos", [True, False])
+def test_grid_kernel_equals_full_maps_then_warp_then_area(rng, lanczos):
+    """warp_grid (maps and area ratio interpolated per row in the kernel) == the previous three-step path."""
+    ny, nx = 40, 45
+    img = rng.normal(10.0, 3.0, (ny, nx)).astype(np.float32)
+    var = rng.uniform(1.0, 4.0, (ny, nx)).astype(np.float32)
+    msk = np.zeros((ny, nx), np.int32)
+    bad_bits = masks.bitmask("BAD")
+    msk[rng.integers(0, ny, 15), rng.integers(0, nx, 15)] |= bad_bits
+    msk[rng.integers(0, ny, 15), rng.integers(0, nx, 15)] |= masks.bitmask("CR")
+    msk[20:23, 20:23] |= bad_bits  # a clump: some windows fall below min_good_weight
+    img[5, 7] = np.nan
+    g, start = 8.0, -8.0
+    nyo, nxo = 37, 50
+    q = start + g * np.arange((max(nyo, nxo) - 1) // 8 + 4)
+    yy, xx = np.meshgrid(q[: (nyo - 1) // 8 + 4], q[: (nxo - 1) // 8 + 4], indexing="ij")
+    # rotation, a 3 % scale change and a little curvature; the top rows land on exact integers
+    gx = np.ascontiguousarray(0.97 * (xx * math.cos(0.1) - yy * math.sin(0.1)) + 1e-3 * yy**2 - 1.3)
+    gy = np.ascontiguousarray(0.97 * (xx * math.sin(0.1) + yy * math.cos(0.1)) + 0.4)
+    gx[:2] = np.round(gx[:2])
+    gy[:2] = np.round(gy[:2])
+    garea = np.ascontiguousarray(1.0 + 0.01 * np.sin(xx / 20.0) + 0.003 * yy / 50.0)
+    ntap, lo = (6, -2) if lanczos else (2, 0)
+    bad = np.empty((ny, nx), np.uint8)
+    anybad = np.empty((ny, nx), np.uint8)
+    kw.mark_bad_footprints(img, var, msk, bad_bits, lo, lo + ntap - 1, bad, anybad)
+
+    def planes():
+        f32 = np.float32
+        return (np.empty((nyo, nxo), f32), np.empty((nyo, nxo), f32), np.empty((nyo, nxo), np.int32),
+                np.zeros((nyo, 2), np.int64))
+
+    xmap, ymap, area, scratch = (np.empty((nyo, nxo)) for _ in range(4))
+    kw.interp_grid_cubic(gx, gy, start, g, xmap, ymap)
+    kw.interp_grid_cubic(garea, garea, start, g, area, scratch)
+    ri, rv, rm, rc = planes()
+    kernel = kw.warp_lanczos3 if lanczos else kw.warp_bilinear
+    kernel(img, var, msk, bad, anybad, xmap, ymap, ri, rv, rm, NO_DATA, INTRP, 0.5, rc)
+    ri *= area
+    rv *= area * area
+    for ga, scale in ((garea, True), (np.empty((0, 0)), False)):
+        oi, ov, om, oc = planes()
+        kw.warp_grid(
+            ntap, lo, img, var, msk, bad, anybad, gx, gy, ga, start, g, oi, ov, om, NO_DATA, INTRP, 0.5, oc
+        )
+        assert np.array_equal(om, rm) and np.array_equal(oc, rc)
+        good = (rm & NO_DATA) == 0
+        assert 200 < good.sum() < nyo * nxo and (rm & INTRP).any()
+        assert np.all(oi[~good] == 0) and np.all(np.isinf(ov[~good]))
+        fi = 1.0 if scale else area[good]
+        np.testing.assert_allclose(oi[good] * fi, ri[good], rtol=1e-5, atol=1e-5 * np.abs(ri[good]).max())
+        np.testing.assert_allclose(ov[good] * fi * fi, rv[good], rtol=1e-5)
+    # at the nodes of the integer-valued first rows the kernel copies source pixels bit for bit
+    if lanczos:
+        oi, ov, om, oc = planes()
+        kw.warp_grid(ntap, lo, img, var, msk, bad, anybad, gx, gy, np.empty((0, 0)), start, g, oi, ov, om,
+                     NO_DATA, INTRP, 0.5, oc)
+        r, c = np.round(ymap[0]).astype(int), np.round(xmap[0]).astype(int)
+        ok = ((om[0] & (NO_DATA | INTRP)) == 0) & (np.arange(nxo) % 8 == 0)
+        assert ok.sum() >= 3 and np.array_equal(oi[0][ok], img[r[ok], c[ok]])
+
+
+def test_warp_exposure_equals_the_previous_full_map_algorithm(rng):
+    """The fused kernel path of warp_exposure == pixel_map + warp_lanczos3 + full-size area ratio."""
+    from apfast.warp import _area_ratio
+
+    shape = (150, 170)
+    src_wcs = make_wcs(shape, sip=True)
+    dest_wcs = make_wcs(shape, rot_deg=1.0, shift=(3.3, -2.6), scale_arcsec=0.25, sip=True)
+    msk = np.zeros(shape, np.int32)
+    msk[rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40)] = masks.bitmask("BAD")
+    src = noise_exposure(rng, shape, src_wcs, sigma=3.0, mask=msk)
+    src.image[:] += 100.0
+    out = warp_exposure(src, dest_wcs, shape, config=WarpConfig(grid_spacing=16))
+    xmap, ymap = pixel_map(src_wcs, dest_wcs, shape, grid_spacing=16)
+    bad = np.empty(shape, np.uint8)
+    anybad = np.empty(shape, np.uint8)
+    bad_bits = masks.bitmask(WarpConfig().bad_mask_planes)
+    kw.mark_bad_footprints(src.image, src.variance, msk, bad_bits, -2, 3, bad, anybad)
+    ri, rv, rm = np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int32)
+    kw.warp_lanczos3(src.image, src.variance, msk, bad, anybad, xmap, ymap, ri, rv, rm, NO_DATA, INTRP, 0.5,
+                     np.zeros((shape[0], 2), np.int64))
+    area = _area_ratio(src_wcs, dest_wcs, shape, 16)
+    assert area is not None and abs(area.mean() - (0.25 / 0.263) ** 2) < 1e-3
+    ri *= area
+    rv *= area * area
+    assert np.array_equal(out.mask, rm)
+    good = (rm & NO_DATA) == 0
+    assert good.sum() > 0.8 * good.size and (rm & INTRP).any()
+    np.testing.assert_allclose(out.image[good], ri[good], rtol=1e-5)
+    np.testing.assert_allclose(out.variance[good], rv[good], rtol=1e-5)
+
+
 def test_grow_mask_or():
     m = np.zeros((9, 9), np.int32)
     m[4, 4] = 8
