@@ -47,6 +47,7 @@ __all__ = [
     "AstrometryError",
     "AstrometryResult",
     "fit_tan_sip",
+    "match_nearest",
     "match_pattern",
     "solve_astrometry",
 ]
@@ -145,7 +146,7 @@ def _apply(s: float, theta: float, t: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return np.column_stack([s * (c * xy[:, 0] - sn * xy[:, 1]), s * (sn * xy[:, 0] + c * xy[:, 1])]) + t
 
 
-def _match_nn(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def match_nearest(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-to-one nearest-neighbour matches of points ``a`` to ``b`` within ``radius`` (closest pairs first)."""
     if len(a) == 0 or len(b) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
@@ -246,7 +247,7 @@ def match_pattern(
         s, th = float(np.median(members[:, 2])), float(np.median(members[:, 3]))
         shift = np.median(members[:, :2], axis=0)
         t = centre + shift - _apply(s, th, np.zeros(2), centre[None])[0]
-        ia, _, _ = _match_nn(_apply(s, th, t, ref_xy), src_xy, 2 * config.match_radius_px)
+        ia, _, _ = match_nearest(_apply(s, th, t, ref_xy), src_xy, 2 * config.match_radius_px)
         if len(ia) > best_n:
             best_n, best = len(ia), (s, th, t)
     assert best is not None
@@ -542,10 +543,10 @@ def solve_astrometry(
     res = np.empty(0)
     for it in range(cfg.n_rej_iter + 2):
         if sol is None:
-            ia, ib, _ = _match_nn(src_xy, pred, radius)
+            ia, ib, _ = match_nearest(src_xy, pred, radius)
         else:
             px, py = sol.world2pix(ref_ra[r_ids], ref_dec[r_ids])
-            ia, ib, _ = _match_nn(src_xy, np.column_stack([px, py]), radius)
+            ia, ib, _ = match_nearest(src_xy, np.column_stack([px, py]), radius)
         if len(ia) < cfg.min_matches:
             msg = (
                 f"only {len(ia)} source-reference match(es) within {radius:.1f} px (need "

@@ -232,6 +232,22 @@ class BackgroundModel:
             "statistic": self.statistic,
         }
 
+    def to_container(self) -> Any:
+        """The :class:`apfast.exposure.Background` stored as ``calexpBackground`` (variance = stds^2)."""
+        from apfast.exposure import Background
+
+        return Background(bin_size=self.bin_size, values=self.values, image_shape=tuple(self.image_shape),
+                          interpolation=self.interpolation.lower(), variance=self.stds.astype(np.float32) ** 2)
+
+    @classmethod
+    def from_container(cls, bk: Any) -> BackgroundModel:
+        """Rebuild an evaluable model from a stored :class:`apfast.exposure.Background` (cell stds from its variance)."""
+        values = np.asarray(bk.values)
+        stds = np.sqrt(np.asarray(bk.variance, np.float32)) if bk.variance is not None else np.zeros(values.shape)
+        return cls(bin_size=bk.bin_size, image_shape=tuple(bk.image_shape), values=values, stds=stds,
+                   counts=np.zeros(values.shape, np.int32), filled=np.zeros(values.shape, bool),
+                   interpolation=bk.interpolation)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackgroundModel:
         """Rebuild a model from :meth:`to_dict` output (``stds``/``counts``/``filled`` may be absent)."""

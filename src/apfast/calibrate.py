@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
-from scipy.spatial import cKDTree
 
-from apfast.astrometry import AstrometryConfig, AstrometryResult, solve_astrometry
+from apfast.astrometry import AstrometryConfig, AstrometryResult, match_nearest, solve_astrometry
 from apfast.characterize import clean_star_flags
 from apfast.detection import DetectionConfig, detect_sources
 from apfast.errors import ConfigError
@@ -182,7 +181,7 @@ def run_calibrate(
     scale = float(np.sqrt(abs(np.linalg.det(wcs.celestial.pixel_scale_matrix))) * 3600.0)
     radius = cfg.photometry_match_arcsec / scale
     good_src = np.flatnonzero(clean & np.isfinite(x) & (psf_flux > 0))
-    pairs_s, pairs_r, dist = _match(np.column_stack([x[good_src], y[good_src]]),
+    pairs_s, pairs_r, dist = match_nearest(np.column_stack([x[good_src], y[good_src]]),
                                     np.column_stack([px[ref_idx], py[ref_idx]]), radius)
     si, ri = good_src[pairs_s], ref_idx[pairs_r]
     colour = None if photom_refs.colour is None else photom_refs.colour[ri]
@@ -217,20 +216,3 @@ def run_calibrate(
     cat.meta.update({"ZP": pc.zero_point, "ZP_ERR": pc.zero_point_err, "ASTR_RMS": astro.rms_arcsec,
                      "ASTR_N": astro.n_matches})
     return CalibrateResult(cat, wcs, pc, apcorr, astro, matches, timings)
-
-
-def _match(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-to-one nearest matches of ``a`` to ``b`` within ``radius`` (closest first)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
-    d, j = cKDTree(b).query(a, distance_upper_bound=radius)
-    i = np.flatnonzero(np.isfinite(d))
-    order = i[np.argsort(d[i], kind="stable")]
-    seen: set[int] = set()
-    keep = []
-    for k in order:
-        if j[k] not in seen:
-            seen.add(int(j[k]))
-            keep.append(k)
-    keep_arr = np.array(keep, dtype=np.int64)
-    return keep_arr, j[keep_arr].astype(np.int64), d[keep_arr]

@@ -45,10 +45,6 @@ def _bright_detection() -> DetectionConfig:
     return DetectionConfig(threshold=5.0, threshold_type="stdev", include_threshold_multiplier=10.0)
 
 
-def _final_background() -> BackgroundConfig:
-    return BackgroundConfig()
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CharacterizeConfig:
     """Background, cosmic rays, bright-source detection and the PSF model (``characterize``)."""
@@ -72,7 +68,7 @@ class CharacterizeConfig:
         default_factory=BackgroundConfig, metadata={"doc": "First background model (before detection)."}
     )
     final_background: BackgroundConfig = field(
-        default_factory=_final_background,
+        default_factory=BackgroundConfig,
         metadata={"doc": "Background refit with DETECTED pixels ignored; added to the first."},
     )
     cosmicray: CosmicRayConfig = field(default_factory=CosmicRayConfig, metadata={"doc": "Cosmic-ray repair."})

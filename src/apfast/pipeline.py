@@ -27,7 +27,7 @@ from apfast.calibrate import RefCatalog, mjd_to_epoch, run_calibrate
 from apfast.camera import parse_section
 from apfast.characterize import run_characterize, summarize
 from apfast.errors import AlgorithmError, ApfastError, CalibrationError, NoLocationsError, RefcatError
-from apfast.exposure import Background, Exposure
+from apfast.exposure import Exposure
 from apfast.isr import amp_params_from_header, run_isr
 
 __all__ = [
@@ -194,11 +194,8 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
         meta[k] = (v, c)
     calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
                       photo_calib=cal.photocal.photo_calib, visit_info=raw.visit_info, metadata=meta)
-    bkg = char.background
     butler.put(calexp, "calexp", did)
-    butler.put(Background(bin_size=bkg.bin_size, values=bkg.values, image_shape=tuple(bkg.image_shape),
-                          interpolation=bkg.interpolation.lower(), variance=bkg.stds.astype(np.float32) ** 2),
-               "calexpBackground", did)
+    butler.put(char.background.to_container(), "calexpBackground", did)
     butler.put(cal.catalog, "src", did)
     butler.put(cal.matches, "srcMatch", did)
     timings["write"] = time.perf_counter() - t
@@ -213,12 +210,7 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
 def _background_image(butler: Butler, did: dict[str, Any]) -> np.ndarray:
     from apfast.background import BackgroundModel
 
-    bk = butler.get("calexpBackground", did)
-    return BackgroundModel(
-        bin_size=bk.bin_size, image_shape=tuple(bk.image_shape), values=bk.values,
-        stds=np.zeros_like(bk.values), counts=np.zeros(bk.values.shape, np.int32),
-        filled=np.zeros(bk.values.shape, bool), interpolation=bk.interpolation,
-    ).image()
+    return BackgroundModel.from_container(butler.get("calexpBackground", did)).image()
 
 
 def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_root: Path | None,
