@@ -71,6 +71,7 @@ from scipy import signal
 from apfast._configbase import ConfigSection, opt
 from apfast.errors import AlgorithmError, InputError
 from apfast.exposure import Exposure
+from apfast.fftw import rfft2_pair
 from apfast.kernels import fftutil
 from apfast.masks import MASK_BITS, MASK_PLANES, bitmask
 from apfast.psf import PsfModel, psf_from_hdus
@@ -142,10 +143,12 @@ class DecorrelationConfig(ConfigSection):
     )
     fft_planner: Literal["FFTW_ESTIMATE", "FFTW_MEASURE"] = opt(
         "FFTW_MEASURE",
-        "FFTW planner effort for new plan shapes (pyfftw backend); plans are cached per process.",
+        "FFTW planner effort for new plan shapes (pyfftw backend); plans are cached per process and measured "
+        "plans are kept in the FFTW wisdom cache (apfast.fftw: $APFAST_CACHE_DIR, APFAST_FFTW_WISDOM=0 disables).",
         choices={
             "FFTW_ESTIMATE": "plan instantly by heuristics (2048x4096: ~2x slower transforms measured here)",
-            "FFTW_MEASURE": "time candidate plans once per shape and process (~1.5 s for 2048x4096), then reuse",
+            "FFTW_MEASURE": "time candidate plans once per shape and machine (seconds for 2048x4096, saved as "
+            "wisdom; later processes plan in milliseconds; `apfast warmup` does it ahead of a run)",
         },
     )
 
@@ -399,29 +402,9 @@ def noise_weights(matching_kernel: np.ndarray, phi: np.ndarray) -> tuple[float, 
 
 
 # ----------------------------------------------------------------------------------------------- FFT
-_PLANS: dict[tuple[tuple[int, int], int, str], tuple[Any, Any, threading.Lock]] = {}
-_PLANS_LOCK = threading.Lock()
-
-
 def _fftw_plans(shape: tuple[int, int], threads: int, planner: str) -> tuple[Any, Any, threading.Lock]:
-    """Cached forward/inverse float32 FFTW plans for ``shape`` (one lock per plan pair)."""
-    key = (shape, threads, planner)
-    with _PLANS_LOCK:
-        plans = _PLANS.get(key)
-        if plans is None:
-            import pyfftw
-            import pyfftw.builders
-
-            pyfftw.interfaces.cache.enable()
-            real = pyfftw.empty_aligned(shape, dtype=np.float32)
-            cplx = pyfftw.empty_aligned((shape[0], shape[1] // 2 + 1), dtype=np.complex64)
-            fwd = pyfftw.builders.rfft2(real, threads=threads, planner_effort=planner, avoid_copy=False)
-            inv = pyfftw.builders.irfft2(
-                cplx, s=shape, threads=threads, planner_effort=planner, avoid_copy=False
-            )
-            plans = (fwd, inv, threading.Lock())
-            _PLANS[key] = plans
-    return plans
+    """Shared forward/inverse float32 FFTW plans for ``shape`` (:func:`apfast.fftw.rfft2_pair`, wisdom-backed)."""
+    return rfft2_pair(shape, np.float32, threads, planner)
 
 
 def _symmetric_spectrum(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -549,7 +532,12 @@ def convolve_fft(
             buf[:ny, nx:] = 0.0
         spec = fwd()
         spec *= kft
-        out = inv(spec, output_array=result)
+        # the plans are shared (apfast.fftw): write into our own array, then give the plan its own back
+        own_out = inv.output_array
+        try:
+            out = inv(spec, output_array=result)
+        finally:
+            inv.update_arrays(inv.input_array, own_out)
     if shape == (ny, nx):
         return out
     return np.array(out[:ny, :nx], dtype=np.float32, order="C", copy=True)

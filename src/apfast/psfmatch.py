@@ -141,11 +141,13 @@ class PsfMatchConfig(ConfigSection):
     max_spatial_iterations: int = opt(3, "Rounds of spatial fit and stamp rejection (maxSpatialIterations).")
     max_condition_number: float = opt(5e7, "Eigenvalues below max / this are dropped (maxConditionNumber).")
     fft_planner: Literal["FFTW_ESTIMATE", "FFTW_MEASURE"] = opt(
-        "FFTW_ESTIMATE",
-        "FFTW planning effort for the image convolutions.",
+        "FFTW_MEASURE",
+        "FFTW planning effort for the image convolutions; measured plans are kept in the FFTW wisdom cache "
+        "(apfast.fftw: $APFAST_CACHE_DIR or ~/.cache/apfast, APFAST_FFTW_WISDOM=0 disables it).",
         choices={
-            "FFTW_ESTIMATE": "plan instantly (best for one-off runs and tests)",
-            "FFTW_MEASURE": "plan once per image shape and process (~10 s for 2k x 4k), then ~2x faster FFTs",
+            "FFTW_ESTIMATE": "plan instantly by heuristics (no cache needed), ~2x slower FFTs on a 2k x 4k CCD",
+            "FFTW_MEASURE": "time candidate plans once per image shape and machine (~10 s for 2k x 4k, saved as "
+            "wisdom; later processes plan in milliseconds; `apfast warmup` does it ahead of a run)",
         },
     )
     max_stamps: int = opt(

@@ -41,19 +41,18 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyfftw
 import scipy.fft
 import scipy.signal
 
 from apfast.detection import DetectionConfig, detect_sources
 from apfast.errors import InputError
 from apfast.exposure import Exposure
+from apfast.fftw import rfft2_pair
 from apfast.kernels.convolve import combine_spatial_terms, grow_mask_bits
 from apfast.masks import MASK_BITS, bitmask
 from apfast.psf import ImagePsf, PsfModel
@@ -113,28 +112,30 @@ class SubtractionResult:
 
 
 class _FftPlans:
-    """FFTW plans and aligned buffers for one padded shape (reused by every call; guarded by a lock)."""
+    """The shared FFTW plan pair for one padded shape (:func:`apfast.fftw.rfft2_pair`); use under ``lock``.
+
+    ``real`` is the forward plan's input (preserved by the transform, so zeroed
+    regions stay zero between calls) and ``cplx`` the inverse plan's input (the
+    same array as the forward output). They are looked up on the plans at each
+    use because other modules share the plans.
+    """
+
+    __slots__ = ("fwd", "inv", "lock")
 
     def __init__(self, py: int, px: int, effort: str) -> None:
-        self.lock = threading.Lock()
-        self.real = pyfftw.empty_aligned((py, px), dtype="float32")
-        self.cplx = pyfftw.empty_aligned((py, px // 2 + 1), dtype="complex64")
-        self.fwd = pyfftw.builders.rfft2(self.real, threads=_THREADS, planner_effort=effort, avoid_copy=True,
-                                         overwrite_input=True)
-        self.inv = pyfftw.builders.irfft2(self.cplx, s=(py, px), threads=_THREADS, planner_effort=effort,
-                                          avoid_copy=True)
+        self.fwd, self.inv, self.lock = rfft2_pair((py, px), np.float32, _THREADS, effort)
 
+    @property
+    def real(self) -> np.ndarray:
+        return self.fwd.input_array
 
-_PLANS: dict[tuple[int, int, str], _FftPlans] = {}
-_PLANS_LOCK = threading.Lock()
+    @property
+    def cplx(self) -> np.ndarray:
+        return self.inv.input_array
 
 
 def _plans(py: int, px: int, effort: str) -> _FftPlans:
-    with _PLANS_LOCK:
-        plans = _PLANS.get((py, px, effort))
-        if plans is None:
-            plans = _PLANS[(py, px, effort)] = _FftPlans(py, px, effort)
-        return plans
+    return _FftPlans(py, px, effort)
 
 
 def fft_convolve_terms(image: np.ndarray, kernels: np.ndarray, *, planner: str = "FFTW_ESTIMATE") -> np.ndarray:
@@ -150,7 +151,8 @@ def fft_convolve_terms(image: np.ndarray, kernels: np.ndarray, *, planner: str =
     kernels : ndarray (nt, k, k) float
         Odd-sized kernels, centre at ``[k // 2, k // 2]``.
     planner : {"FFTW_ESTIMATE", "FFTW_MEASURE"}
-        FFTW planning effort (MEASURE plans once per shape and process, then runs ~2x faster).
+        FFTW planning effort for a shape without saved wisdom (MEASURE plans once per
+        shape and machine, saved in the wisdom cache of :mod:`apfast.fftw`, then runs ~2x faster).
 
     Returns
     -------
