@@ -223,12 +223,36 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(msg)
 
 
+#: Integers must fit the signed 64-bit integers the numba kernels and SQL use.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _bad_scalar(value: Any) -> str:
+    """Why a type-correct value is still unusable (NaN, an int beyond 64 bits), or ``''``."""
+    if isinstance(value, tuple):
+        return next((p for p in (_bad_scalar(v) for v in value) if p), "")
+    if isinstance(value, float) and value != value:  # noqa: PLR0124 - NaN test without importing math
+        return "NaN is not a finite number; give a number"
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
+        return f"the integer is outside the 64-bit range {_INT64_MIN}..{_INT64_MAX}"
+    return ""
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters written as escapes, so an error message stays on one line."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in text)
+
+
 def _check_value(value: Any, tp: Any, key: str, source: str = "") -> Any:
     out = _coerce(value, tp)
+    where = f" ({_one_line(source)})" if source else ""
     if out is _MISSING:
-        where = f" ({source})" if source else ""
         what = "is not allowed" if "one of" in describe_type(tp) else "has the wrong type"
         msg = f"config key '{key}' = {value!r} {what}: expected {describe_type(tp)}{where}"
+        raise _ConfigError(msg, key)
+    problem = _bad_scalar(out)
+    if problem:
+        msg = f"config key '{key}' = {value!r} is invalid: {problem}{where}"
         raise _ConfigError(msg, key)
     return out
 

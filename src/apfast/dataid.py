@@ -57,13 +57,16 @@ DEFAULT_KEY_TYPES: Mapping[str, type] = {
 #: Most values one key may select, and most dataIds one expression may expand to.
 MAX_VALUES = 1_000_000
 
+#: Integer dataId values must fit a signed 64-bit SQL INTEGER.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 #: Most bound parameters one WHERE fragment may use (SQLite allows 32766 per statement).
 MAX_SQL_PARAMS = 30_000
 
 _SYNTAX = (
     "KEY=V1^V2^... with integer ranges a..b and strides a..b:s, e.g. visit=412518 ccdnum=3^6..12 filter=g"
 )
-_INT_RE = re.compile(r"^([+-]?\d+)(?:\.\.([+-]?\d+)(?::([+-]?\d+))?)?$")
+_INT_RE = re.compile(r"^([+-]?[0-9]+)(?:\.\.([+-]?[0-9]+)(?::([+-]?[0-9]+))?)?$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Runs of at least this many consecutive integers become one BETWEEN in SQL.
 _MIN_SQL_RUN = 3
@@ -209,10 +212,13 @@ def _parse_int_piece(piece: str, token: str, budget: int) -> range:
     if m is None:
         raise _token_error(token, f"{piece!r} is not an integer, a range a..b or a stride a..b:s")
     a = int(m.group(1))
+    b = int(m.group(2)) if m.group(2) is not None else a
+    s = int(m.group(3)) if m.group(3) is not None else 1
+    for v in (a, b, s):
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise _token_error(token, f"{v} is outside the 64-bit integer range the registry can store")
     if m.group(2) is None:
         return range(a, a + 1)
-    b = int(m.group(2))
-    s = int(m.group(3)) if m.group(3) is not None else 1
     if b < a:
         raise _token_error(token, f"range {piece!r} ends before it starts; write it as {b}..{a}")
     if s <= 0:

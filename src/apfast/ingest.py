@@ -77,8 +77,13 @@ def _parse_angle(value: Any, unit: str | None, *, path: Path, key: str | None) -
 def _as(kind: type, value: Any, *, path: Path, key: str | None, what: str) -> Any:
     try:
         if kind is int:
-            f = float(value)
-            if not math.isfinite(f) or f != int(f):
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                f = int(value)  # exact, however long
+            else:
+                f = float(value)
+                if not math.isfinite(f) or f != int(f):
+                    raise ValueError
+            if not -(2**63) <= int(f) < 2**63:  # the registry stores signed 64-bit integers
                 raise ValueError
             return int(f)
         if kind is float:
@@ -102,6 +107,9 @@ def exposure_values(camera: Camera, header: Any, path: Path) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     out["visit"] = _as(int, get("visit"), path=path, key=ek["visit"].key, what="visit number")
+    if out["visit"] < 0:
+        msg = f"{path}: keyword {ek['visit'].key} = {out['visit']} is negative; a visit number must be >= 0"
+        raise IngestError(msg)
     out["filter"] = _as(str, get("filter"), path=path, key=ek["filter"].key, what="filter")
     if not out["filter"]:
         msg = f"{path}: keyword {ek['filter'].key} is empty; the filter of a raw must be known"

@@ -51,7 +51,7 @@ import numpy as np
 
 from apfast.camera import Camera, Section, parse_section
 from apfast._configbase import ConfigSection, opt, subsection
-from apfast.errors import InputError
+from apfast.errors import AlgorithmError, InputError
 from apfast.isr_inputs import (
     check_section,
     crosstalk_matrix,
@@ -75,6 +75,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Fewest unmasked pixels (fraction of the CCD) ISR interpolates from; below it the CCD fails.
+_MIN_GOOD_FRACTION = 0.01
 
 FitType = Literal["MEDIAN_PER_ROW", "MEDIAN", "MEAN_CLIP", "POLY"]
 
@@ -566,6 +569,16 @@ def run_isr(
     n_fallback = 0
     if cfg.do_interpolate:
         planes = set(cfg.interpolate_mask_planes)
+        interp_bits = bitmask(list(planes)) | bitmask("BAD")  # NaN pixels always carry BAD
+        n_good = int(np.count_nonzero((mask & interp_bits) == 0))
+        if n_good < _MIN_GOOD_FRACTION * mask.size:
+            # nothing to interpolate from (and the gap searches would grow quadratically)
+            msg = (
+                f"ISR: only {n_good} of {mask.size} pixels are free of the {'/'.join(sorted(planes | {'BAD'}))} "
+                f"mask planes (n_saturated={n_saturated}); the CCD is saturated, blank or bad everywhere: "
+                f"check the exposure and its bias/flat, or set isr.do_interpolate=false"
+            )
+            raise AlgorithmError(msg, n_good=n_good, n_pixels=int(mask.size), n_saturated=int(n_saturated))
         if planes <= {"BAD", "SAT", "NO_DATA"}:
             need = np.zeros(tshape[0], dtype=bool)
             if planes & {"BAD", "NO_DATA"}:
@@ -577,7 +590,6 @@ def run_isr(
             rows = np.flatnonzero(need).astype(np.int64)
         else:
             rows = np.arange(tshape[0], dtype=np.int64)
-        interp_bits = bitmask(list(planes)) | bitmask("BAD")  # NaN pixels always carry BAD
         icounts = np.zeros((rows.size, 2), dtype=np.int64)
         if rows.size:
             km.interpolate_masked(image, variance, mask, rows, int(interp_bits), int(bitmask("INTRP")), icounts)

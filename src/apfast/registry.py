@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from apfast.camera import Camera, load_camera
+from apfast.dataid import INT64_MAX, INT64_MIN, to_sql_where
 from apfast.errors import DataIdError, InputError
 
 __all__ = ["RAW_COLUMNS", "Registry", "REGISTRY_NAME", "CAMERA_NAME"]
@@ -140,18 +141,27 @@ class Registry:
         return int(self.conn.execute("SELECT COUNT(*) FROM raw").fetchone()[0])
 
     def _where(self, data_id: Mapping[str, Any]) -> tuple[str, list[Any]]:
-        clauses, params = [], []
+        """A WHERE fragment with bound parameters only (long integer lists become BETWEEN runs)."""
+        expr: dict[str, list[Any]] = {}
         for key, value in data_id.items():
             if key not in _COLUMN_NAMES:
                 msg = f"dataId key {key!r} is not a registry column; known keys: {', '.join(SELECTABLE_KEYS)}"
                 raise DataIdError(msg)
-            values = list(value) if isinstance(value, list | tuple | set | frozenset) else [value]
+            values = list(value) if isinstance(value, list | tuple | set | frozenset | range) else [value]
             if not values:
-                clauses.append("0")
-                continue
-            clauses.append(f'"{key}" IN ({", ".join("?" * len(values))})')
-            params.extend(_py(v) for v in values)
-        return (" AND ".join(clauses) if clauses else "1"), params
+                return "0", []
+            values = [_py(v) for v in values]
+            for v in values:
+                if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+                    msg = (
+                        f"dataId {key}={v} is outside the 64-bit integer range of the registry; "
+                        f"give a value between {INT64_MIN} and {INT64_MAX}"
+                    )
+                    raise DataIdError(msg)
+            expr[key] = values
+        if not expr:
+            return "1", []
+        return to_sql_where(expr, _COLUMN_NAMES)
 
     def find(self, data_id: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Rows whose columns equal (or are in, for sequences) every given dataId value.
