@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pgserver import make_postgres_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,17 @@ def _shared_data() -> Path:
     env = os.environ.get("APFAST_SHARED_DATA")
     path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fftw_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep FFTW wisdom out of ~/.cache but let it persist across test runs (pytest's temp root)."""
+    if "APFAST_CACHE_DIR" not in os.environ:
+        os.environ["APFAST_CACHE_DIR"] = str(tmp_path_factory.getbasetemp().parent / "apfast-cache")
+
+
+# one throw-away PostgreSQL server per test session (skips where PostgreSQL or psycopg is missing)
+postgres_url = make_postgres_fixture()
 
 
 @pytest.fixture
@@ -31,3 +43,29 @@ def shared_data() -> Path:
         msg = f"real test data not found at {path}; set APFAST_SHARED_DATA to the shared/data folder"
         raise RuntimeError(msg)
     return path
+
+
+@pytest.fixture(scope="session")
+def dia_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One simulated full-size CCD (35): 2 template visits coadded into templates, 3 science visits ingested.
+
+    Session-scoped and read-only for its users: each test module processes it into its own rerun
+    and its own APDB. Keys: ``dir``, ``repo``, ``templates``, ``summary``, ``ccd``.
+    """
+    from apfast.calibs import ingest_calibs
+    from apfast.cli import main
+    from apfast.ingest import ingest_raws
+    from apfast.refcat import ingest_refcat
+    from apfast.simulate import simulate
+
+    d = tmp_path_factory.mktemp("dia_dataset")
+    ccd = 35
+    summary = simulate(d / "sim", ccdnums=(ccd,), n_template=2, n_science=3, seed=5)
+    repo = d / "repo"
+    ingest_raws(repo, summary.raw_files)
+    ingest_calibs(repo / "calibs", summary.calib_files)
+    ingest_refcat(repo, "gaia", [summary.gaia_file])
+    ingest_refcat(repo, "ps1", [summary.ps1_file])
+    tv = "^".join(str(v) for v in summary.template_visits)
+    assert main(["-q", "make-templates", str(repo), "--id", f"visit={tv}", "--output", str(d / "templates")]) == 0
+    return {"dir": d, "repo": repo, "templates": d / "templates", "summary": summary, "ccd": ccd}

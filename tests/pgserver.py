@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["find_pg_bin", "make_postgres_fixture", "postgres_server", "skip_reason"]
+__all__ = ["create_database", "find_pg_bin", "make_postgres_fixture", "postgres_server", "skip_reason"]
 
 
 def find_pg_bin() -> Path | None:
@@ -154,3 +154,18 @@ def make_postgres_fixture(name: str = "postgres_url"):
             yield url
 
     return _fixture
+
+
+_db_counter = iter(range(10**6))
+
+
+def create_database(server_url: str, prefix: str = "t") -> str:
+    """Create a new empty database on the test server and return its SQLAlchemy URL."""
+    import psycopg
+    import sqlalchemy as sa
+
+    u = sa.make_url(server_url)
+    name = f"{prefix}{next(_db_counter)}_{os.getpid()}"
+    with psycopg.connect(f"host={u.host} port={u.port} user={u.username} dbname=postgres", autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    return u.set(database=name).render_as_string(hide_password=False)

@@ -26,29 +26,16 @@ from apfast.apdb import Apdb, ApdbError, make_apdb
 from apfast.apdb_schema import COLUMN_KINDS, make_metadata
 from apfast.config import ApdbConfig
 from apfast.htm import htm_index, polygon_contains
-from pgserver import make_postgres_fixture
+from pgserver import create_database
 
 REFERENCE_SQL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "rubin_apdb_schema_sqlite.sql"
-
-postgres_url = make_postgres_fixture()
-_db_counter = iter(range(10**6))
-
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL where no APDB exists yet: a new SQLite file, or a new database on the test server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/apdb/association.db"
-    import psycopg
-
-    server = request.getfixturevalue("postgres_url")
-    u = sa.make_url(server)
-    name = f"t{next(_db_counter)}_{os.getpid()}"
-    with psycopg.connect(
-        f"host={u.host} port={u.port} user={u.username} dbname=postgres", autocommit=True
-    ) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    return u.set(database=name).render_as_string(hide_password=False)
+    return create_database(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

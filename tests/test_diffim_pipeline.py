@@ -36,7 +36,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert main(["-q", "make-templates", str(repo), "--id", f"visit={tv}", "--output", str(d / "templates")]) == 0
     sv = summary.science_visits[0]
     assert main(["-q", "process", str(repo), "--rerun", "p", "--id", f"visit={sv}", "--template",
-                 str(d / "templates")]) == 0
+                 str(d / "templates"), "-c", "dia_pipe.do_dia=false"]) == 0
     return {"dir": d, "summary": summary, "repo": repo, "visit": sv, "butler": Butler(repo / "rerun" / "p"),
             "truth": load_truth(d / "sim")}
 
@@ -92,7 +92,7 @@ def test_calexp_template_mode(run: dict, tmp_path: Path) -> None:
     """-C calexpTemplates.toml --templateId visit=N: the template visit's calexp of the same CCD."""
     tv = run["summary"].template_visits[0]
     rc = main(["-q", "process", str(run["repo"]), "--rerun", "c", "--id", f"visit={run['visit']}",
-               "-C", "calexpTemplates.toml", "--templateId", f"visit={tv}"])
+               "-C", "calexpTemplates.toml", "--templateId", f"visit={tv}", "-c", "dia_pipe.do_dia=false"])
     assert rc == 0
     b = Butler(run["repo"] / "rerun" / "c")
     diff = b.get("deepDiff_differenceExp", visit=run["visit"], ccdnum=CCD)
@@ -106,7 +106,7 @@ def test_no_template_is_a_clear_skip(run: dict, tmp_path: Path, capsys: pytest.C
     empty = tmp_path / "empty_templates"
     empty.mkdir()
     rc = main(["-q", "process", str(run["repo"]), "--rerun", "p", "--id", f"visit={run['visit']}",
-               "--template", str(empty), "--clobber-output"])
+               "--template", str(empty), "--clobber-output", "-c", "dia_pipe.do_dia=false"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "skipped" in out

@@ -54,6 +54,7 @@ from apfast.apdb_schema import (
     NOT_NULL_ZERO,
     SCHEMA_VERSION,
     ApdbError,
+    ApdbMissingError,
     column_length,
     concat_column_sets,
     make_metadata,
@@ -64,9 +65,12 @@ from apfast.apdb_schema import (
 from apfast.config import ApdbConfig
 from apfast.htm import htm_index, htm_ranges, polygon_contains
 
-__all__ = ["Apdb", "ApdbCcdVisit", "ApdbError", "make_apdb"]
+__all__ = ["Apdb", "ApdbCcdVisit", "ApdbError", "ApdbMissingError", "make_apdb"]
 
 log = logging.getLogger(__name__)
+
+# key of the PostgreSQL advisory lock that serialises CCD-visit transactions (any constant)
+PG_ASSOCIATION_LOCK = 0x61706661
 
 #: Rows per ``IN (...)`` list.
 IN_CHUNK = 1000
@@ -243,7 +247,7 @@ class Apdb:
             path = _sqlite_path(url)
             if path is not None and not path.exists():
                 msg = f"there is no APDB at {self.url} (no file {path}); {fix}"
-                raise ApdbError(msg)
+                raise ApdbMissingError(msg)
         self.engine = _make_engine(config)
         self.metadata = make_metadata()
         self.tables = self.metadata.tables
@@ -258,13 +262,13 @@ class Apdb:
             self.engine.dispose()
         if version is None:
             msg = f"there is no APDB at {self.url} (no metadata table or version row); {fix}"
-            raise ApdbError(msg)
+            raise ApdbMissingError(msg)
         if version != SCHEMA_VERSION:
             msg = (
                 f"the APDB at {self.url} has schema version {version} but apfast writes {SCHEMA_VERSION}; "
                 f"use a new db_url and {fix}"
             )
-            raise ApdbError(msg)
+            raise ApdbMissingError(msg)
         self.is_sqlite = _is_sqlite(self.engine)
         q = self.engine.dialect.identifier_preparer.quote
         self._q = q
@@ -299,6 +303,10 @@ class Apdb:
                 conn.begin()
                 ms = int(self.config.connection_timeout * 1000)
                 conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                # Association reads the region and writes it back in this transaction: concurrent
+                # writers (workers on neighbouring CCDs, or two visits of one field) take turns, so a
+                # transient can never be given two DiaObjects. SQLite gets this from BEGIN IMMEDIATE.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_ASSOCIATION_LOCK})")
             try:
                 yield conn
             except BaseException:
@@ -634,18 +642,36 @@ class ApdbCcdVisit:
                 q("validityStartMjdTai"),
                 q("validityEndMjdTai"),
             )
+            later: dict[int, float] = {}
             for i in range(0, len(ids), IN_CHUNK):
                 chunk = ids[i : i + IN_CHUNK]
                 inl = ", ".join([ph] * len(chunk))
+                # processed out of time order (a re-run of an older visit): the object's open version
+                # already starts after t. The new row holds the statistics of the full history, so it
+                # replaces that open version (keeping its start) instead of opening a second one.
+                for oid_, start in self._exec(
+                    f"SELECT {oid}, {vs} FROM {obj} WHERE {oid} IN ({inl}) AND {ve} IS NULL AND {vs} > {ph}",
+                    [*chunk, t],
+                ).fetchall():
+                    later[int(oid_)] = float(start)
+                    self._exec(f"DELETE FROM {obj} WHERE {oid} = {ph} AND {vs} = {ph}", [int(oid_), float(start)])
                 # another CCD of the same visit may have stored a version at t already: replace it
-                self._exec(f"DELETE FROM {obj} WHERE {oid} IN ({inl}) AND {vs} = {ph}", [*chunk, t])
+                same = [c for c in chunk if c not in later]
+                if same:
+                    self._exec(f"DELETE FROM {obj} WHERE {oid} IN ({', '.join([ph] * len(same))}) AND {vs} = {ph}",
+                               [*same, t])
                 self._exec(
                     f"UPDATE {obj} SET {ve} = {ph} WHERE {oid} IN ({inl}) AND {ve} IS NULL AND {vs} < {ph}",
                     [t, *chunk, t],
                 )
+        else:
+            later = {}
         cols = dict(objects)
         n = column_length("DiaObject", cols)
         cols["validityStartMjdTai"] = np.full(n, t)
+        if later:
+            oids = np.asarray(objects["diaObjectId"]).astype(np.int64)
+            cols["validityStartMjdTai"] = np.array([later.get(int(o), t) for o in oids], dtype=float)
         cols["validityEndMjdTai"] = np.full(n, np.nan)
         return self._insert("DiaObject", cols, now, required=("diaObjectId", "ra", "dec"), pixel=True)
 

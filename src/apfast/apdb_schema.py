@@ -43,6 +43,12 @@ class ApdbError(ApfastError):
     """The APDB is missing, of another schema version, locked too long, or given bad rows."""
 
 
+class ApdbMissingError(ApdbError):
+    """No APDB (or one of another schema version) at the URL: a set-up error, fixed by ``apfast make-apdb``."""
+
+    exit_code = 2
+
+
 SCHEMA_VERSION = "10.0.0"
 APDB_SQL_VERSION = "1.2.1"
 HTM_LEVEL = 20

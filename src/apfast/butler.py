@@ -43,6 +43,7 @@ import logging
 import math
 import re
 import string
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Any, Literal
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from astropy.utils.exceptions import AstropyUserWarning
 
 from apfast.errors import ApfastError, DataIdError, InputError, NoLocationsError
 from apfast.exposure import (
@@ -86,7 +88,9 @@ _REPO_KINDS = ("output", "template", "calib", "raw")
 #: dataId keys always formatted as integers, whatever the template's format spec.
 INT_KEYS = frozenset({"visit", "ccdnum", "ccd", "tract", "expnum"})
 _INT_SPEC = re.compile(r".*[bdoxXn]$")
-_INT_TEXT = re.compile(r"^[+-]?\d+$")
+_INT_TEXT = re.compile(r"^[+-]?[0-9]+$")
+#: Longest file or folder name (bytes) most file systems accept.
+_MAX_NAME_BYTES = 255
 
 
 # --------------------------------------------------------------------------- source catalogues
@@ -181,14 +185,28 @@ def read_raw(
         msg = f"cannot open raw file {path}: {exc}; re-ingest it or restore the file"
         raise InputError(msg) from None
     with hdul:
-        if hdu >= len(hdul) or hdul[hdu].data is None:
+        try:
+            with warnings.catch_warnings():
+                # astropy warns "File may have been truncated" before failing: that is corruption
+                warnings.simplefilter("error", AstropyUserWarning)
+                n_hdus = len(hdul)
+                pixels = hdul[hdu].data if hdu < n_hdus else None
+                if pixels is not None:
+                    image = np.ascontiguousarray(pixels, dtype=np.float32)
+        except (OSError, ValueError, TypeError, IndexError, EOFError, AstropyUserWarning) as exc:
+            # a truncated or corrupt file fails here, when astropy first reads (or decompresses) the pixels
             msg = (
-                f"raw file {path} has no image in HDU {hdu} ({len(hdul)} HDUs); the registry is out of date, "
+                f"raw file {path} HDU {hdu} is truncated or corrupt ({type(exc).__name__}: {exc}); restore the "
+                f"file and re-ingest it"
+            )
+            raise InputError(msg) from None
+        if pixels is None:
+            msg = (
+                f"raw file {path} has no image in HDU {hdu} ({n_hdus} HDUs); the registry is out of date, "
                 f"re-ingest"
             )
             raise InputError(msg)
         ext = hdul[hdu]
-        image = np.ascontiguousarray(ext.data, dtype=np.float32)
         meta = fits.Header()
         for card in list(hdul[0].header.cards) + list(ext.header.cards):
             if card.keyword in {
@@ -291,6 +309,21 @@ register_storage(
 register_storage("Json", lambda p: json.loads(Path(p).read_text(encoding="utf-8")), _write_json)
 register_storage("Text", lambda p: Path(p).read_text(encoding="utf-8"), _write_text, python_type=str)
 register_storage("Raw", lambda p: read_raw(p, 0), None)
+
+
+def _read_avro(path: Path) -> Any:
+    from apfast.alerts import read_alerts
+
+    return read_alerts(path)
+
+
+def _write_avro(obj: Any, path: Path) -> None:
+    from apfast.alerts import write_alerts
+
+    write_alerts(path, obj, codec=getattr(obj, "codec", "null"))
+
+
+register_storage("Avro", _read_avro, _write_avro, python_type=list)
 register_storage("Calib", lambda p: None, None)
 
 
@@ -392,7 +425,7 @@ for _name, _tmpl, _storage in (
     ("deepDiff_diaSrc", "deepDiff/v{visit}/diaSrc-{ccdnum:02d}.fits", "SourceCatalog"),
     ("deepDiff_kernelSrc", "deepDiff/v{visit}/kernelSrc-{ccdnum:02d}.fits", "SourceCatalog"),
     ("apdb_marker", "apdb_marker/" + _VC + ".json", "Json"),
-    ("alerts", "alerts/{visit:07d}/alerts-" + _VC + ".json", "Json"),
+    ("alerts", "alerts/{visit}_{ccdnum}.avro", "Avro"),
     ("config", CONFIG_RELPATH.as_posix(), "Text"),
 ):
     register_dataset_type(_name, _tmpl, _storage)
@@ -406,13 +439,17 @@ register_dataset_type("flat", "flat", "Calib", repo="calib", filtered=True)
 
 # --------------------------------------------------------------------------- dataId handling
 def _int_value(key: str, value: Any) -> int:
-    if isinstance(value, int | np.integer) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str) and _INT_TEXT.match(value.strip()):
-        return int(value)
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return int(value)
-    msg = f"dataId key {key!r} must be an integer, got {value!r}"
+    out: int | None = None
+    if (
+        (isinstance(value, int | np.integer) and not isinstance(value, bool))
+        or (isinstance(value, str) and _INT_TEXT.match(value.strip()))
+        or (isinstance(value, float | np.floating) and float(value).is_integer())
+    ):
+        out = int(value)
+    if out is not None and -(2**63) <= out < 2**63:
+        return out
+    range_note = " (outside the 64-bit range)" if out is not None else ""
+    msg = f"dataId key {key!r} must be an integer, got {value!r}{range_note}"
     raise InputError(msg)
 
 
@@ -550,7 +587,20 @@ class Butler:
                 out.append(format(_int_value(key, value), spec or "d"))
             else:
                 out.append(format(_str_value(key, value), spec or ""))
-        return "".join(out)
+        rel = "".join(out)
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            msg = f"dataset type {dt.name!r}: dataId {did} gives the path {rel!r}, which leaves the repository"
+            raise InputError(msg)
+        longest = max(parts, key=lambda p: len(p.encode("utf-8", "surrogatepass")))
+        if len(longest.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+            msg = (
+                f"dataset type {dt.name!r}: dataId {did} gives a file or folder name of "
+                f"{len(longest.encode('utf-8', 'surrogatepass'))} bytes ({longest[:40]!r}...), longer than the "
+                f"{_MAX_NAME_BYTES} bytes a file system allows; use shorter dataId values"
+            )
+            raise InputError(msg)
+        return rel
 
     def _fill_from_registry(self, did: dict[str, Any], keys: list[str]) -> dict[str, Any]:
         query = {k: did[k] for k in ("visit", "ccdnum") if k in did}

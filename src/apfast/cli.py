@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -105,11 +106,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_warmup(args: argparse.Namespace) -> int:
     from apfast.warmup import warmup
 
+    from apfast.fftw import wisdom_path
+
     results = warmup(progress=_progress)
-    total = sum(t for _, t in results)
-    _out(f"compiled {len(results)} kernel(s) in {total:.1f} s")
+    plans = [r for r in results if r[0].startswith("fftw")]
+    kernels = [r for r in results if not r[0].startswith("fftw")]
+    _out(f"compiled {len(kernels)} kernel(s) in {sum(t for _, t in kernels):.1f} s; made {len(plans)} FFTW "
+         f"plan(s) in {sum(t for _, t in plans):.1f} s (wisdom: {wisdom_path()})")
     for name, t in results:
         _out(f"  {name:<48s} {t:7.2f} s")
+    return 0
+
+
+def _cmd_make_apdb(args: argparse.Namespace) -> int:
+    from apfast.apdb import make_apdb
+
+    cfg = _load_cfg(args)
+    where = make_apdb(cfg.apdb, drop=args.drop)
+    _out(f"created an empty APDB (Rubin schema 10.0.0) at {where}")
+    _out(f"use it with: apfast process REPO ... -c apdb.db_url={cfg.apdb.db_url}")
     return 0
 
 
@@ -215,6 +230,11 @@ def _cmd_process(args: argparse.Namespace) -> int:
     if not args.rerun and not args.output:
         msg = f"give --rerun NAME (writes {args.repo}/rerun/NAME) or --output DIR for the outputs"
         raise ConfigError(msg)
+    apdb = None
+    if args.command == "process" and cfg.dia_pipe.do_dia:
+        from apfast.apdb import Apdb
+
+        apdb = Apdb(cfg.apdb)  # fails here, before any work, if there is no APDB at the URL
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output)
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
     if cfg.process.n_threads:
@@ -229,14 +249,43 @@ def _cmd_process(args: argparse.Namespace) -> int:
             # Gen 2 calexp-template mode: the template visit's CCDs are processed first if needed
             tmpl_rows = _select_rows(args.repo, [{"visit": [template_visit], "ccdnum": sorted({r["ccdnum"] for r in rows})}])
             run_process_ccd(butler, tmpl_rows, cfg, doraise=doraise, progress=_progress)
-        outcomes = run_process(butler, rows, cfg, template_root=Path(args.template) if args.template else None,
-                               template_visit=template_visit, doraise=doraise, clobber_output=clobber,
-                               progress=_progress)
+        if args.processes > 1 or args.executor == "dask":
+            outcomes = _run_parallel(args, cfg, rows, out_repo, apdb, template_visit, doraise, clobber)
+        else:
+            outcomes = run_process(butler, rows, cfg, template_root=Path(args.template) if args.template else None,
+                                   template_visit=template_visit, apdb=apdb, doraise=doraise,
+                                   clobber_output=clobber, progress=_progress)
     else:
         outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber, progress=_progress)
+    if apdb is not None:
+        apdb.close()
     _out(format_summary(outcomes))
     _out(f"outputs: {out_repo}  (read them with apfast.Butler({str(out_repo)!r}))")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Path, apdb,  # noqa: ANN001
+                  template_visit: int | None, doraise: bool, clobber: bool) -> list:
+    """``-j N`` (spawned local workers) or ``--executor dask`` (a Dask cluster), see apfast.executor."""
+    from apfast.executor import RunSpec, run_dask, run_parallel
+    from apfast.pipeline import _time_order
+
+    if args.processes < 1:
+        msg = f"-j {args.processes}: give a number of worker processes >= 1"
+        raise ConfigError(msg)
+    cores = os.cpu_count() or 1
+    n = args.processes if args.processes > 1 else (args.workers or 2)
+    threads = cfg.process.n_threads or max(1, cores // n)
+    spec = RunSpec(out_repo=str(out_repo), calib=args.calib, template=args.template, cfg=cfg,
+                   template_root=args.template, template_visit=template_visit, doraise=doraise,
+                   clobber_output=clobber, threads=threads, with_apdb=apdb is not None)
+    stored = set(apdb.ccd_visits()) if apdb is not None else set()
+    rows = _time_order(rows)
+    if args.executor == "dask":
+        log.info("dask executor: %s", args.scheduler or f"local cluster of {n} worker processes")
+        return run_dask(spec, rows, stored=stored, scheduler=args.scheduler, n_workers=n, progress=_progress)
+    log.info("%d worker processes x %d numba threads", n, threads)
+    return run_parallel(spec, rows, processes=n, stored=stored, progress=_progress)
 
 
 # -- parser -----------------------------------------------------------------------------------------
@@ -314,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warmup", help="compile every numba kernel into the cache ahead of a batch run")
     p.set_defaults(func=_cmd_warmup)
 
+    p = sub.add_parser("make-apdb", help="create an empty Alert Production Database (make_apdb.py)")
+    p.add_argument("--drop", action="store_true", help="drop the tables of an existing APDB at the URL first")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_make_apdb)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     ps = csub.add_parser("show", help="print the effective config as TOML")
@@ -339,10 +393,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--doraise", action="store_true", help="stop at the first failing CCD")
         p.add_argument("--clobber-output", action="store_true", help="redo CCDs whose outputs exist")
         p.add_argument("--clobber-config", action="store_true", help="replace a different stored config")
-        p.add_argument("-j", "--processes", type=int, default=1)
+        p.add_argument("-j", "--processes", type=int, default=1, metavar="N",
+                       help="process N CCDs at once in spawned worker processes (cores // N numba threads each)")
+        if name == "process":
+            p.add_argument("--executor", choices=["local", "dask"], default="local",
+                           help="local processes (-j N) or tasks on a Dask distributed cluster")
+            p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                           help="Dask scheduler address (default: start a local cluster)")
+            p.add_argument("--workers", type=int, default=None, metavar="N",
+                           help="worker processes of the local Dask cluster (default -j or 2)")
         _add_config_args(p)
         p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
     return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (tests and notebooks replace it between calls)."""
+
+    @property
+    def stream(self):  # noqa: ANN202
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -350,7 +424,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root = logging.getLogger("apfast")
     root.setLevel(level)
     if not any(getattr(h, "_apfast", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         h._apfast = True  # type: ignore[attr-defined]
         root.addHandler(h)

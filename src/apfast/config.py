@@ -178,6 +178,9 @@ class ApdbConfig(ConfigSection):
     connection_pool: bool = opt(True, "Keep a pool of open connections; false opens one per transaction.")
 
     def _validate(self) -> None:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in self.db_url):
+            self._fail("db_url", self.db_url.encode("unicode_escape").decode("ascii"),
+                       "remove the control characters (newline, NUL, ...) from the URL")
         if not _DB_URL_RE.match(self.db_url):
             self._fail(
                 "db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'"
@@ -201,10 +204,14 @@ class ProcessConfig(ConfigSection):
 
 
 # The stage sections are defined beside their stages (they import only apfast._configbase).
+from apfast.alerts import AlertsConfig  # noqa: E402
+from apfast.association import AssociationConfig  # noqa: E402
 from apfast.calibrate import CalibrateConfig  # noqa: E402
 from apfast.characterize import CharacterizeConfig  # noqa: E402
 from apfast.coadd import CoaddConfig  # noqa: E402
 from apfast.decorrelate import DecorrelationConfig  # noqa: E402
+from apfast.diapipe import DiaPipeConfig  # noqa: E402
+from apfast.diasource import DiaSourceConfig  # noqa: E402
 from apfast.diffim import DifferenceConfig  # noqa: E402
 from apfast.isr import IsrConfig  # noqa: E402
 from apfast.psfmatch import PsfMatchConfig  # noqa: E402
@@ -230,6 +237,10 @@ class PipelineConfig(ConfigSection):
     difference: DifferenceConfig = subsection(DifferenceConfig)
     diffim: PsfMatchConfig = subsection(PsfMatchConfig)
     decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
+    dia: DiaSourceConfig = subsection(DiaSourceConfig)
+    association: AssociationConfig = subsection(AssociationConfig)
+    alerts: AlertsConfig = subsection(AlertsConfig)
+    dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
 
 
 class FieldInfo(NamedTuple):
@@ -381,7 +392,7 @@ def _leaf_settings(key: str, value: Any, source: str) -> list[_Setting]:
 
 def _parse_override(text: str) -> list[_Setting]:
     """Parse one ``-c key=value`` string (value is a TOML literal, or raw text for string keys)."""
-    source = f"from -c {text}"
+    source = "from -c " + (text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text)
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):

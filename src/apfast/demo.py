@@ -68,7 +68,7 @@ def run_demo(
         raw_files = sorted((sim_dir / "raw").glob("*.fits.fz"))
         calib_files = sorted(p for p in (sim_dir / "calib").iterdir() if p.is_file())
         refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
-        out(f"[1/9] simulated data already in {sim_dir} (delete it to re-simulate)")
+        out(f"[1/10] simulated data already in {sim_dir} (delete it to re-simulate)")
         visits = sorted({int(v) for v in truth.visits["visit"]})
     else:
         summary = simulate(sim_dir, small=not full, seed=seed, progress=progress)
@@ -77,7 +77,7 @@ def run_demo(
         refcats = summary.refcat_files
         visits = list(summary.visits)
         out(
-            f"[1/9] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
+            f"[1/10] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
             f"{len(summary.science_visits)} science) x {len(summary.ccdnums)} full-size CCDs with truth "
             f"-> {sim_dir}  ({summary.elapsed_s:.1f} s)"
         )
@@ -87,7 +87,7 @@ def run_demo(
     done = step("ingest")
     rep = ingest_raws(repo, raw_files, mode="link", progress=progress)
     out(
-        f"[2/9] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
+        f"[2/10] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
         f"present) -> {repo / 'registry.sqlite3'}"
     )
     out(f"      $ apfast ingest {repo} {sim_dir / 'raw'}/c4d_*_ori.fits.fz")
@@ -96,7 +96,7 @@ def run_demo(
     done = step("ingest-calibs")
     crep = ingest_calibs(repo / "calibs", calib_files, progress=progress)
     out(
-        f"[3/9] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
+        f"[3/10] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
         f"{len(crep.skipped)} already present) -> {repo / 'calibs' / 'calibRegistry.sqlite3'}"
     )
     out(f"      $ apfast ingest-calibs {repo / 'calibs'} {sim_dir / 'calib'}/*")
@@ -106,7 +106,7 @@ def run_demo(
     for name, path in zip(("gaia", "ps1"), refcats, strict=True):
         rr = ingest_refcat(repo, name, [path], progress=progress)
         out(
-            f"[4/9] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
+            f"[4/10] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
             f"HEALPix shard(s) -> {rr.path}"
         )
         out(f"      $ apfast ingest-refcat {repo} {name} {path}")
@@ -115,7 +115,7 @@ def run_demo(
     done = step("select")
     with Registry(repo) as reg:
         rows = reg.select([{"visit": visits}])
-    out(f"[5/9] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
+    out(f"[5/10] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
     for line in format_table(rows, ["visit", "ccdnum", "detector", "filter", "date", "expTime"]).splitlines():
         out("      " + line)
     done()
@@ -131,7 +131,7 @@ def run_demo(
     corners_ra = [first[f"corner_ra_{i}"] for i in range(4)]
     corners_dec = [first[f"corner_dec_{i}"] for i in range(4)]
     gaia = load_polygon(repo, "gaia", corners_ra=corners_ra, corners_dec=corners_dec, margin=0.01)
-    out(f"[6/9] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
+    out(f"[6/10] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
     out(f"      raw {raw.image.shape} {raw.image.dtype}, bias {_shape(bias)}, flat {_shape(flat)}, "
         f"{len(defects)} defect box(es); {len(gaia)} Gaia star(s) on the CCD from shards {list(gaia.shards_read)}")
     done()
@@ -144,7 +144,7 @@ def run_demo(
     cfg = load_config()
     out_repo = create_output_repo(repo, rerun="demo")
     write_config(out_repo, config_to_toml(cfg), clobber=True)
-    out(f"[7/9] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
+    out(f"[7/10] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
         "the parallel kernels):")
     out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={'^'.join(str(v) for v in visits)}")
     outcomes = run_process_ccd(Butler(out_repo), rows, cfg, progress=progress)
@@ -169,27 +169,48 @@ def run_demo(
                for r, o in zip(rows, outcomes, strict=True) if int(r["visit"]) in tmpl_visits and o.status == "ok"]
     paths = build_templates({str(rows[0]["filter"]): calexps}, tmpl_root, coadd_config=cfg.coadd,
                             warp_config=cfg.warp, progress=progress)
-    out(f"[8/9] coadded {len(calexps)} template-epoch calexps into {len(paths) - 1} deepCoadd patch(es) -> "
+    out(f"[8/10] coadded {len(calexps)} template-epoch calexps into {len(paths) - 1} deepCoadd patch(es) -> "
         f"{tmpl_root / 'deepCoadd'}")
     out(f"      $ apfast make-templates {repo} --id visit={'^'.join(str(v) for v in sorted(tmpl_visits))} "
         f"--output {tmpl_root}")
     done()
 
-    done = step("difference")
+    done = step("make-apdb")
+    from dataclasses import replace as _replace
+
+    from apfast.apdb import Apdb, make_apdb
+
+    apdb_path = root / "apdb" / "association.db"
+    cfg = _replace(cfg, apdb=_replace(cfg.apdb, db_url=f"sqlite:///{apdb_path}"))
+    make_apdb(cfg.apdb, drop=True)
+    apdb = Apdb(cfg.apdb)
+    out(f"[9/10] created an empty APDB at {apdb_path}")
+    out(f"      $ apfast make-apdb -c apdb.db_url=sqlite:///{apdb_path}")
+    done()
+
+    done = step("process")
     sci_rows = [r for r in rows if int(r["visit"]) not in tmpl_visits]
-    diff_out = run_process(butler, sci_rows, cfg, template_root=tmpl_root, progress=progress)
-    out(f"[9/9] warped the template to each science CCD, PSF-matched (Alard-Lupton), subtracted and decorrelated:")
-    out(f"      $ apfast process {repo} --rerun demo --id visit=... --template {tmpl_root}")
+    diff_out = run_process(butler, sci_rows, cfg, template_root=tmpl_root, apdb=apdb, progress=progress)
+    out("[10/10] per science CCD: warp the template, PSF-match (Alard-Lupton), subtract, decorrelate, detect and")
+    out("      measure DIA sources, associate them with DiaObjects in the APDB, forced photometry, Avro alerts:")
+    out(f"      $ apfast process {repo} --rerun demo --id visit=... --template {tmpl_root} "
+        f"-c apdb.db_url=sqlite:///{apdb_path}")
     for line in format_summary(diff_out).splitlines():
         out("      " + line)
     failed += sum(o.status == "failed" for o in diff_out)
+    counts = {t: apdb.count(t) for t in ("DiaObject", "DiaSource", "DiaForcedSource")}
+    n_obj = len(apdb.dia_objects(latest=True).get("diaObjectId", ()))
+    apdb.close()
+    out(f"      APDB: {n_obj} DiaObjects ({counts['DiaObject']} versions), {counts['DiaSource']} DiaSources, "
+        f"{counts['DiaForcedSource']} DiaForcedSources; alerts in {out_repo / 'alerts'}")
     done()
 
     out("")
     out("step timings: " + ", ".join(f"{n} {t:.2f} s" for n, t in timings))
     out(f"outputs: repository {repo}, calexps and differences {out_repo} (deepDiff/), templates {tmpl_root}, "
-        f"simulated inputs and truth {sim_dir}")
-    out("next: DIA sources, the APDB, association and alerts arrive with the next stage of apfast.")
+        f"simulated inputs and truth {sim_dir}, APDB {apdb_path}")
+    out(f"read them: apfast.Butler({str(out_repo)!r}).get('deepDiff_diaSrc', visit=..., ccdnum=...); "
+        "the APDB with any SQLite client or lsst.dax.apdb")
     return 1 if failed else 0
 
 

@@ -209,7 +209,8 @@ def psf_stamps(
         yn = (y - psf.y_center) / psf.y_scale
         terms = np.stack([poly_terms(a, b, psf.order) for a, b in zip(xn, yn, strict=True)]) if n else None
         weights = terms @ psf.coeffs.T if n else np.zeros((0, psf.basis.shape[0]))
-        return np.ascontiguousarray(psf.basis, dtype=np.float64), np.ascontiguousarray(weights), False
+        # a writeable copy: numba compiles read-only arrays as a separate signature (~10 s per process)
+        return np.array(psf.basis, dtype=np.float64), np.ascontiguousarray(weights), False
     func = psf.compute_image if isinstance(psf, PsfModel) else psf
     if not callable(func):
         msg = f"psf must be a PsfModel, a callable (x, y) -> stamp, or None; got {type(psf).__name__}"

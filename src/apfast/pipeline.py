@@ -32,10 +32,13 @@ from apfast.isr import amp_params_from_header, run_isr
 
 __all__ = [
     "CcdOutcome",
+    "finish_outcome",
     "format_summary",
     "make_templates",
     "process_ccd",
+    "process_dia_stage",
     "process_diffim",
+    "process_image_stages",
     "run_process",
     "run_process_ccd",
 ]
@@ -260,55 +263,145 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats))
 
 
-def run_process(
-    butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, *, template_root: Path | None = None,
-    template_visit: int | None = None, doraise: bool = False, clobber_output: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> list[CcdOutcome]:
-    """``apfast process``: processCcd (unless its outputs exist) then image differencing, per CCD."""
+def _guarded(outcome: CcdOutcome, tag: str, what: str, fn: Callable[[], Any], *, doraise: bool) -> Any:
+    """Run one stage of one CCD; on failure record it in ``outcome`` (or re-raise with ``doraise``).
+
+    Returns the stage's result, or ``None`` if it failed. :class:`NoWorkFound` passes
+    through (the caller decides whether a missing input is a skip).
+    """
     from apfast.errors import NoWorkFound
 
-    outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber_output,
-                               progress=progress)
-    n = len(rows)
-    for i, (row, first) in enumerate(zip(rows, outcomes, strict=True), 1):
-        if first.status == "failed":
-            continue
-        did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
-        tag = f"[{i}/{n}] visit={did['visit']} ccdnum={did['ccdnum']}"
-        if not clobber_output and first.status == "skipped" and all(
-            _exists_here(butler, d, did) for d in DIFFIM_OUTPUTS
-        ):
-            continue
+    try:
+        return fn()
+    except NoWorkFound:
+        raise
+    except (ApfastError, AlgorithmError) as exc:
+        if doraise:
+            raise
+        outcome.status, outcome.message = "failed", f"{what}: {type(exc).__name__}: {exc}"
+        log.error("%s %s failed: %s", tag, what, exc)
+    except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night; the traceback is logged
+        if doraise:
+            raise
+        outcome.status, outcome.message = "failed", f"{what}: {type(exc).__name__}: {exc}"
+        log.error("%s %s failed with an unexpected error:\n%s", tag, what, traceback.format_exc())
+    return None
+
+
+def _time_order(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in observation order (association must see the visits in time order)."""
+    return sorted(rows, key=lambda r: (float(r.get("mjd") or 0.0), int(r["visit"]), int(r["ccdnum"])))
+
+
+def run_process(
+    butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, *, template_root: Path | None = None,
+    template_visit: int | None = None, apdb: Any = None, doraise: bool = False, clobber_output: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[CcdOutcome]:
+    """``apfast process``: per CCD, in time order, processCcd -> differencing -> DIA sources, APDB, alerts.
+
+    A stage whose outputs already exist in the output repository (and, for the DIA stage, whose
+    CCD-visit is stored in the APDB) is skipped unless ``clobber_output``; a stage after a
+    redone one is always redone. Without ``apdb`` the chain stops after differencing.
+    """
+    rows = _time_order(rows)
+    stored = set(apdb.ccd_visits()) if apdb is not None else set()
+    out: list[CcdOutcome] = []
+    for i, row in enumerate(rows, 1):
+        tag = f"[{i}/{len(rows)}] visit={int(row['visit'])} ccdnum={int(row['ccdnum'])}"
+        o, redo = process_image_stages(butler, row, cfg, tag=tag, template_root=template_root,
+                                       template_visit=template_visit, doraise=doraise,
+                                       clobber_output=clobber_output)
+        if o.status == "ok" and apdb is not None:
+            process_dia_stage(butler, row, cfg, o, apdb=apdb, tag=tag, redo=redo, stored=stored, doraise=doraise)
+        finish_outcome(o, tag, progress)
+        out.append(o)
+    return out
+
+
+def process_image_stages(
+    butler: Butler, row: dict[str, Any], cfg: Any, *, tag: str, template_root: Path | None,
+    template_visit: int | None, doraise: bool, clobber_output: bool,
+) -> tuple[CcdOutcome, bool]:
+    """processCcd and differencing of one CCD (each skipped if its outputs exist); returns (outcome, redone)."""
+    from apfast.errors import NoWorkFound
+
+    did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    o = CcdOutcome(did["visit"], did["ccdnum"], "ok")
+    o.stats["_t0"] = time.perf_counter()
+    o.stats["_ran"] = []
+    redo = clobber_output
+    if redo or not all(_exists_here(butler, d, did) for d in PROCESS_CCD_OUTPUTS):
+        r = _guarded(o, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)
+        if r is None:
+            return o, redo
+        o.timings.update(r.timings)
+        o.stats.update(r.stats)
+        redo = True
+        o.stats["_ran"].append("calexp")
+    if redo or not all(_exists_here(butler, d, did) for d in DIFFIM_OUTPUTS):
         t = time.perf_counter()
         try:
-            res = process_diffim(butler, row, cfg, template_root=template_root, template_visit=template_visit)
+            r = _guarded(o, tag, "difference", lambda: process_diffim(
+                butler, row, cfg, template_root=template_root, template_visit=template_visit), doraise=doraise)
         except NoWorkFound as exc:
-            first.status, first.message = "skipped", f"no template: {exc}"
-            if progress:
-                progress(f"{tag}: difference skipped: {exc}")
-            continue
-        except (ApfastError, AlgorithmError) as exc:
-            if doraise:
-                raise
-            first.status, first.message = "failed", f"{type(exc).__name__}: {exc}"
-            log.error("%s difference failed: %s", tag, exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night
-            if doraise:
-                raise
-            first.status, first.message = "failed", f"{type(exc).__name__}: {exc}"
-            log.error("%s difference failed with an unexpected error:\n%s", tag, traceback.format_exc())
-            continue
-        dt = time.perf_counter() - t
-        first.timings.update(res.timings)
-        first.timings["difference"] = dt
-        first.timings["total"] = first.timings.get("total", 0.0) + dt
-        first.stats.update(res.stats)
-        first.status = "ok"
-        if progress:
-            progress(f"{tag}: difference ({res.stats['DIFFMODE']}, {res.stats['DIFFNSTP']} stamps) in {dt:.2f} s")
-    return outcomes
+            o.status, o.message = "skipped", f"no template: {exc}"
+            o.stats["_ran"].append(f"difference skipped: {exc}")
+            return o, redo
+        if r is None:
+            return o, redo
+        o.timings.update(r.timings)
+        o.timings["difference"] = time.perf_counter() - t
+        o.stats.update(r.stats)
+        redo = True
+        o.stats["_ran"].append(f"difference ({r.stats['DIFFMODE']}, {r.stats['DIFFNSTP']} stamps)")
+    return o, redo
+
+
+def process_dia_stage(
+    butler: Butler, row: dict[str, Any], cfg: Any, o: CcdOutcome, *, apdb: Any, tag: str, redo: bool,
+    stored: set[tuple[int, int]] | None, doraise: bool,
+) -> None:
+    """DIA sources, association, APDB and alerts of one CCD-visit, unless already done (see run_process)."""
+    if not cfg.dia_pipe.do_dia:
+        return
+    did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    key = (did["visit"], did["ccdnum"])
+    in_apdb = key in (stored if stored is not None else set(apdb.ccd_visits()))
+    done = in_apdb and _exists_here(butler, "deepDiff_diaSrc", did) and (
+        not cfg.dia_pipe.do_alerts or _exists_here(butler, "alerts", did))
+    if done and not redo:
+        return
+    from apfast.diapipe import process_dia
+
+    t = time.perf_counter()
+    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb), doraise=doraise)
+    if r is None:
+        return
+    o.timings.update(r.timings)
+    o.timings["dia"] = time.perf_counter() - t
+    o.stats.update(N_DIA=r.n_sources, N_DIPOLE=r.n_dipole, N_NEW_OBJ=r.n_new_objects,
+                   N_UPD_OBJ=r.n_updated_objects, N_FORCED=r.n_forced, N_ALERTS=r.n_alerts)
+    o.stats.setdefault("_ran", []).append(
+        f"{r.n_sources} DIA sources ({r.n_positive}+ {r.n_negative}- {r.n_dipole} dipoles), "
+        f"{r.n_new_objects} new / {r.n_updated_objects} updated DiaObjects, {r.n_alerts} alerts")
+
+
+def finish_outcome(o: CcdOutcome, tag: str, progress: Callable[[str], None] | None) -> None:
+    """Total time, the 'skipped' status when nothing ran, and the progress line."""
+    t0 = o.stats.pop("_t0", None)
+    ran = o.stats.pop("_ran", [])
+    if t0 is not None:
+        o.timings["total"] = time.perf_counter() - t0
+    if o.status == "ok" and not ran:
+        o.status, o.message = "skipped", "outputs exist (--clobber-output redoes)"
+    if progress:
+        if o.status == "failed":
+            progress(f"{tag}: FAILED: {o.message}")
+        elif ran:
+            progress(f"{tag}: " + "; ".join(ran) + f" in {o.timings.get('total', 0.0):.2f} s")
+        else:
+            progress(f"{tag}: outputs exist, skipped")
 
 
 def make_templates(
@@ -352,18 +445,10 @@ def run_process_ccd(
                 progress(f"{tag}: outputs exist, skipped")
             continue
         t = time.perf_counter()
-        try:
-            res = process_ccd(butler, row, cfg)
-        except (ApfastError, AlgorithmError) as exc:
-            if doraise:
-                raise
-            res = CcdOutcome(did["visit"], did["ccdnum"], "failed", f"{type(exc).__name__}: {exc}")
-            log.error("%s failed: %s", tag, exc)
-        except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night; the traceback is logged
-            if doraise:
-                raise
-            res = CcdOutcome(did["visit"], did["ccdnum"], "failed", f"{type(exc).__name__}: {exc}")
-            log.error("%s failed with an unexpected error:\n%s", tag, traceback.format_exc())
+        res = CcdOutcome(did["visit"], did["ccdnum"], "ok")
+        r = _guarded(res, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)
+        if r is not None:
+            res = r
         res.timings["total"] = time.perf_counter() - t
         out.append(res)
         if progress and res.status == "ok":
@@ -390,8 +475,13 @@ def format_summary(outcomes: Sequence[CcdOutcome]) -> str:
     stages = ["read", "isr", "characterize", "refcat", "calibrate", "write"]
     if any("difference" in o.timings for o in outcomes):
         stages += ["template", "psfmatch", "decorrelate", "difference"]
+    dia = any("dia" in o.timings for o in outcomes)
+    if dia:
+        stages += ["dia_detect", "association", "alerts", "dia"]
     stages.append("total")
     head = ["visit", "ccdnum", "status", *stages, "fwhm\"", "zp", "astr_mas", "n_src"]
+    if dia:
+        head += ["n_dia", "new_obj", "upd_obj"]
     rows = []
     for o in outcomes:
         s = o.stats
@@ -400,6 +490,7 @@ def format_summary(outcomes: Sequence[CcdOutcome]) -> str:
             + [f"{o.timings[k]:.2f}" if k in o.timings else "-" for k in stages]
             + [str(s.get("PSF_FWHM_ARCSEC", "-")), f"{s['ZP']:.3f}" if "ZP" in s else "-",
                f"{s['ASTR_RMS'] * 1000:.0f}" if "ASTR_RMS" in s else "-", str(s.get("N_SRC", "-"))]
+            + ([str(s.get(k, "-")) for k in ("N_DIA", "N_NEW_OBJ", "N_UPD_OBJ")] if dia else [])
         )
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
