@@ -143,3 +143,42 @@ def test_dask_local_cluster_equals_serial(dia_dataset: dict, serial_db: Path, tm
     pytest.importorskip("distributed")
     db = _process(dia_dataset, tmp_path, "dask", ["--executor", "dask", "--workers", "2"])
     _same_apdb(serial_db, db)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_loss_or_duplicates(dia_dataset: dict, serial_db: Path, tmp_path: Path) -> None:
+    """SIGKILL a `-j 2` run (workers and all) once it has stored a CCD-visit; the APDB holds only whole
+    CCD-visits; re-running the same command completes it and equals the serial run exactly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "killed.db"
+    url = f"sqlite:///{db}"
+    assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}"]) == 0
+    sv = "^".join(str(v) for v in dia_dataset["summary"].science_visits)
+    args = ["-q", "process", str(dia_dataset["repo"]), "--rerun", "killed", "--id", f"visit={sv}",
+            "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}", "-j", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from apfast.cli import main; sys.exit(main(sys.argv[1:]))",
+                             *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    stored = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        with sqlite3.connect(db) as con:
+            stored = con.execute("SELECT COUNT(*) FROM apfast_ccd_visit").fetchone()[0]
+        if stored >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and stored >= 1, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    with sqlite3.connect(db) as con:
+        partial = con.execute('SELECT COUNT(*) FROM "DiaSource" s WHERE NOT EXISTS (SELECT 1 FROM apfast_ccd_visit c '
+                              'WHERE c.visit = s.visit AND c.detector = s.detector)').fetchone()[0]
+        done = con.execute("SELECT COUNT(*) FROM apfast_ccd_visit").fetchone()[0]
+    assert partial == 0
+    assert done < len(dia_dataset["summary"].science_visits)
+    assert main(args) == 0
+    _same_apdb(serial_db, db)
