@@ -565,12 +565,13 @@ def _native(data: Any, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=dtype)
 
 
-def read_exposure(path: str | Path) -> Exposure:
+def read_exposure(path: str | Path, *, bbox: tuple[int, int, int, int] | None = None) -> Exposure:
     """Read a file written by :func:`write_exposure`.
 
     Arrays come back native-endian and C-contiguous (float32 image and
     variance, int32 mask). ``metadata`` holds the primary cards that are not
-    visit info, photo calib or apfast markers.
+    visit info, photo calib or apfast markers. With ``bbox = (y0, y1, x0, x1)``
+    only that box of the planes is read (as :meth:`Exposure.subimage` of the whole).
 
     Raises
     ------
@@ -582,7 +583,7 @@ def read_exposure(path: str | Path) -> Exposure:
         msg = f"exposure file {path} does not exist"
         raise InputError(msg)
     try:
-        hdul = fits.open(path, memmap=False)
+        hdul = fits.open(path, memmap=bbox is not None)
     except OSError as exc:
         msg = f"{path} is not a readable FITS file ({exc}); it is not an apfast exposure"
         raise InputError(msg) from None
@@ -599,11 +600,24 @@ def read_exposure(path: str | Path) -> Exposure:
         if img_hdu.data is None or img_hdu.data.ndim != 2:
             msg = f"{path}: the IMAGE extension holds no 2-D image"
             raise InputError(msg)
-        image = _native(img_hdu.data, np.float32)
-        mask = _native(hdul["MASK"].data, np.int32) if "MASK" in names else None
-        variance = _native(hdul["VARIANCE"].data, np.float32) if "VARIANCE" in names else None
         wcs = wcs_from_header(img_hdu.header)
         xy0 = (-int(img_hdu.header.get("LTV1", 0)), -int(img_hdu.header.get("LTV2", 0)))
+        if bbox is None:
+            image = _native(img_hdu.data, np.float32)
+            mask = _native(hdul["MASK"].data, np.int32) if "MASK" in names else None
+            variance = _native(hdul["VARIANCE"].data, np.float32) if "VARIANCE" in names else None
+        else:  # read only the rows/columns asked for (section access: the rest never leaves the disk)
+            ny, nx = img_hdu.shape
+            y0, y1, x0, x1 = (int(v) for v in bbox)
+            if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+                msg = f"{path}: box y[{y0}:{y1}], x[{x0}:{x1}] is empty or outside the {ny}x{nx} image"
+                raise InputError(msg)
+            sl = (slice(y0, y1), slice(x0, x1))
+            image = _native(img_hdu.data[sl], np.float32)  # memory-mapped: only these rows are read
+            mask = _native(hdul["MASK"].data[sl], np.int32) if "MASK" in names else None
+            variance = _native(hdul["VARIANCE"].data[sl], np.float32) if "VARIANCE" in names else None
+            wcs = wcs.slice(sl) if wcs is not None else None
+            xy0 = (xy0[0] + x0, xy0[1] + y0)
         psf_hdus = [h for h in hdul if h.name.startswith("PSF_")]
         psf = psf_from_hdus(psf_hdus, source=str(path)) if psf_hdus else None
         reserved = _STRUCTURAL | _VISIT_CARDS | _PHOTO_CARDS | frozenset(_MARKERS)

@@ -131,6 +131,39 @@ def _parent_wcs(wcs: WCS, xy0: tuple[int, int]) -> WCS:
     return out
 
 
+def _patch_box(path: Path, sci_wcs: WCS, shape: tuple[int, int], pad: int = 16) -> tuple[int, int, int, int] | None:
+    """The box of a patch file (y0, y1, x0, x1) that the science CCD needs, from the header alone.
+
+    The CCD's edges (sampled every 64 px) are projected onto the patch and the box is grown by
+    ``pad`` pixels (Lanczos-3 needs 3); ``None`` (read everything) if the header has no usable WCS
+    or the CCD falls entirely off the patch.
+    """
+
+    try:
+        hdr = fits.getheader(path, "IMAGE")
+        pwcs = wcs_from_header(hdr)
+        pny, pnx = int(hdr["NAXIS2"]), int(hdr["NAXIS1"])
+    except (OSError, KeyError):
+        return None
+    if pwcs is None:
+        return None
+    ny, nx = shape
+    xs = np.r_[np.arange(0, nx, 64), nx - 1]
+    ys = np.r_[np.arange(0, ny, 64), ny - 1]
+    ex = np.concatenate([xs, xs, np.zeros_like(ys), np.full_like(ys, nx - 1)]).astype(float)
+    ey = np.concatenate([np.zeros_like(xs), np.full_like(xs, ny - 1), ys, ys]).astype(float)
+    ra, dec = sci_wcs.all_pix2world(ex, ey, 0)
+    px, py = pwcs.all_world2pix(ra, dec, 0)
+    if not (np.all(np.isfinite(px)) and np.all(np.isfinite(py))):
+        return None
+    x0, x1 = int(np.floor(px.min())) - pad, int(np.ceil(px.max())) + pad + 1
+    y0, y1 = int(np.floor(py.min())) - pad, int(np.ceil(py.max())) + pad + 1
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, pnx), min(y1, pny)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return y0, y1, x0, x1
+
+
 def get_template(
     template_root: str | Path,
     science: Exposure,
@@ -213,7 +246,7 @@ def get_template(
             log.warning("template patch %s (tract %d patch %s, filter %s) is missing; skipping it",
                         path, tract, patch, filter)
             continue
-        coadd = read_exposure(path)
+        coadd = read_exposure(path, bbox=_patch_box(path, science.wcs, (ny, nx)))
         if coadd.wcs is None:
             log.warning("template patch %s has no WCS; skipping it", path)
             continue
