@@ -10,7 +10,7 @@ from numba import prange
 
 from apfast._jit import jit, pjit
 
-__all__ = ["combine_clipped", "median_small"]
+__all__ = ["combine_clipped", "median_small", "mosaic_add", "mosaic_finish"]
 
 
 @jit
@@ -197,6 +197,70 @@ def combine_clipped(
             out_count[y, x] = nk
 
 
+@pjit
+def mosaic_add(sum_img, sum_var, count, mask_or, image, variance, mask, y0, x0, nodata_bit):  # pragma: no cover
+    """Add one warped patch (its pixels without ``nodata_bit``) into a running mosaic, in place.
+
+    Parameters
+    ----------
+    sum_img, sum_var : ndarray, float64, shape (ny, nx)
+        Running sums of pixel values and variances (in place).
+    count : ndarray, int16, shape (ny, nx)
+        Number of patches with data per pixel (in place).
+    mask_or : ndarray, int32, shape (ny, nx)
+        OR of the mask bits of the contributing pixels (in place).
+    image, variance : ndarray, float32, shape (h, w)
+        The warped patch, placed at rows ``y0:y0+h`` and columns ``x0:x0+w``.
+    mask : ndarray, int32, shape (h, w)
+    y0, x0 : int
+    nodata_bit : int
+        Pixels with this bit carry no data and are skipped.
+    """
+    h, w = image.shape
+    for j in prange(h):
+        y = y0 + j
+        for i in range(w):
+            m = mask[j, i]
+            if m & nodata_bit:
+                continue
+            x = x0 + i
+            sum_img[y, x] += image[j, i]
+            sum_var[y, x] += variance[j, i]
+            count[y, x] += 1
+            mask_or[y, x] |= m
+
+
+@pjit
+def mosaic_finish(sum_img, sum_var, count, mask_or, nodata_bit, out_image, out_variance, out_mask):  # pragma: no cover
+    """Mean of overlapping patches (the mean's variance), NO_DATA where no patch has data.
+
+    Equation: ``I = sum_k I_k / n``, ``V = sum_k V_k / n^2`` over the ``n = count`` patches
+    with data at a pixel; where ``n = 0``: ``I = 0``, ``V = inf``, mask ``|= nodata_bit``.
+
+    Parameters
+    ----------
+    sum_img, sum_var, count, mask_or : ndarray, shape (ny, nx)
+        From :func:`mosaic_add`.
+    nodata_bit : int
+    out_image, out_variance : ndarray, float32, shape (ny, nx)
+        Output, written in place.
+    out_mask : ndarray, int32, shape (ny, nx)
+        Output, written in place.
+    """
+    ny, nx = sum_img.shape
+    for y in prange(ny):
+        for x in range(nx):
+            n = count[y, x]
+            if n > 0:
+                out_image[y, x] = sum_img[y, x] / n
+                out_variance[y, x] = sum_var[y, x] / (n * n)
+                out_mask[y, x] = mask_or[y, x]
+            else:
+                out_image[y, x] = 0.0
+                out_variance[y, x] = np.inf
+                out_mask[y, x] = mask_or[y, x] | nodata_bit
+
+
 def _warmup_cases():
     """Tiny argument tuples that compile every kernel here (used by ``apfast warmup``)."""
     n, ny, nx = 3, 2, 3
@@ -215,4 +279,14 @@ def _warmup_cases():
             (img, var, msk, np.ones(n), np.ones(n), False, 1, 0, 256, 3.0, 2, 1, *out),
         ),
         (median_small, (np.ones(3), 3, np.empty(3))),
+        (
+            mosaic_add,
+            (np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx), np.int16), np.zeros((ny, nx), np.int32),
+             img[0], var[0], msk[0], 0, 0, 256),
+        ),
+        (
+            mosaic_finish,
+            (np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx), np.int16), np.zeros((ny, nx), np.int32), 256,
+             out[0], out[1], out[2]),
+        ),
     ]

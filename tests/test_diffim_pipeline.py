@@ -13,32 +13,21 @@ import numpy as np
 import pytest
 
 from apfast.butler import Butler
-from apfast.calibs import ingest_calibs
 from apfast.cli import main
-from apfast.ingest import ingest_raws
 from apfast.masks import bitmask
-from apfast.refcat import ingest_refcat
-from apfast.simulate import load_truth, simulate
+from apfast.simulate import load_truth
 
-CCD = 35
+CCD = 35  # the CCD of the shared dia_dataset fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("diffim")
-    summary = simulate(d / "sim", ccdnums=(CCD,), n_template=2, n_science=1, seed=21)
-    repo = d / "repo"
-    ingest_raws(repo, summary.raw_files)
-    ingest_calibs(repo / "calibs", summary.calib_files)
-    ingest_refcat(repo, "gaia", [summary.gaia_file])
-    ingest_refcat(repo, "ps1", [summary.ps1_file])
-    tv = "^".join(str(v) for v in summary.template_visits)
-    assert main(["-q", "make-templates", str(repo), "--id", f"visit={tv}", "--output", str(d / "templates")]) == 0
+def run(dia_dataset: dict) -> dict:
+    repo, summary = dia_dataset["repo"], dia_dataset["summary"]
     sv = summary.science_visits[0]
-    assert main(["-q", "process", str(repo), "--rerun", "p", "--id", f"visit={sv}", "--template",
-                 str(d / "templates"), "-c", "dia_pipe.do_dia=false"]) == 0
-    return {"dir": d, "summary": summary, "repo": repo, "visit": sv, "butler": Butler(repo / "rerun" / "p"),
-            "truth": load_truth(d / "sim")}
+    assert main(["-q", "process", str(repo), "--rerun", "diffim", "--id", f"visit={sv}", "--template",
+                 str(dia_dataset["templates"]), "-c", "dia_pipe.do_dia=false"]) == 0
+    return {"dir": dia_dataset["dir"], "summary": summary, "repo": repo, "visit": sv,
+            "butler": Butler(repo / "rerun" / "diffim"), "truth": load_truth(dia_dataset["dir"] / "sim")}
 
 
 def test_difference_noise_is_white_and_unbiased(run: dict) -> None:
@@ -105,7 +94,7 @@ def test_calexp_template_mode(run: dict, tmp_path: Path) -> None:
 def test_no_template_is_a_clear_skip(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty_templates"
     empty.mkdir()
-    rc = main(["-q", "process", str(run["repo"]), "--rerun", "p", "--id", f"visit={run['visit']}",
+    rc = main(["-q", "process", str(run["repo"]), "--rerun", "diffim", "--id", f"visit={run['visit']}",
                "--template", str(empty), "--clobber-output", "-c", "dia_pipe.do_dia=false"])
     out = capsys.readouterr().out
     assert rc == 0

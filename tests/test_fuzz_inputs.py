@@ -36,21 +36,6 @@ FUZZ = settings(max_examples=60, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_log_handler() -> Iterator[None]:
-    """Drop the CLI's stderr handler around each test: it keeps the stream of the first capture."""
-
-    def drop() -> None:
-        log = logging.getLogger("apfast")
-        for h in [h for h in log.handlers if getattr(h, "_apfast", False)]:
-            log.removeHandler(h)
-
-    drop()
-    yield
-    drop()
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with one raw (visit 100, CCDs 35 and 36) ingested."""

@@ -50,21 +50,6 @@ HOSTILE = [
 ]
 
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_log_handler() -> Iterator[None]:
-    """Drop the CLI's stderr handler around each test: it keeps the stream of the first capture."""
-
-    def drop() -> None:
-        log = logging.getLogger("apfast")
-        for h in [h for h in log.handlers if getattr(h, "_apfast", False)]:
-            log.removeHandler(h)
-
-    drop()
-    yield
-    drop()
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("safety")

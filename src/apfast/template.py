@@ -44,6 +44,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from apfast import masks
+from apfast.kernels import coadd as _kcoadd
 from apfast._configbase import ConfigSection, opt
 from apfast.butler import DATASET_TYPES
 from apfast.coadd import CoaddConfig, make_coadd
@@ -257,32 +258,28 @@ def get_template(
         sub_wcs = science.wcs.slice((slice(y0, y1), slice(x0, x1)))
         warped = _warp.warp_exposure(coadd, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
         wmask = warped.mask if warped.mask is not None else np.zeros(warped.shape, np.int32)
-        good = (wmask & nodata) == 0
-        n_good = int(np.count_nonzero(good))
+        before = int(count[y0:y1, x0:x1].sum()) if len(used) else 0
+        wvar = warped.variance if warped.variance is not None else np.zeros(warped.shape, np.float32)
+        _kcoadd.mosaic_add(sum_img, sum_var, count, mask_or, np.ascontiguousarray(warped.image, np.float32),
+                           np.ascontiguousarray(wvar, np.float32), np.ascontiguousarray(wmask, np.int32),
+                           y0, x0, nodata)
+        n_good = int(count[y0:y1, x0:x1].sum()) - before
         if n_good == 0:
             continue
-        wvar = warped.variance if warped.variance is not None else np.zeros(warped.shape, np.float32)
-        sl = (slice(y0, y1), slice(x0, x1))
-        sum_img[sl] += np.where(good, warped.image, 0.0)
-        sum_var[sl] += np.where(good, wvar, 0.0)
-        count[sl] += good
-        mask_or[sl] |= np.where(good, wmask, 0)
         used.append((tract, patch, coadd, n_good))
         log.debug("template %s: patch %d/%s covers %d pixels", ccd, tract, patch, n_good)
 
     if not used:
         raise no_work("none of the overlapping patch files exists or has data there")
-    covered = count > 0
-    coverage = float(np.count_nonzero(covered)) / float(ny * nx)
+    coverage = float(np.count_nonzero(count)) / float(ny * nx)
     if coverage < config.min_coverage:
         raise no_work(
             f"only {coverage:.1%} of the CCD is covered, below template.min_coverage={config.min_coverage}"
         )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.maximum(count, 1).astype(np.float64)
-        image = np.where(covered, sum_img / c, 0.0).astype(np.float32)
-        variance = np.where(covered, sum_var / (c * c), np.inf).astype(np.float32)
-    mask = np.where(covered, mask_or, mask_or | nodata).astype(np.int32)
+    image = np.empty((ny, nx), np.float32)
+    variance = np.empty((ny, nx), np.float32)
+    mask = np.empty((ny, nx), np.int32)
+    _kcoadd.mosaic_finish(sum_img, sum_var, count, mask_or, nodata, image, variance, mask)
 
     # PSF and calibration: the patch covering the CCD centre, else the one covering most pixels
     cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
