@@ -177,7 +177,8 @@ def _forced_sources(objects: Columns, diff: Exposure, calexp: Exposure, *, visit
     }
 
 
-def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any) -> DiaOutcome:
+def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
+                products: dict[str, Any] | None = None) -> DiaOutcome:
     """Detect, measure, associate, store and alert one CCD-visit (see the module docstring).
 
     Parameters
@@ -189,6 +190,8 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any) -> Dia
     cfg : apfast.config.PipelineConfig
     apdb : apfast.apdb.Apdb
         The open APDB.
+    products : dict, optional
+        ``calexp``, ``difference`` and ``matched`` already in memory (else read through the Butler).
     """
     from apfast.alerts import build_ccd_alerts
     from apfast.association import associate, compute_object_versions, dia_source_ids
@@ -200,9 +203,10 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any) -> Dia
     out = DiaOutcome()
     tm = out.timings
     t = time.perf_counter()
-    diff = butler.get("deepDiff_differenceExp", did)
-    matched = butler.get("deepDiff_matchedExp", did)
-    calexp = butler.get("calexp", did)
+    have = products or {}
+    diff = have["difference"] if "difference" in have else butler.get("deepDiff_differenceExp", did)
+    matched = have["matched"] if "matched" in have else butler.get("deepDiff_matchedExp", did)
+    calexp = have["calexp"] if "calexp" in have else butler.get("calexp", did)
     tm["dia_read"] = time.perf_counter() - t
 
     t = time.perf_counter()

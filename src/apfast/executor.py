@@ -137,6 +137,7 @@ def image_task(spec: RunSpec, row: dict[str, Any], tag: str) -> tuple[CcdOutcome
         template_root=Path(spec.template_root) if spec.template_root else None,
         template_visit=spec.template_visit, doraise=spec.doraise, clobber_output=spec.clobber_output)
     o.stats["_pid"] = os.getpid()
+    o.products.clear()  # the DIA task may run in another process: it reads them back from disk
     return o, redo
 
 

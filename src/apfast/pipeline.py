@@ -59,6 +59,9 @@ class CcdOutcome:
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    # in-memory products handed to the next stage of the same CCD (calexp, src, difference, matched);
+    # they are also on disk, so a stage run on its own (or in another process) reads them back
+    products: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _optional_calib(butler: Butler, name: str, did: dict[str, Any]) -> Any:
@@ -207,7 +210,8 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
     for k, v in cal.timings.items():
         timings[f"cal.{k}"] = v
     stats["PSF_FWHM_ARCSEC"] = round(stats["PSF_FWHM"] * camera.pixel_scale, 3)
-    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats)
+    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats,
+                      products={"calexp": calexp, "src": cal.catalog})
 
 
 def _background_image(butler: Butler, did: dict[str, Any]) -> np.ndarray:
@@ -217,7 +221,7 @@ def _background_image(butler: Butler, did: dict[str, Any]) -> np.ndarray:
 
 
 def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_root: Path | None,
-                   template_visit: int | None = None) -> CcdOutcome:
+                   template_visit: int | None = None, products: dict[str, Any] | None = None) -> CcdOutcome:
     """Template, PSF matching, subtraction and decorrelation of one processed CCD; writes deepDiff_*.
 
     Raises
@@ -232,8 +236,9 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    calexp = butler.get("calexp", did)
-    src = butler.get("src", did)
+    have = products or {}
+    calexp = have["calexp"] if "calexp" in have else butler.get("calexp", did)
+    src = have["src"] if "src" in have else butler.get("src", did)
     dcfg = cfg.difference
     if dcfg.template_source == "calexp":
         if template_visit is None:
@@ -260,7 +265,8 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
     butler.put(res.difference, "deepDiff_differenceExp", did)
     butler.put(res.matched, "deepDiff_matchedExp", did)
     timings["diff_write"] = time.perf_counter() - t
-    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats))
+    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats),
+                      products={"calexp": calexp, "difference": res.difference, "matched": res.matched})
 
 
 def _guarded(outcome: CcdOutcome, tag: str, what: str, fn: Callable[[], Any], *, doraise: bool) -> Any:
@@ -337,13 +343,15 @@ def process_image_stages(
             return o, redo
         o.timings.update(r.timings)
         o.stats.update(r.stats)
+        o.products.update(r.products)
         redo = True
         o.stats["_ran"].append("calexp")
     if redo or not all(_exists_here(butler, d, did) for d in DIFFIM_OUTPUTS):
         t = time.perf_counter()
         try:
             r = _guarded(o, tag, "difference", lambda: process_diffim(
-                butler, row, cfg, template_root=template_root, template_visit=template_visit), doraise=doraise)
+                butler, row, cfg, template_root=template_root, template_visit=template_visit,
+                products=o.products), doraise=doraise)
         except NoWorkFound as exc:
             o.status, o.message = "skipped", f"no template: {exc}"
             o.stats["_ran"].append(f"difference skipped: {exc}")
@@ -353,6 +361,7 @@ def process_image_stages(
         o.timings.update(r.timings)
         o.timings["difference"] = time.perf_counter() - t
         o.stats.update(r.stats)
+        o.products.update(r.products)
         redo = True
         o.stats["_ran"].append(f"difference ({r.stats['DIFFMODE']}, {r.stats['DIFFNSTP']} stamps)")
     return o, redo
@@ -375,7 +384,7 @@ def process_dia_stage(
     from apfast.diapipe import process_dia
 
     t = time.perf_counter()
-    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb), doraise=doraise)
+    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, products=o.products), doraise=doraise)
     if r is None:
         return
     o.timings.update(r.timings)
@@ -391,6 +400,7 @@ def finish_outcome(o: CcdOutcome, tag: str, progress: Callable[[str], None] | No
     """Total time, the 'skipped' status when nothing ran, and the progress line."""
     t0 = o.stats.pop("_t0", None)
     ran = o.stats.pop("_ran", [])
+    o.products.clear()
     if t0 is not None:
         o.timings["total"] = time.perf_counter() - t0
     if o.status == "ok" and not ran:
@@ -449,6 +459,7 @@ def run_process_ccd(
         r = _guarded(res, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)
         if r is not None:
             res = r
+            res.products.clear()  # outcomes are kept for the summary: never hold the images
         res.timings["total"] = time.perf_counter() - t
         out.append(res)
         if progress and res.status == "ok":
