@@ -137,7 +137,7 @@ class DecorrelationConfig(ConfigSection):
         "pyfftw",
         "FFT library for the image convolution.",
         choices={
-            "pyfftw": "FFTW through pyfftw, plans cached per shape, numba's thread count",
+            "pyfftw": "FFTW through pyfftw, plans cached per shape, FFT_THREADS (2) threads",
             "numpy": "numpy.fft (pocketfft, one thread): the reference",
         },
     )
@@ -402,6 +402,11 @@ def noise_weights(matching_kernel: np.ndarray, phi: np.ndarray) -> tuple[float, 
 
 
 # ----------------------------------------------------------------------------------------------- FFT
+# FFTW threads are fixed (not numba's count): plans made for another thread count round differently,
+# and a CCD must give the same difference whatever the worker layout (-j N, Dask, serial)
+FFT_THREADS = 2
+
+
 def _fftw_plans(shape: tuple[int, int], threads: int, planner: str) -> tuple[Any, Any, threading.Lock]:
     """Shared forward/inverse float32 FFTW plans for ``shape`` (:func:`apfast.fftw.rfft2_pair`, wisdom-backed)."""
     return rfft2_pair(shape, np.float32, threads, planner)
@@ -444,7 +449,7 @@ def prepare_fft(shape: tuple[int, int], *, config: DecorrelationConfig) -> tuple
     """
     grid = (next_fast_even(int(shape[0])), next_fast_even(int(shape[1])))
     if config.fft_backend == "pyfftw":
-        _fftw_plans(grid, max(1, int(numba.get_num_threads())), config.fft_planner)
+        _fftw_plans(grid, FFT_THREADS, config.fft_planner)
     return grid
 
 
@@ -475,7 +480,7 @@ def convolve_fft(
     zero_where : ndarray of bool, shape (ny, nx), optional
         Pixels replaced by 0 before convolving (the input is not modified).
     backend : {"pyfftw", "numpy"}
-        pyfftw uses cached plans and ``numba.get_num_threads()`` threads.
+        pyfftw uses cached plans and ``FFT_THREADS`` threads.
     planner : {"FFTW_ESTIMATE", "FFTW_MEASURE"}
         FFTW planner effort for a shape not seen before in this process.
 
@@ -514,7 +519,7 @@ def convolve_fft(
         return np.ascontiguousarray(np.fft.irfft2(ift, s=shape)[:ny, :nx], dtype=np.float32)
     import pyfftw
 
-    fwd, inv, lock = _fftw_plans(shape, max(1, int(numba.get_num_threads())), planner)
+    fwd, inv, lock = _fftw_plans(shape, FFT_THREADS, planner)
     # a fresh output array per call: the caller keeps it, the plan never writes into it again
     result = pyfftw.empty_aligned(shape, dtype=np.float32)
     with lock:

@@ -34,23 +34,22 @@ def fftw_warmup_shapes(camera: str = "DECam") -> list[tuple[tuple[int, int], int
 
     The PSF-matching convolution (:func:`apfast.subtract.fft_convolve_terms`,
     2 threads) pads to ``scipy.fft.next_fast_len`` and the decorrelation
-    (:func:`apfast.decorrelate.convolve_fft`, numba's thread count) to
+    (:func:`apfast.decorrelate.convolve_fft`, ``FFT_THREADS`` threads) to
     :func:`apfast.decorrelate.next_fast_even`; both use the default planner
     efforts of :class:`~apfast.psfmatch.PsfMatchConfig` and
     :class:`~apfast.decorrelate.DecorrelationConfig`. For DECam (4096 x 2048)
-    both grids are 4096 x 2048, so with 2 numba threads it is one plan pair.
+    both grids are 4096 x 2048 with 2 threads: one plan pair.
 
     Examples
     --------
     >>> [(s, e) for s, _, e in fftw_warmup_shapes("DECam")][:1]
     [((4096, 2048), 'FFTW_MEASURE')]
     """
-    import numba
     import scipy.fft
 
     from apfast import subtract
     from apfast.camera import get_camera
-    from apfast.decorrelate import DecorrelationConfig, next_fast_even
+    from apfast.decorrelate import FFT_THREADS, DecorrelationConfig, next_fast_even
     from apfast.psfmatch import PsfMatchConfig
 
     ny, nx = get_camera(camera).trimmed_shape
@@ -64,7 +63,7 @@ def fftw_warmup_shapes(camera: str = "DECam") -> list[tuple[tuple[int, int], int
     dcfg = DecorrelationConfig()
     if dcfg.fft_backend == "pyfftw":
         plans.append(
-            ((next_fast_even(ny), next_fast_even(nx)), max(1, int(numba.get_num_threads())), dcfg.fft_planner)
+            ((next_fast_even(ny), next_fast_even(nx)), FFT_THREADS, dcfg.fft_planner)
         )
     return list(dict.fromkeys(plans))
 
