@@ -42,7 +42,7 @@ def test_dependencies_follow_sky_overlap() -> None:
 def _writer(url: str, detector: int, n_visits: int, seed: int) -> None:
     """One 'CCD' storing a source of the same transient in every visit (what two workers race on)."""
     from apfast.association import associate, compute_object_versions, dia_source_ids
-    from apfast.diapipe import concat_columns
+    from apfast.apdb_schema import concat_column_sets
 
     rng = np.random.default_rng(seed)
     apdb = Apdb(ApdbConfig(db_url=url, connection_timeout=60.0))
@@ -64,7 +64,7 @@ def _writer(url: str, detector: int, n_visits: int, seed: int) -> None:
             ids = np.union1d(a.matched_object_ids, a.new_object_ids).astype(np.int64)
             n = len(objs.get("diaObjectId", ()))
             prior = {c: v[np.isin(objs["diaObjectId"], ids)] for c, v in objs.items()} if n else None
-            versions = compute_object_versions(ids, concat_columns(hist, a.sources), band="g", validity_start=t,
+            versions = compute_object_versions(ids, concat_column_sets([hist, a.sources]), band="g", validity_start=t,
                                                prior=prior)
             tx.store(objects=versions, sources=a.sources, n_new_objects=a.n_new)
     apdb.close()

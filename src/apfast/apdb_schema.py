@@ -22,6 +22,8 @@ import json
 import math
 from typing import Any
 
+from collections.abc import Sequence
+
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.types import TypeEngine
@@ -329,12 +331,30 @@ def to_column_set(table: str, names: list[str], rows: list) -> dict[str, np.ndar
     return out
 
 
-def concat_column_sets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate column sets with the same columns (object dtype wins when mixed)."""
+def _null_column(like: np.ndarray, n: int) -> np.ndarray:
+    """``n`` NULLs shaped for a column like ``like``: NaN for numbers, None otherwise."""
+    if like.dtype.kind in "fiub":
+        return np.full(n, np.nan, dtype=like.dtype if like.dtype.kind == "f" else np.float64)
+    return np.full(n, None, dtype=object)
+
+
+def concat_column_sets(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate column sets; a column missing from a part is NULL (NaN or None) in its rows.
+
+    Parts without rows add nothing but their column names (so an all-empty result keeps its
+    columns). Mixed numeric dtypes follow numpy's promotion; object dtype wins over anything else.
+    """
+    keyed = [p for p in parts if p]
+    if not keyed:
+        return {}
+    full = [p for p in keyed if len(next(iter(p.values()))) > 0] or keyed[:1]
+    keys = list(dict.fromkeys(k for p in keyed for k in p))
     out = {}
-    for k in parts[0]:
-        arrs = [p[k] for p in parts]
-        if any(a.dtype == object for a in arrs) and not all(a.dtype == object for a in arrs):
+    for k in keys:
+        ref = next(np.asarray(p[k]) for p in (*full, *keyed) if k in p)
+        arrs = [np.asarray(p[k]) if k in p else _null_column(ref, len(next(iter(p.values())))) for p in full]
+        kinds = {a.dtype.kind for a in arrs}
+        if "O" in kinds or (len(kinds) > 1 and not kinds <= {"f", "i", "u", "b"}):
             arrs = [a.astype(object) for a in arrs]
         out[k] = np.concatenate(arrs)
     return out

@@ -29,10 +29,11 @@ import numpy as np
 from astropy.table import Table
 
 from apfast._configbase import ConfigSection, opt
+from apfast.apdb_schema import concat_column_sets
 from apfast.butler import Butler
 from apfast.exposure import Exposure
 
-__all__ = ["DiaOutcome", "DiaPipeConfig", "ccd_region", "concat_columns", "midpoint_mjd", "process_dia", "take_rows"]
+__all__ = ["DiaOutcome", "DiaPipeConfig", "ccd_region", "midpoint_mjd", "process_dia", "take_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -103,36 +104,9 @@ def _n_rows(cols: Columns) -> int:
     return len(next(iter(cols.values()))) if cols else 0
 
 
-def _empty_like(v: np.ndarray, n: int) -> np.ndarray:
-    if v.dtype.kind == "f":
-        return np.full(n, np.nan, dtype=v.dtype)
-    if v.dtype.kind in "iub":
-        return np.full(n, np.nan)
-    return np.full(n, None, dtype=object)
-
-
-def concat_columns(*sets: Columns) -> Columns:
-    """Concatenate column sets; columns missing from a set are NULL there (NaN or None)."""
-    sets = tuple(s for s in sets if s and _n_rows(s) > 0)
-    if not sets:
-        return {}
-    keys: list[str] = []
-    for s in sets:
-        keys += [k for k in s if k not in keys]
-    out: Columns = {}
-    for k in keys:
-        parts = []
-        for s in sets:
-            if k in s:
-                parts.append(np.asarray(s[k]))
-            else:
-                ref = next(t[k] for t in sets if k in t)
-                parts.append(_empty_like(np.asarray(ref), _n_rows(s)))
-        kinds = {p.dtype.kind for p in parts}
-        if "O" in kinds or len(kinds) > 1 and not kinds <= {"f", "i", "u", "b"}:
-            parts = [p.astype(object) for p in parts]
-        out[k] = np.concatenate(parts)
-    return out
+def _rows_or_none(cols: Columns) -> Columns | None:
+    """``None`` for a column set without rows (compute_object_versions then keeps the prior fpFlux)."""
+    return cols if cols and _n_rows(cols) > 0 else None
 
 
 def _inside(exp: Exposure, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,16 +217,17 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
         new_mask = np.isin(np.asarray(src["diaObjectId"], np.int64), np.asarray(assoc.new_object_ids, np.int64))
         new_pos = {"diaObjectId": np.asarray(src["diaObjectId"], np.int64)[new_mask],
                    "ra": np.asarray(src["ra"], float)[new_mask], "dec": np.asarray(src["dec"], float)[new_mask]}
-        obj_pos = concat_columns({k: objects[k] for k in ("diaObjectId", "ra", "dec")} if n_obj else {}, new_pos)
+        obj_pos = concat_column_sets([{k: objects[k] for k in ("diaObjectId", "ra", "dec")} if n_obj else {},
+                                      new_pos])
         forced = _forced_sources(obj_pos, diff, calexp, visit=visit, detector=detector, band=band, t_mid=t_mid)
-        history = concat_columns(hist_old, src)
+        history = concat_column_sets([hist_old, src])
         version_ids = np.union1d(touched_old, np.asarray(assoc.new_object_ids, np.int64))
         if len(version_ids):
             has_hist = np.isin(version_ids, np.asarray(history["diaObjectId"], np.int64))
             version_ids = version_ids[has_hist]
         prior = take_rows(objects, np.isin(loaded_ids, version_ids)) if n_obj else None
         versions = compute_object_versions(version_ids, history, band=band, validity_start=t_mid, prior=prior,
-                                           forced_history=concat_columns(forced_old, forced) or None)
+                                           forced_history=_rows_or_none(concat_column_sets([forced_old, forced])))
         tx.store(objects=versions, sources=src, forced_sources=forced, n_new_objects=int(assoc.n_new))
     out.n_new_objects = int(assoc.n_new)
     out.n_updated_objects = int(len(version_ids)) - int(assoc.n_new)

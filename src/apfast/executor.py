@@ -56,17 +56,14 @@ class RunSpec:
     with_apdb: bool = True
 
 
-def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    r, d = np.radians(ra), np.radians(dec)
-    return np.stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)], axis=-1)
-
-
 def ccd_dependencies(rows: Sequence[dict[str, Any]], margin_deg: float) -> list[list[int]]:
     """For time-ordered rows, the indices of earlier rows whose footprints overlap (grown by margin).
 
     A footprint is the cap around the registry's CCD centre through its farthest corner;
     rows without a footprint depend on every earlier row (safe, serial).
     """
+    from apfast.association import unit_vectors as _unit
+
     n = len(rows)
     centre = np.full((n, 3), np.nan)
     radius = np.full(n, np.nan)
