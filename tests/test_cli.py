@@ -101,6 +101,12 @@ def test_ingest_error_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "apfast ingest" in capsys.readouterr().err  # says how to create a repository
 
 
+def test_process_refuses_zero_workers(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["process", str(repo), "--rerun", "x", "--id", "visit=289401", "-j", "0"]) == 2
+    assert "-j 0: give a number of worker processes >= 1" in capsys.readouterr().err
+    assert not (repo / "rerun" / "x").exists()
+
+
 def test_process_needs_an_output(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["process", str(repo), "--id", "visit=289401"])
     assert rc == 2

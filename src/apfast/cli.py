@@ -222,6 +222,9 @@ def _cmd_process(args: argparse.Namespace) -> int:
     from apfast.pipeline import format_summary, run_process, run_process_ccd
     from apfast.repository import create_output_repo, write_config
 
+    if args.processes < 1:
+        msg = f"-j {args.processes}: give a number of worker processes >= 1"
+        raise ConfigError(msg)
     cfg = _load_cfg(args)
     rows = _select(args)
     if args.show:
@@ -270,9 +273,6 @@ def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Pat
     from apfast.executor import RunSpec, run_dask, run_parallel
     from apfast.pipeline import _time_order
 
-    if args.processes < 1:
-        msg = f"-j {args.processes}: give a number of worker processes >= 1"
-        raise ConfigError(msg)
     cores = os.cpu_count() or 1
     n = args.processes if args.processes > 1 else (args.workers or 2)
     threads = cfg.process.n_threads or max(1, cores // n)
