@@ -60,11 +60,12 @@ from apfast.exposure import (
     Exposure,
     VisitInfo,
     atomic_output,
+    exposure_hdulist,
     read_background,
     read_exposure,
     wcs_from_header,
     write_background,
-    write_exposure,
+    write_hdulist,
 )
 from apfast.repository import CONFIG_RELPATH, REGISTRY_NAME, Repository
 
@@ -735,6 +736,26 @@ class Butler:
             For raw/calib dataset types (written by ingest), a read-only storage,
             or an object of the wrong type.
         """
+        path, write = self.prepare_put(obj, datasetType, dataId, **kwargs)
+        write()
+        return path
+
+    def prepare_put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None,  # noqa: N803
+                    **kwargs: Any) -> tuple[Path, Callable[[], Path]]:
+        """Check a :meth:`put` and snapshot what it writes; return ``(path, write)``.
+
+        Everything that needs the registry or may fail on bad arguments happens
+        here, in the caller's thread; ``write()`` only touches the file system, so
+        it may run on another thread (:class:`apfast.writer.OutputWriter`).
+        Exposures are snapshotted (big-endian copies of the planes) and catalogues
+        copied, so the caller may go on using and changing ``obj``; other storages
+        (backgrounds, alerts, JSON, text) are written from ``obj`` as it is then.
+
+        Raises
+        ------
+        InputError
+            As :meth:`put`.
+        """
         dt = self._dataset_type(datasetType)
         if dt.repo in ("raw", "calib"):
             msg = (
@@ -749,17 +770,30 @@ class Butler:
         did = _merge_data_id(dataId, kwargs)
         path = self.repo.write_root / self._relpath(dt, did)
         path.parent.mkdir(parents=True, exist_ok=True)
+        name = dt.name
         if dt.storage == "Exposure":
             sha_file = self.repo.write_root / CONFIG_RELPATH.with_name(CONFIG_RELPATH.name + ".sha256")
             sha = sha_file.read_text().strip() if sha_file.is_file() else None
-            write_exposure(path, obj, config_sha=sha)
-        elif storage.write is None:
+            hdul = exposure_hdulist(obj, config_sha=sha)
+
+            def write() -> Path:
+                write_hdulist(path, hdul)
+                log.debug("put %s %s -> %s", name, did, path)
+                return path
+
+            return path, write
+        if storage.write is None:
             msg = f"storage {storage.name!r} of dataset type {dt.name!r} cannot be written"
             raise InputError(msg)
-        else:
-            storage.write(obj, path)
-        log.debug("put %s %s -> %s", dt.name, did, path)
-        return path
+        data = obj.copy() if isinstance(obj, Table) else obj
+        fn = storage.write
+
+        def write_other() -> Path:
+            fn(data, path)
+            log.debug("put %s %s -> %s", name, did, path)
+            return path
+
+        return path, write_other
 
     def datasetExists(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> bool:  # noqa: N802, N803
         """Whether :meth:`get` would find the dataset."""

@@ -246,6 +246,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
     log.info("processing %d CCD(s) into %s", len(rows), out_repo)
     doraise = args.doraise or cfg.process.doraise
     clobber = args.clobber_output or cfg.process.clobber_output
+    t_start = time.perf_counter()
     if args.command == "process":
         template_visit = _template_visit(args.templateId)
         if cfg.difference.template_source == "calexp" and template_visit is not None:
@@ -262,7 +263,12 @@ def _cmd_process(args: argparse.Namespace) -> int:
         outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber, progress=_progress)
     if apdb is not None:
         apdb.close()
+    wall = time.perf_counter() - t_start
     _out(format_summary(outcomes))
+    n_ran = sum(o.status != "skipped" for o in outcomes)
+    if n_ran:
+        _out(f"wall time {wall:.1f} s for {n_ran} CCD(s) processed: {wall / n_ran:.2f} s per CCD "
+             "(stages of consecutive CCDs overlap, so per-CCD totals above add up to more)")
     _out(f"outputs: {out_repo}  (read them with apfast.Butler({str(out_repo)!r}))")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.table import Table
@@ -32,6 +32,9 @@ from apfast._configbase import ConfigSection, opt
 from apfast.apdb_schema import concat_column_sets
 from apfast.butler import Butler
 from apfast.exposure import Exposure
+
+if TYPE_CHECKING:
+    from apfast.writer import OutputWriter
 
 __all__ = ["DiaOutcome", "DiaPipeConfig", "ccd_region", "midpoint_mjd", "process_dia", "take_rows"]
 
@@ -152,7 +155,7 @@ def _forced_sources(objects: Columns, diff: Exposure, calexp: Exposure, *, visit
 
 
 def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
-                products: dict[str, Any] | None = None) -> DiaOutcome:
+                products: dict[str, Any] | None = None, writer: OutputWriter | None = None) -> DiaOutcome:
     """Detect, measure, associate, store and alert one CCD-visit (see the module docstring).
 
     Parameters
@@ -166,6 +169,10 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
         The open APDB.
     products : dict, optional
         ``calexp``, ``difference`` and ``matched`` already in memory (else read through the Butler).
+    writer : apfast.writer.OutputWriter, optional
+        Background writer: everything handed to it earlier is waited for before the APDB
+        transaction (stored rows imply the CCD's image outputs exist), and this stage's
+        ``deepDiff_diaSrc`` and ``alerts`` are handed to it (the caller waits for them).
     """
     from apfast.alerts import build_ccd_alerts
     from apfast.association import associate, compute_object_versions, dia_source_ids
@@ -199,6 +206,8 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
     out.n_sources, out.n_positive, out.n_negative, out.n_dipole = n, res.n_positive, res.n_negative, res.n_dipole
     tm["dia_detect"] = time.perf_counter() - t
 
+    if writer is not None:
+        tm["write_wait"] = writer.wait(did)
     t = time.perf_counter()
     region_ra, region_dec = ccd_region(calexp, cfg.association.pixel_margin)
     with apdb.ccd_visit(visit, detector, t_mid) as tx:
@@ -235,7 +244,8 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
     tm["association"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    butler.put(Table({k: _fits_column(v) for k, v in src.items()}), "deepDiff_diaSrc", did)
+    out_put = writer.put if writer is not None else butler.put
+    out_put(Table({k: _fits_column(v) for k, v in src.items()}), "deepDiff_diaSrc", did)
     if cfg.dia_pipe.do_alerts:
         acfg = cfg.alerts
         alerts = build_ccd_alerts(src, versions, hist_old, forced_old, difference=diff, science=calexp,
@@ -243,7 +253,7 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
                                   schema_version=acfg.schema_version)
         batch = AlertBatch(alerts)
         batch.codec = acfg.codec
-        butler.put(batch, "alerts", did)
+        out_put(batch, "alerts", did)
         out.n_alerts = len(alerts)
     tm["alerts"] = time.perf_counter() - t
     return out

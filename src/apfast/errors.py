@@ -16,6 +16,7 @@ __all__ = [
     "CalibrationError",
     "RefcatError",
     "NoLocationsError",
+    "OutputError",
     "AlgorithmError",
     "NoWorkFound",
 ]
@@ -53,6 +54,10 @@ class CalibrationError(ApfastError):
 
 class RefcatError(ApfastError):
     """A reference catalogue is missing, malformed, or has no sources in a region."""
+
+
+class OutputError(ApfastError):
+    """An output file could not be written (disk full, permissions...): the message names dataset and file."""
 
 
 class NoLocationsError(ApfastError, LookupError):

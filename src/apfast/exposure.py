@@ -59,11 +59,13 @@ __all__ = [
     "PhotoCalib",
     "VisitInfo",
     "atomic_output",
+    "exposure_hdulist",
     "read_background",
     "read_exposure",
     "wcs_from_header",
     "write_background",
     "write_exposure",
+    "write_hdulist",
 ]
 
 log = logging.getLogger(__name__)
@@ -514,9 +516,19 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
     Path
         ``path``.
     """
+    return write_hdulist(path, exposure_hdulist(exp, config_sha=config_sha))
+
+
+def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None) -> fits.HDUList:
+    """The FITS form of an exposure, as :func:`write_exposure` writes it.
+
+    The planes are big-endian *copies* (one pass each), so the list is a snapshot:
+    later changes to ``exp`` do not reach it, and astropy never byte-swaps ``exp``'s
+    arrays in place while writing (which it does to native arrays). This is what
+    lets a background thread write the list while the pipeline goes on using ``exp``.
+    """
     from apfast import __version__
 
-    path = Path(path)
     reserved = _STRUCTURAL | _VISIT_CARDS | _PHOTO_CARDS | frozenset(_MARKERS)
     primary = fits.PrimaryHDU()
     hdr = primary.header
@@ -534,17 +546,15 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
 
     hdus: list[Any] = [primary]
     plane_hdr = _plane_header(exp.wcs, exp.xy0)
-    hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.image), header=plane_hdr.copy(), name="IMAGE"))
+    hdus.append(fits.ImageHDU(_big_endian(exp.image), header=plane_hdr.copy(), name="IMAGE"))
     if exp.mask is not None:
         mhdr = plane_hdr.copy()
         for key, bit, comment in masks.header_cards():
             # names longer than 8 characters need HIERARCH cards (as Rubin's afw writes them)
             mhdr[key if len(key) <= 8 else f"HIERARCH {key}"] = (bit, comment)
-        hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.mask), header=mhdr, name="MASK"))
+        hdus.append(fits.ImageHDU(_big_endian(exp.mask), header=mhdr, name="MASK"))
     if exp.variance is not None:
-        hdus.append(
-            fits.ImageHDU(np.ascontiguousarray(exp.variance), header=plane_hdr.copy(), name="VARIANCE")
-        )
+        hdus.append(fits.ImageHDU(_big_endian(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
     if exp.psf is not None:
         psf_hdus = exp.psf.to_hdus()
         for h in psf_hdus:
@@ -555,10 +565,21 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
                 )
                 raise InputError(msg)
         hdus.extend(psf_hdus)
+    return fits.HDUList(hdus)
+
+
+def write_hdulist(path: str | Path, hdul: fits.HDUList) -> Path:
+    """Write an HDU list atomically (temporary name beside ``path``, then rename)."""
+    path = Path(path)
     with atomic_output(path) as tmp:
-        fits.HDUList(hdus).writeto(tmp)
-    log.debug("wrote exposure %s (%dx%d)", path, exp.shape[1], exp.shape[0])
+        hdul.writeto(tmp)
+    log.debug("wrote %s (%d HDUs)", path, len(hdul))
     return path
+
+
+def _big_endian(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous big-endian copy of ``a`` (FITS byte order)."""
+    return np.ascontiguousarray(a).astype(a.dtype.newbyteorder(">"), copy=True)
 
 
 def _native(data: Any, dtype: Any) -> np.ndarray:

@@ -29,6 +29,7 @@ from apfast.characterize import run_characterize, summarize
 from apfast.errors import AlgorithmError, ApfastError, CalibrationError, NoLocationsError, RefcatError
 from apfast.exposure import Exposure
 from apfast.isr import amp_params_from_header, run_isr
+from apfast.writer import OutputWriter
 
 __all__ = [
     "CcdOutcome",
@@ -41,6 +42,7 @@ __all__ = [
     "process_image_stages",
     "run_process",
     "run_process_ccd",
+    "wait_for_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def _refs(root: Path, name: str, corners_ra: list[float], corners_dec: list[floa
                       name=name, colour=col)
 
 
-def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
+def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: OutputWriter | None = None) -> CcdOutcome:
     """Run ISR, characterize and calibrate on one CCD and write its outputs.
 
     Parameters
@@ -129,6 +131,9 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
     row : dict
         The raw registry row of the CCD.
     cfg : apfast.config.PipelineConfig
+    writer : OutputWriter, optional
+        Hand the outputs to this background writer (the caller waits for it);
+        by default they are written before returning.
 
     Raises
     ------
@@ -136,6 +141,7 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
         Any stage failure, with a message naming the CCD and what to change.
     """
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    out: Butler | OutputWriter = writer if writer is not None else butler
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     raw = butler.get("raw", did)
@@ -200,10 +206,10 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any) -> CcdOutcome:
         meta[k] = (v, c)
     calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
                       photo_calib=cal.photocal.photo_calib, visit_info=raw.visit_info, metadata=meta)
-    butler.put(calexp, "calexp", did)
-    butler.put(char.background.to_container(), "calexpBackground", did)
-    butler.put(cal.catalog, "src", did)
-    butler.put(cal.matches, "srcMatch", did)
+    out.put(calexp, "calexp", did)
+    out.put(char.background.to_container(), "calexpBackground", did)
+    out.put(cal.catalog, "src", did)
+    out.put(cal.matches, "srcMatch", did)
     timings["write"] = time.perf_counter() - t
     for k, v in char.timings.items():
         timings[f"char.{k}"] = v
@@ -221,7 +227,8 @@ def _background_image(butler: Butler, did: dict[str, Any]) -> np.ndarray:
 
 
 def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_root: Path | None,
-                   template_visit: int | None = None, products: dict[str, Any] | None = None) -> CcdOutcome:
+                   template_visit: int | None = None, products: dict[str, Any] | None = None,
+                   writer: OutputWriter | None = None) -> CcdOutcome:
     """Template, PSF matching, subtraction and decorrelation of one processed CCD; writes deepDiff_*.
 
     Raises
@@ -262,8 +269,9 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
     t = time.perf_counter()
     for k, v in res.stats.items():
         res.difference.metadata[k] = v
-    butler.put(res.difference, "deepDiff_differenceExp", did)
-    butler.put(res.matched, "deepDiff_matchedExp", did)
+    out: Butler | OutputWriter = writer if writer is not None else butler
+    out.put(res.difference, "deepDiff_differenceExp", did)
+    out.put(res.matched, "deepDiff_matchedExp", did)
     timings["diff_write"] = time.perf_counter() - t
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats),
                       products={"calexp": calexp, "difference": res.difference, "matched": res.matched})
@@ -310,26 +318,63 @@ def run_process(
     CCD-visit is stored in the APDB) is skipped unless ``clobber_output``; a stage after a
     redone one is always redone. Without ``apdb`` the chain stops after differencing.
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     rows = _time_order(rows)
     stored = set(apdb.ccd_visits()) if apdb is not None else set()
-    out: list[CcdOutcome] = []
-    for i, row in enumerate(rows, 1):
-        tag = f"[{i}/{len(rows)}] visit={int(row['visit'])} ccdnum={int(row['ccdnum'])}"
-        o, redo = process_image_stages(butler, row, cfg, tag=tag, template_root=template_root,
-                                       template_visit=template_visit, doraise=doraise,
-                                       clobber_output=clobber_output)
+    futures: list[Future[CcdOutcome]] = []
+
+    def dia_and_finish(row: dict[str, Any], o: CcdOutcome, redo: bool, tag: str) -> CcdOutcome:
         if o.status == "ok" and apdb is not None:
-            process_dia_stage(butler, row, cfg, o, apdb=apdb, tag=tag, redo=redo, stored=stored, doraise=doraise)
+            process_dia_stage(butler, row, cfg, o, apdb=apdb, tag=tag, redo=redo, stored=stored,
+                              doraise=doraise, writer=writer)
+        wait_for_outputs(o, writer, tag, doraise=doraise, data_id=_did(row))
         finish_outcome(o, tag, progress)
-        out.append(o)
-    return out
+        return o
+
+    # The DIA stage of CCD i (association needs time order: one lane) runs on a thread while the image
+    # stages of CCD i+1 run here; at most one CCD waits for the lane, so at most three CCDs' images are
+    # in memory. Kernels of both threads share the cores (numba's OpenMP layer is thread-safe).
+    with OutputWriter(butler) as writer, ThreadPoolExecutor(1, thread_name_prefix="apfast-dia") as lane:
+        for i, row in enumerate(rows, 1):
+            tag = f"[{i}/{len(rows)}] visit={int(row['visit'])} ccdnum={int(row['ccdnum'])}"
+            o, redo = process_image_stages(butler, row, cfg, tag=tag, template_root=template_root,
+                                           template_visit=template_visit, doraise=doraise,
+                                           clobber_output=clobber_output, writer=writer)
+            if len(futures) >= 2:
+                futures[-2].result()  # re-raises a --doraise failure of an earlier CCD here
+            futures.append(lane.submit(dia_and_finish, row, o, redo, tag))
+        return [f.result() for f in futures]
+
+
+def _did(row: dict[str, Any]) -> dict[str, int]:
+    return {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+
+
+def wait_for_outputs(o: CcdOutcome, writer: OutputWriter, tag: str, *, doraise: bool,
+                     data_id: dict[str, Any] | None = None) -> None:
+    """Wait until the CCD's outputs are on disk; a failed write fails the CCD (``write_wait`` timed)."""
+    waited = _guarded(o, tag, "writing outputs", lambda: writer.wait(data_id), doraise=doraise)
+    if waited is not None:
+        o.timings["write_wait"] = o.timings.get("write_wait", 0.0) + waited
 
 
 def process_image_stages(
     butler: Butler, row: dict[str, Any], cfg: Any, *, tag: str, template_root: Path | None,
-    template_visit: int | None, doraise: bool, clobber_output: bool,
+    template_visit: int | None, doraise: bool, clobber_output: bool, writer: OutputWriter | None = None,
 ) -> tuple[CcdOutcome, bool]:
-    """processCcd and differencing of one CCD (each skipped if its outputs exist); returns (outcome, redone)."""
+    """processCcd and differencing of one CCD (each skipped if its outputs exist); returns (outcome, redone).
+
+    With ``writer`` the outputs are handed to it (the caller waits for them);
+    without, they are on disk when this returns (a failed write fails the CCD).
+    """
+    if writer is None:
+        with OutputWriter(butler) as own:
+            o, redo = process_image_stages(butler, row, cfg, tag=tag, template_root=template_root,
+                                           template_visit=template_visit, doraise=doraise,
+                                           clobber_output=clobber_output, writer=own)
+            wait_for_outputs(o, own, tag, doraise=doraise)
+        return o, redo
     from apfast.errors import NoWorkFound
 
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
@@ -338,7 +383,7 @@ def process_image_stages(
     o.stats["_ran"] = []
     redo = clobber_output
     if redo or not all(_exists_here(butler, d, did) for d in PROCESS_CCD_OUTPUTS):
-        r = _guarded(o, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)
+        r = _guarded(o, tag, "processCcd", lambda: process_ccd(butler, row, cfg, writer=writer), doraise=doraise)
         if r is None:
             return o, redo
         o.timings.update(r.timings)
@@ -351,7 +396,7 @@ def process_image_stages(
         try:
             r = _guarded(o, tag, "difference", lambda: process_diffim(
                 butler, row, cfg, template_root=template_root, template_visit=template_visit,
-                products=o.products), doraise=doraise)
+                products=o.products, writer=writer), doraise=doraise)
         except NoWorkFound as exc:
             o.status, o.message = "skipped", f"no template: {exc}"
             o.stats["_ran"].append(f"difference skipped: {exc}")
@@ -369,10 +414,21 @@ def process_image_stages(
 
 def process_dia_stage(
     butler: Butler, row: dict[str, Any], cfg: Any, o: CcdOutcome, *, apdb: Any, tag: str, redo: bool,
-    stored: set[tuple[int, int]] | None, doraise: bool,
+    stored: set[tuple[int, int]] | None, doraise: bool, writer: OutputWriter | None = None,
 ) -> None:
-    """DIA sources, association, APDB and alerts of one CCD-visit, unless already done (see run_process)."""
+    """DIA sources, association, APDB and alerts of one CCD-visit, unless already done (see run_process).
+
+    With ``writer``, earlier outputs handed to it are on disk before the APDB
+    transaction starts, and this stage's outputs are handed to it too (the
+    caller waits); without, they are on disk when this returns.
+    """
     if not cfg.dia_pipe.do_dia:
+        return
+    if writer is None:
+        with OutputWriter(butler) as own:
+            process_dia_stage(butler, row, cfg, o, apdb=apdb, tag=tag, redo=redo, stored=stored,
+                              doraise=doraise, writer=own)
+            wait_for_outputs(o, own, tag, doraise=doraise)
         return
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
     key = (did["visit"], did["ccdnum"])
@@ -384,7 +440,8 @@ def process_dia_stage(
     from apfast.diapipe import process_dia
 
     t = time.perf_counter()
-    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, products=o.products), doraise=doraise)
+    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, products=o.products, writer=writer),
+                 doraise=doraise)
     if r is None:
         return
     o.timings.update(r.timings)

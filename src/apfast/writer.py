@@ -1,0 +1,162 @@
+"""Output files written on a background thread while the pipeline computes.
+
+Writing one CCD's outputs (calexp, difference, matched template: ~300 MB of
+FITS, plus catalogues and alerts) takes 0.4-0.8 s, most of it in the kernel
+copying pages and waiting for dirty-page write-back. None of it needs the CPU
+the next stage wants, so :class:`OutputWriter` hands each :meth:`Butler.put`
+to one writer thread and the pipeline goes on.
+
+Guarantees (what ``apfast process`` relies on):
+
+- A file appears under its final name only when complete (the same temporary
+  name + rename as a direct ``put``); a failed write leaves the previous file, if
+  any, and no temporary file.
+- :meth:`OutputWriter.put` snapshots exposures and catalogues in the caller's
+  thread (:meth:`apfast.butler.Butler.prepare_put`), so the caller may keep
+  using them; astropy never byte-swaps the caller's arrays in place.
+- :meth:`OutputWriter.wait` returns only when every write handed over so far
+  is on disk, and raises :class:`apfast.errors.OutputError` naming the dataset,
+  the dataId and the file of the first one that failed. The pipeline waits
+  before a CCD-visit's APDB transaction (rows in the APDB imply its image
+  outputs exist) and before it reports the CCD.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Self
+
+from apfast.errors import OutputError
+
+if TYPE_CHECKING:
+    from apfast.butler import Butler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OutputWriter"]
+
+
+class OutputWriter:
+    """Write :class:`~apfast.butler.Butler` datasets on one background thread.
+
+    Parameters
+    ----------
+    butler : Butler
+        The output Butler (paths, checks and snapshots are made through it).
+    background : bool
+        ``False`` writes in :meth:`put` itself (same errors, no thread).
+
+    Use it as a context manager, or call :meth:`wait` / :meth:`close`: a write
+    handed over is only known to be on disk after :meth:`wait` returned.
+
+    """
+
+    def __init__(self, butler: Butler, *, background: bool = True) -> None:
+        self.butler = butler
+        self.background = background
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Future[Path], str, frozenset[tuple[str, Any]]]] = []
+        self._lock = threading.Lock()
+
+    def put(self, obj: Any, dataset: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:  # noqa: N803
+        """Hand a dataset over for writing; return the path it will have.
+
+        Raises
+        ------
+        InputError
+            At once, for what :meth:`Butler.put` refuses (unknown dataset, wrong type, bad dataId).
+        OutputError
+            Without ``background``: the write failed.
+        """
+        path, write = self.butler.prepare_put(obj, dataset, dataId, **kwargs)
+        did = dict(dataId or {}, **kwargs)
+        what = f"{dataset} {did} -> {path}"
+        if not self.background:
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 - reported as OutputError naming the file
+                raise _output_error(what, exc) from exc
+            return path
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apfast-writer")
+            self._pending.append((self._pool.submit(write), what, _group(did)))
+        return path
+
+    def wait(self, dataId: Mapping[str, Any] | None = None) -> float:  # noqa: N803
+        """Block until the writes handed over so far are done; return the seconds waited.
+
+        Parameters
+        ----------
+        dataId : dict, optional
+            Only the writes of datasets with this dataId (e.g. one CCD-visit's
+            ``{"visit": v, "ccdnum": c}``); by default all of them.
+
+        Raises
+        ------
+        OutputError
+            The first write that failed (the others that failed are logged).
+        """
+        import time
+
+        t = time.perf_counter()
+        with self._lock:
+            if dataId is None:
+                pending, self._pending = self._pending, []
+            else:
+                g = _group(dataId)
+                pending = [p for p in self._pending if p[2] == g]
+                self._pending = [p for p in self._pending if p[2] != g]
+        first: OutputError | None = None
+        for fut, what, _g in pending:
+            exc = fut.exception()
+            if exc is None:
+                continue
+            err = _output_error(what, exc)
+            if first is None:
+                first = err
+            else:
+                log.error("%s", err)
+        if first is not None:
+            raise first
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        """Wait for the pending writes (errors are logged, not raised) and stop the thread."""
+        try:
+            self.wait()
+        except OutputError as exc:
+            log.error("%s", exc)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            try:
+                self.wait()
+            finally:
+                self.close()
+        else:
+            self.close()
+
+
+def _group(did: Mapping[str, Any]) -> frozenset[tuple[str, Any]]:
+    return frozenset((str(k), int(v) if isinstance(v, int) else v) for k, v in did.items())
+
+
+def _output_error(what: str, exc: BaseException) -> OutputError:
+    hint = ""
+    if isinstance(exc, OSError):
+        # numpy reports a short write ("N requested and M written") without an errno: a full disk,
+        # a quota or a file-size limit look the same from here
+        hint = ("; check free disk space, quotas and write permission there, then re-run the same command "
+                "(finished CCDs are kept, this one is redone)")
+    return OutputError(f"writing {what} failed: {type(exc).__name__}: {exc}{hint}")
