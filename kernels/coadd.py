@@ -203,8 +203,9 @@ def mosaic_add(sum_img, sum_var, count, mask_or, image, variance, mask, y0, x0, 
 
     Parameters
     ----------
-    sum_img, sum_var : ndarray, float64, shape (ny, nx)
-        Running sums of pixel values and variances (in place).
+    sum_img, sum_var : ndarray, float32, shape (ny, nx)
+        Running sums of pixel values and variances (in place). A pixel gets at
+        most a few patches, so float32 sums add < 1e-7 relative rounding.
     count : ndarray, int16, shape (ny, nx)
         Number of patches with data per pixel (in place).
     mask_or : ndarray, int32, shape (ny, nx)
@@ -215,10 +216,17 @@ def mosaic_add(sum_img, sum_var, count, mask_or, image, variance, mask, y0, x0, 
     y0, x0 : int
     nodata_bit : int
         Pixels with this bit carry no data and are skipped.
+
+    Returns
+    -------
+    int
+        Number of pixels the patch added.
     """
     h, w = image.shape
+    n_added = 0
     for j in prange(h):
         y = y0 + j
+        n_row = 0
         for i in range(w):
             m = mask[j, i]
             if m & nodata_bit:
@@ -228,6 +236,9 @@ def mosaic_add(sum_img, sum_var, count, mask_or, image, variance, mask, y0, x0, 
             sum_var[y, x] += variance[j, i]
             count[y, x] += 1
             mask_or[y, x] |= m
+            n_row += 1
+        n_added += n_row
+    return n_added
 
 
 @pjit
@@ -240,7 +251,7 @@ def mosaic_finish(sum_img, sum_var, count, mask_or, nodata_bit, out_image, out_v
     Parameters
     ----------
     sum_img, sum_var, count, mask_or : ndarray, shape (ny, nx)
-        From :func:`mosaic_add`.
+        From :func:`mosaic_add` (float32, float32, int16, int32).
     nodata_bit : int
     out_image, out_variance : ndarray, float32, shape (ny, nx)
         Output, written in place.
@@ -281,12 +292,12 @@ def _warmup_cases():
         (median_small, (np.ones(3), 3, np.empty(3))),
         (
             mosaic_add,
-            (np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx), np.int16), np.zeros((ny, nx), np.int32),
-             img[0], var[0], msk[0], 0, 0, 256),
+            (np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.int16),
+             np.zeros((ny, nx), np.int32), img[0], var[0], msk[0], 0, 0, 256),
         ),
         (
             mosaic_finish,
-            (np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx), np.int16), np.zeros((ny, nx), np.int32), 256,
-             out[0], out[1], out[2]),
+            (np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.float32), np.zeros((ny, nx), np.int16),
+             np.zeros((ny, nx), np.int32), 256, out[0], out[1], out[2]),
         ),
     ]

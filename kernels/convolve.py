@@ -7,7 +7,9 @@ varying kernel is exactly ``sum_t P_t(x, y) (I (x) K_t)(x, y)`` (the kernel is
 evaluated at the *output* pixel, as Rubin's ``afw`` convolution does). The
 driver computes ``I (x) K_t`` by FFT; :func:`combine_spatial_terms` forms the
 weighted sum, adds the differential background polynomial and the difference
-in one pass. :func:`grow_mask_bits` ORs mask bits over the kernel footprint.
+in one pass. :func:`grow_mask_bits` ORs mask bits over the kernel footprint;
+:func:`difference_masks`, :func:`or_masks_any` and :func:`planes_finite` are the
+whole-image mask and validity passes of the subtraction fused into one pass each.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from numba import prange
 
 from apfast._jit import pjit
 
-__all__ = ["combine_spatial_terms", "grow_mask_bits"]
+__all__ = ["combine_spatial_terms", "difference_masks", "grow_mask_bits", "or_masks_any", "planes_finite"]
 
 
 @pjit
@@ -116,3 +118,75 @@ def grow_mask_bits(mask, r, grow_bits, out):
             if row_any[yy]:
                 for x in range(nx):
                     out[y, x] |= tmp[yy, x]
+
+
+@pjit
+def planes_finite(image, variance):
+    """Whether every pixel of ``image`` and ``variance`` is finite (one parallel pass).
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx) float32
+
+    Returns
+    -------
+    bool
+    """
+    ny, nx = image.shape
+    n_bad = 0
+    for y in prange(ny):
+        nb = 0
+        for x in range(nx):
+            if not (np.isfinite(image[y, x]) and np.isfinite(variance[y, x])):
+                nb += 1
+        n_bad += nb
+    return n_bad == 0
+
+
+@pjit
+def or_masks_any(mask_a, mask_b, bits, out):
+    """``out = ((mask_a | mask_b) & bits) != 0`` in one pass.
+
+    Parameters
+    ----------
+    mask_a, mask_b : ndarray (ny, nx) int32
+    bits : int
+    out : ndarray (ny, nx) bool
+        Written in place.
+    """
+    ny, nx = mask_a.shape
+    for y in prange(ny):
+        for x in range(nx):
+            out[y, x] = ((mask_a[y, x] | mask_b[y, x]) & bits) != 0
+
+
+@pjit
+def difference_masks(mask_tgt, grown, r, edge_bit, not_grown, m_matched, m_diff):
+    """Masks of the matched image and the difference, with the ``r``-pixel EDGE border, in one pass.
+
+    ``m_matched = grown | E`` and ``m_diff = mask_tgt | (grown & ~not_grown) | E``, where
+    ``E = edge_bit`` within ``r`` pixels of the image border (where the convolution
+    kernel runs off the image) and 0 elsewhere.
+
+    Parameters
+    ----------
+    mask_tgt : ndarray (ny, nx) int32
+        Mask of the image the convolved one is subtracted from.
+    grown : ndarray (ny, nx) int32
+        Mask of the convolved image, grown over the kernel footprint.
+    r : int
+        Kernel half-size (EDGE border width).
+    edge_bit, not_grown : int
+        The EDGE bit; bits of ``grown`` not carried into the difference.
+    m_matched, m_diff : ndarray (ny, nx) int32
+        Written in place.
+    """
+    ny, nx = grown.shape
+    keep = ~not_grown
+    for y in prange(ny):
+        edge_row = y < r or y >= ny - r
+        for x in range(nx):
+            e = edge_bit if (edge_row or x < r or x >= nx - r) else 0
+            g = grown[y, x]
+            m_matched[y, x] = g | e
+            m_diff[y, x] = mask_tgt[y, x] | (g & keep) | e

@@ -53,7 +53,13 @@ from apfast.detection import DetectionConfig, detect_sources
 from apfast.errors import InputError
 from apfast.exposure import Exposure
 from apfast.fftw import rfft2_pair
-from apfast.kernels.convolve import combine_spatial_terms, grow_mask_bits
+from apfast.kernels.convolve import (
+    combine_spatial_terms,
+    difference_masks,
+    grow_mask_bits,
+    or_masks_any,
+    planes_finite,
+)
 from apfast.masks import MASK_BITS, bitmask
 from apfast.psf import ImagePsf, PsfModel
 from apfast.psfmatch import (
@@ -206,8 +212,8 @@ def _planes(exp: Exposure, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     img = np.ascontiguousarray(exp.image, dtype=np.float32)
     var = np.ascontiguousarray(exp.variance, dtype=np.float32)
     msk = np.zeros(img.shape, np.int32) if exp.mask is None else np.ascontiguousarray(exp.mask, dtype=np.int32)
-    finite = np.isfinite(img) & np.isfinite(var)
-    if not finite.all():
+    if not planes_finite(img, var):
+        finite = np.isfinite(img) & np.isfinite(var)
         msk = msk | np.where(finite, 0, bitmask("NO_DATA")).astype(np.int32)
         img = np.where(finite, img, 0.0).astype(np.float32)
         var = np.where(finite, var, 0.0).astype(np.float32)
@@ -300,7 +306,8 @@ def subtract_images(
     # the stamp must be at least as wide as the kernel, or the background is degenerate with its wings
     half = max(math.ceil(cfg.stamp_fwhm_scaling * max(fwhm_s, fwhm_t)), r)
     badbits = bitmask(cfg.bad_mask_planes) | bitmask("NO_DATA")
-    bad = ((s_msk | t_msk) & badbits) != 0
+    bad = np.empty((ny, nx), dtype=bool)
+    or_masks_any(s_msk, t_msk, badbits, bad)
     if sources is None:
         x, y, snr, ok = _detect_candidates(t_img, t_var, t_msk, fwhm_t, cfg)
     else:
@@ -328,12 +335,9 @@ def subtract_images(
         var_diff = (var_tgt + var_conv) / np.float32(ksum_c * ksum_c)
     grown = np.empty_like(msk_ref)
     grow_mask_bits(msk_ref, r, _ALL_BITS & ~_NOT_GROWN, grown)
-    edge = np.zeros((ny, nx), dtype=bool)
-    edge[:r, :] = edge[ny - r :, :] = True
-    edge[:, :r] = edge[:, nx - r :] = True
-    edge_bits = np.where(edge, bitmask("EDGE"), 0).astype(np.int32)
-    m_matched = grown | edge_bits
-    m_diff = msk_tgt | (grown & ~_NOT_GROWN) | edge_bits
+    m_matched = np.empty((ny, nx), dtype=np.int32)
+    m_diff = np.empty((ny, nx), dtype=np.int32)
+    difference_masks(msk_tgt, grown, r, bitmask("EDGE"), _NOT_GROWN, m_matched, m_diff)
     t_conv = time.perf_counter()
 
     if mode == "convolveTemplate":

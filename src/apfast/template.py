@@ -235,8 +235,8 @@ def get_template(
         )
         return NoWorkFound(msg)
 
-    sum_img = np.zeros((ny, nx), dtype=np.float64)
-    sum_var = np.zeros((ny, nx), dtype=np.float64)
+    sum_img = np.zeros((ny, nx), dtype=np.float32)
+    sum_var = np.zeros((ny, nx), dtype=np.float32)
     count = np.zeros((ny, nx), dtype=np.int16)
     mask_or = np.zeros((ny, nx), dtype=np.int32)
     nodata = masks.bitmask("NO_DATA")
@@ -258,12 +258,11 @@ def get_template(
         sub_wcs = science.wcs.slice((slice(y0, y1), slice(x0, x1)))
         warped = _warp.warp_exposure(coadd, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
         wmask = warped.mask if warped.mask is not None else np.zeros(warped.shape, np.int32)
-        before = int(count[y0:y1, x0:x1].sum()) if len(used) else 0
         wvar = warped.variance if warped.variance is not None else np.zeros(warped.shape, np.float32)
-        _kcoadd.mosaic_add(sum_img, sum_var, count, mask_or, np.ascontiguousarray(warped.image, np.float32),
-                           np.ascontiguousarray(wvar, np.float32), np.ascontiguousarray(wmask, np.int32),
-                           y0, x0, nodata)
-        n_good = int(count[y0:y1, x0:x1].sum()) - before
+        n_good = int(_kcoadd.mosaic_add(sum_img, sum_var, count, mask_or,
+                                        np.ascontiguousarray(warped.image, np.float32),
+                                        np.ascontiguousarray(wvar, np.float32), np.ascontiguousarray(wmask, np.int32),
+                                        y0, x0, nodata))
         if n_good == 0:
             continue
         used.append((tract, patch, coadd, n_good))
