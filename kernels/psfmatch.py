@@ -28,10 +28,284 @@ from apfast._jit import jit, pjit
 __all__ = ["solve_symmetric_batch", "stamp_normal_equations"]
 
 
+@jit
+def _filter_parity(filt):
+    """Return the tap symmetry of each 1-D filter: 1 even, -1 odd, 0 neither.
+
+    Parameters
+    ----------
+    filt : ndarray (n, k) float64
+        Filters with ``k = 2 r + 1`` taps centred on tap ``r``.
+
+    Returns
+    -------
+    ndarray (n,) int64
+        1 if ``filt[f, r + d] == filt[f, r - d]`` for every ``d``, -1 if
+        ``filt[f, r + d] == -filt[f, r - d]`` (and the centre tap is 0), else 0.
+        Comparisons are exact, so folding is used only when it is exact.
+    """
+    n = filt.shape[0]
+    r = (filt.shape[1] - 1) // 2
+    par = np.zeros(n, dtype=np.int64)
+    for f in range(n):
+        even = True
+        odd = filt[f, r] == 0.0
+        for d in range(1, r + 1):
+            a = filt[f, r + d]
+            b = filt[f, r - d]
+            if a != b:
+                even = False
+            if a != -b:
+                odd = False
+        if even:
+            par[f] = 1
+        elif odd:
+            par[f] = -1
+    return par
+
+
+@jit
+def _fold_line(src, off, r, s, need_even, need_odd, psum, pdif):
+    """Write ``psum[d, i] = src[off - d + i] + src[off + d + i]`` and ``pdif`` (the difference), ``d = 1..r``.
+
+    ``src`` is any 1-D float64 view; only the sums/differences asked for are formed.
+    Row ``0`` of ``psum`` / ``pdif`` is unused.
+    """
+    for d in range(1, r + 1):
+        lo = off - d
+        hi = off + d
+        if need_even:
+            for i in range(s):
+                psum[d, i] = src[lo + i] + src[hi + i]
+        if need_odd:
+            for i in range(s):
+                pdif[d, i] = src[lo + i] - src[hi + i]
+
+
+@jit
+def _row_pass_line(wrow, row_filt, rpar, used_f, need_even, need_odd, r, s, psum, pdif, ring, slot):
+    """Filter one window row with every used row filter: ``ring[f, slot, i] = sum_u row_filt[f, u] wrow[2r - u + i]``.
+
+    Even / odd filters use the folded taps ``row_filt[f, r + d] (wrow[r-d+i] +- wrow[r+d+i])``;
+    other filters use all taps.
+    """
+    k = 2 * r + 1
+    _fold_line(wrow, r, r, s, need_even, need_odd, psum, pdif)
+    for f in range(row_filt.shape[0]):
+        if not used_f[f]:
+            continue
+        out = ring[f, slot]
+        c = row_filt[f, r]
+        for i in range(s):
+            out[i] = c * wrow[r + i]
+        p = rpar[f]
+        if p == 1:
+            for d in range(1, r + 1):
+                wf = row_filt[f, r + d]
+                for i in range(s):
+                    out[i] += wf * psum[d, i]
+        elif p == -1:
+            for d in range(1, r + 1):
+                wf = row_filt[f, r + d]
+                for i in range(s):
+                    out[i] += wf * pdif[d, i]
+        else:
+            for uu in range(k):
+                if uu == r:
+                    continue
+                wf = row_filt[f, uu]
+                xo = 2 * r - uu
+                for i in range(s):
+                    out[i] += wf * wrow[xo + i]
+
+
+@jit
+def _accumulate_outer(ct, wch, npc, ne, macc):
+    """Add ``(wch[p] ct[p, a]) ct[p, c]`` to ``macc[a, c]`` for every pixel ``p < npc`` of a chunk.
+
+    Only ``a < ne`` and ``c < 4 (a // 4 + 1)`` (the lower triangle rounded up to
+    multiples of 4, so the contiguous inner loop over ``c`` vectorises cleanly) are
+    updated. Pixels are added in order, so every element sums in the same order as a
+    plain pixel loop; ``ct`` must have at least ``4 ceil(ne / 4)`` columns.
+    """
+    for p in range(npc):
+        wp = wch[p]
+        cp = ct[p]
+        for a in range(ne):
+            wa = wp * cp[a]
+            lim = 4 * (a // 4 + 1)
+            mr = macc[a]
+            for c in range(lim):
+                mr[c] += wa * cp[c]
+
+
+@jit
+def _basis_plan(row_filt, col_filt, pairs):
+    """Filter symmetries and which row filters / folded sums the bases need.
+
+    Returns
+    -------
+    rpar, cpar : ndarray (nr,), (nc,) int64
+        :func:`_filter_parity` of the row and column factors.
+    used_f, ce_f, co_f : ndarray (nr,) bool
+        Row filter ``f`` is used by a basis / by one with an even / odd column factor.
+    row_fold : ndarray (2,) bool
+        Some used row filter is even / odd.
+    """
+    nr = row_filt.shape[0]
+    nb = pairs.shape[0]
+    rpar = _filter_parity(row_filt)
+    cpar = _filter_parity(col_filt)
+    used_f = np.zeros(nr, dtype=np.bool_)
+    ce_f = np.zeros(nr, dtype=np.bool_)
+    co_f = np.zeros(nr, dtype=np.bool_)
+    row_even = False
+    row_odd = False
+    for bi in range(nb):
+        f = pairs[bi, 0]
+        g = pairs[bi, 1]
+        used_f[f] = True
+        if cpar[g] == 1:
+            ce_f[f] = True
+        elif cpar[g] == -1:
+            co_f[f] = True
+        if rpar[f] == 1:
+            row_even = True
+        elif rpar[f] == -1:
+            row_odd = True
+    row_fold = np.zeros(2, dtype=np.bool_)
+    row_fold[0] = row_even
+    row_fold[1] = row_odd
+    return rpar, cpar, used_f, ce_f, co_f, row_fold
+
+
+@jit
+def _stamp_equations(ref, tgt, wgt, var_ref, x0, y0, half, row_filt, col_filt, pairs, with_bg,
+                     rpar, cpar, used_f, ce_f, co_f, row_even, row_odd, m_out, b_out):
+    """Normal equations of the stamp with corner ``(x0, y0)`` (steps 1-3 of :func:`stamp_normal_equations`).
+
+    Writes ``m_out`` (nu, nu) and ``b_out`` (nu,) and returns ``(sws, wvr, npix)``;
+    the plan arguments come from :func:`_basis_plan`. Serial and disk-cached, so the
+    parallel driver stays small and compiles quickly.
+    """
+    nb = pairs.shape[0]
+    nr = row_filt.shape[0]
+    k = row_filt.shape[1]
+    r = (k - 1) // 2
+    s = 2 * half + 1
+    h = s + 2 * r
+    nu = nb + (1 if with_bg else 0)
+    ne = nu + 1  # extended vector (I, C_0 .. C_{nu-1})
+    npad = 4 * ((ne + 3) // 4)
+    # rows per accumulation chunk: keep the pixel-major chunk (cr * s * npad doubles) near L1 size
+    cr = max(1, 96 // s)
+    ring = np.empty((nr, k, s))
+    wrow = np.empty(h)
+    psum = np.empty((r + 1, s))
+    pdif = np.empty((r + 1, s))
+    crow = np.empty(s)
+    ct = np.zeros((cr * s, npad))
+    wch = np.empty(cr * s)
+    macc = np.zeros((npad, npad))
+    if with_bg:
+        for p in range(cr * s):
+            ct[p, 1 + nb] = 1.0
+    wvr = 0.0
+    npix = 0
+    # prime the ring with window rows 0 .. 2r - 1 (image rows y0 - r ..)
+    for yy in range(2 * r):
+        for xx in range(h):
+            wrow[xx] = ref[y0 - r + yy, x0 - r + xx]
+        _row_pass_line(wrow, row_filt, rpar, used_f, row_even, row_odd, r, s, psum, pdif, ring, yy % k)
+    q = 0  # rows in the current chunk
+    for j in range(s):
+        yy = j + 2 * r
+        for xx in range(h):
+            wrow[xx] = ref[y0 - r + yy, x0 - r + xx]
+        _row_pass_line(wrow, row_filt, rpar, used_f, row_even, row_odd, r, s, psum, pdif, ring, yy % k)
+        base = q * s
+        # column pass: output row j uses window rows j .. j + 2r; tap v = r + d reads row j + r - d
+        cslot = (j + r) % k
+        for f in range(nr):
+            if not used_f[f]:
+                continue
+            tf = ring[f]
+            for d in range(1, r + 1):
+                lo = (j + r - d) % k
+                hi = (j + r + d) % k
+                if ce_f[f]:
+                    for i in range(s):
+                        psum[d, i] = tf[lo, i] + tf[hi, i]
+                if co_f[f]:
+                    for i in range(s):
+                        pdif[d, i] = tf[lo, i] - tf[hi, i]
+            for bi in range(nb):
+                if pairs[bi, 0] != f:
+                    continue
+                g = pairs[bi, 1]
+                c = col_filt[g, r]
+                for i in range(s):
+                    crow[i] = c * tf[cslot, i]
+                p = cpar[g]
+                if p == 1:
+                    for d in range(1, r + 1):
+                        wg = col_filt[g, r + d]
+                        for i in range(s):
+                            crow[i] += wg * psum[d, i]
+                elif p == -1:
+                    for d in range(1, r + 1):
+                        wg = col_filt[g, r + d]
+                        for i in range(s):
+                            crow[i] += wg * pdif[d, i]
+                else:
+                    for vv in range(k):
+                        if vv == r:
+                            continue
+                        wg = col_filt[g, vv]
+                        tr = (j + 2 * r - vv) % k
+                        for i in range(s):
+                            crow[i] += wg * tf[tr, i]
+                for i in range(s):
+                    ct[base + i, 1 + bi] = crow[i]
+        for i in range(s):
+            wp = wgt[y0 + j, x0 + i]
+            if wp <= 0.0:
+                wp = 0.0
+            else:
+                npix += 1
+            wch[base + i] = wp
+            ct[base + i, 0] = tgt[y0 + j, x0 + i]
+            wvr += wp * var_ref[y0 + j, x0 + i]
+        q += 1
+        if q == cr or j == s - 1:
+            _accumulate_outer(ct, wch, q * s, ne, macc)
+            q = 0
+    for a in range(nu):
+        b_out[a] = macc[1 + a, 0]
+        for c in range(a + 1):
+            m_out[a, c] = macc[1 + a, 1 + c]
+            m_out[c, a] = macc[1 + a, 1 + c]
+    return macc[0, 0], wvr, npix
+
+
 @pjit
 def stamp_normal_equations(ref, tgt, wgt, var_ref, cx, cy, half, row_filt, col_filt, pairs, with_bg,
                            m_out, b_out, sws_out, wvr_out, npix_out):
     """Accumulate the weighted normal equations of every stamp (parallel over stamps).
+
+    Implements Alard & Lupton (1998) eq. 2-3 per stamp, ``M_jk = sum_pix w C_j C_k``,
+    ``b_j = sum_pix w I C_j``, with ``C_j = R (x) B_j`` (module docstring). Per stamp
+    and output row, in one streaming pass (the full ``C`` is never stored):
+
+    1. row pass: each window row of ``R`` is filtered by every used row factor into a
+       ring buffer of the last ``k`` filtered rows; symmetric / antisymmetric filters
+       (exact check of the taps) use folded taps ``f[r+d] (x[-d] +- x[+d])``, others all taps;
+    2. column pass: the ``k`` buffered rows give one output row of every basis column
+       ``C_j``, again with folded taps for (anti)symmetric column factors;
+    3. the row's pixels are stored pixel-major as ``e = (I, C_0 .. C_{nb-1}[, 1])`` and,
+       every few rows, ``sum_p (w_p e_a) e_c`` is accumulated for ``c <= a`` with
+       a pixel-major rank-1 update vectorised over ``c``, giving ``sws`` (``a = c = 0``), ``b`` (``c = 0``) and ``M``
+       in one float64 accumulation (pixels summed in image order).
 
     Parameters
     ----------
@@ -40,7 +314,7 @@ def stamp_normal_equations(ref, tgt, wgt, var_ref, cx, cy, half, row_filt, col_f
     tgt : ndarray (ny, nx) float32
         Image the convolved reference is fitted to.
     wgt : ndarray (ny, nx) float32
-        Per-pixel weight of the target (``1 / variance``; 0 excludes a pixel).
+        Per-pixel weight of the target (``1 / variance``; 0 excludes a pixel; values <= 0 count as 0).
     var_ref : ndarray (ny, nx) float32
         Variance of the reference, summed as ``sum w var_ref`` for the expected chi^2.
     cx, cy : ndarray (ns,) int64
@@ -49,7 +323,7 @@ def stamp_normal_equations(ref, tgt, wgt, var_ref, cx, cy, half, row_filt, col_f
     half : int
         Stamp half-size; a stamp has ``S = 2 half + 1`` pixels per side.
     row_filt : ndarray (nr, k) float64
-        Distinct 1-D x factors of the basis.
+        Distinct 1-D x factors of the basis (odd ``k``).
     col_filt : ndarray (nc, k) float64
         Distinct 1-D y factors of the basis.
     pairs : ndarray (nb, 2) int64
@@ -57,7 +331,7 @@ def stamp_normal_equations(ref, tgt, wgt, var_ref, cx, cy, half, row_filt, col_f
     with_bg : bool
         Append a constant column (differential background) as unknown ``nb``.
     m_out : ndarray (ns, nu, nu) float64
-        Written: normal matrices, ``nu = nb + with_bg``.
+        Written: normal matrices, ``nu = nb + with_bg`` (exactly symmetric).
     b_out : ndarray (ns, nu) float64
         Written: right-hand sides.
     sws_out : ndarray (ns,) float64
@@ -68,78 +342,11 @@ def stamp_normal_equations(ref, tgt, wgt, var_ref, cx, cy, half, row_filt, col_f
         Written: pixels with non-zero weight.
     """
     ns = cx.shape[0]
-    nb = pairs.shape[0]
-    nr = row_filt.shape[0]
-    k = row_filt.shape[1]
-    r = (k - 1) // 2
-    s = 2 * half + 1
-    nu = nb + (1 if with_bg else 0)
+    rpar, cpar, used_f, ce_f, co_f, row_fold = _basis_plan(row_filt, col_filt, pairs)
     for si in prange(ns):
-        x0 = cx[si] - half
-        y0 = cy[si] - half
-        # row pass: tmp[f, yy, i] over window rows y0 - r .. y0 + s - 1 + r (inner loops contiguous in i)
-        h = s + 2 * r
-        tmp = np.zeros((nr, h, s))
-        for f in range(nr):
-            for yy in range(h):
-                yimg = y0 - r + yy
-                for uu in range(k):
-                    wf = row_filt[f, uu]
-                    xo = x0 + r - uu
-                    for i in range(s):
-                        tmp[f, yy, i] += wf * ref[yimg, xo + i]
-        cols = np.zeros((nu, s * s))
-        for bi in range(nb):
-            f = pairs[bi, 0]
-            g = pairs[bi, 1]
-            for j in range(s):
-                # output row j (image y0 + j) takes input row y0 + j - (vv - r) = tmp row j + 2r - vv
-                for vv in range(k):
-                    wg = col_filt[g, vv]
-                    tr = j + 2 * r - vv
-                    for i in range(s):
-                        cols[bi, j * s + i] += wg * tmp[f, tr, i]
-        if with_bg:
-            for p in range(s * s):
-                cols[nb, p] = 1.0
-        w = np.empty(s * s)
-        t = np.empty(s * s)
-        sws = 0.0
-        wvr = 0.0
-        npix = 0
-        for j in range(s):
-            for i in range(s):
-                p = j * s + i
-                wp = wgt[y0 + j, x0 + i]
-                if wp <= 0.0:
-                    wp = 0.0
-                else:
-                    npix += 1
-                w[p] = wp
-                t[p] = tgt[y0 + j, x0 + i]
-                sws += wp * t[p] * t[p]
-                wvr += wp * var_ref[y0 + j, x0 + i]
-        # M = C W C^T, b = C W t with contiguous inner loops (no BLAS: it would oversubscribe the threads)
-        npx = s * s
-        wcol = np.empty(npx)
-        m = np.empty((nu, nu))
-        b = np.empty(nu)
-        for a in range(nu):
-            acc_b = 0.0
-            for p in range(npx):
-                wcol[p] = w[p] * cols[a, p]
-                acc_b += wcol[p] * t[p]
-            b[a] = acc_b
-            for c in range(a + 1):
-                acc = 0.0
-                for p in range(npx):
-                    acc += wcol[p] * cols[c, p]
-                m[a, c] = acc
-                m[c, a] = acc
-        for a in range(nu):
-            b_out[si, a] = b[a]
-            for c in range(nu):
-                m_out[si, a, c] = m[a, c]
+        sws, wvr, npix = _stamp_equations(ref, tgt, wgt, var_ref, cx[si] - half, cy[si] - half, half, row_filt,
+                                          col_filt, pairs, with_bg, rpar, cpar, used_f, ce_f, co_f, row_fold[0],
+                                          row_fold[1], m_out[si], b_out[si])
         sws_out[si] = sws
         wvr_out[si] = wvr
         npix_out[si] = npix
