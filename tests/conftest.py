@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pgserver import make_postgres_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +25,6 @@ def _fftw_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 # one throw-away PostgreSQL server per test session (skips where PostgreSQL or psycopg is missing)
-postgres_url = make_postgres_fixture()
-
-
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A fresh, seeded generator: tests never touch numpy's global RNG."""

@@ -117,6 +117,9 @@ def _sqlite_on_connect(read_uncommitted: bool) -> Callable[[Any, Any], None]:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA cache_size = -65536")  # 64 MiB: bulk inserts keep index pages cached
+        # one CCD-visit dirties ~1000 pages of a large APDB: with the default checkpoint every 1000 WAL
+        # pages nearly every commit would checkpoint (and fsync); this does it every ~20 CCD-visits
+        cur.execute("PRAGMA wal_autocheckpoint = 20000")
         cur.execute(f"PRAGMA read_uncommitted = {1 if read_uncommitted else 0}")
         cur.close()
 
@@ -309,11 +312,22 @@ class Apdb:
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_ASSOCIATION_LOCK})")
             try:
                 yield conn
-            except BaseException:
-                conn.rollback()
+            except BaseException as exc:
+                try:
+                    conn.rollback()
+                except sa.exc.DBAPIError as rb:
+                    if not rb.connection_invalidated:
+                        raise
+                    raise self._lost(rb) from exc
+                if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                    raise self._lost(exc) from exc
                 raise
             conn.commit()
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise self._lost(exc) from exc
+            if not isinstance(exc, sa.exc.OperationalError):
+                raise
             if "lock" in str(exc.orig).lower():
                 msg = (
                     f"the APDB at {self.url} stayed locked by another writer for more than "
@@ -324,6 +338,16 @@ class Apdb:
             raise
         finally:
             conn.close()
+
+    def _lost(self, exc: sa.exc.DBAPIError) -> ApdbError:
+        """The error for a connection the server dropped in the middle of a transaction."""
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        msg = (
+            f"lost the connection to the APDB at {self.url} in the middle of a CCD-visit transaction ({first}); "
+            "the server rolls that transaction back, so nothing of the CCD-visit is stored: check the database "
+            "server and re-run the same command"
+        )
+        return ApdbError(msg)
 
     def _begin_immediate(self, conn: Connection) -> None:
         """``BEGIN IMMEDIATE`` with exponential back-off while another process holds the write lock."""
@@ -490,7 +514,9 @@ class ApdbCcdVisit:
             Sorted affected diaObjectIds (recompute their statistics).
         """
         row = self._stored_row()
-        t = float(row[0]) if row is not None else self.t
+        if row is None:  # every store writes its apfast_ccd_visit row in the same transaction
+            return np.zeros(0, np.int64)
+        t = float(row[0])
         q, ph = self._q, self._ph
         vd = (self.visit, self.detector)
         ids = np.array(
@@ -548,8 +574,11 @@ class ApdbCcdVisit:
         )
         if objs["ra"].size:
             keep = polygon_contains(ra_deg, dec_deg, objs["ra"], objs["dec"])
-            if not keep.all():
-                objs = {k: v[keep] for k, v in objs.items()}
+            # in diaObjectId order whatever order the backend returns them in: forced-source ids
+            # (row numbers) are then the same on SQLite and PostgreSQL
+            keep = np.flatnonzero(keep)
+            keep = keep[np.argsort(np.asarray(objs["diaObjectId"])[keep], kind="stable")]
+            objs = {k: v[keep] for k, v in objs.items()}
         return objs
 
     def load_dia_sources(self, object_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -742,4 +771,7 @@ def _wrap_db_error(exc: Exception, table: str, url: str) -> Exception:
     if re.search(r"not null|null value", text, re.IGNORECASE):
         msg = f"NULL in a NOT NULL {table} column in {url}: {text}; fill that column"
         return ApdbError(msg)
-    return exc
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return exc  # the transaction's handler reports the lost connection
+    msg = f"inserting {table} rows into {url} failed: {text}; the CCD-visit's transaction is rolled back"
+    return ApdbError(msg)

@@ -735,9 +735,16 @@ class Butler:
         InputError
             For raw/calib dataset types (written by ingest), a read-only storage,
             or an object of the wrong type.
+        OutputError
+            If the file could not be written (the previous file, if any, is kept).
         """
         path, write = self.prepare_put(obj, datasetType, dataId, **kwargs)
-        write()
+        try:
+            write()
+        except OSError as exc:  # disk full, quota, permissions: name the dataset and the file
+            from apfast.writer import output_error
+
+            raise output_error(f"{datasetType} {_merge_data_id(dataId, kwargs)} -> {path}", exc) from exc
         return path
 
     def prepare_put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None,  # noqa: N803

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from apfast import __version__
 from apfast.errors import ApfastError, ConfigError
@@ -215,16 +216,13 @@ def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN
 
 def _cmd_process(args: argparse.Namespace) -> int:
     """``process`` and ``process-ccd``: select, set up the output repository, run, summarise."""
-    import numba
-
-    from apfast.butler import Butler
-    from apfast.config import config_to_toml
-    from apfast.pipeline import format_summary, run_process, run_process_ccd
-    from apfast.repository import create_output_repo, write_config
-
     if args.processes < 1:
         msg = f"-j {args.processes}: give a number of worker processes >= 1"
         raise ConfigError(msg)
+    if getattr(args, "executor", "local") == "dask":
+        from apfast.executor import require_distributed
+
+        require_distributed()  # before anything is written
     cfg = _load_cfg(args)
     rows = _select(args)
     if args.show:
@@ -238,6 +236,22 @@ def _cmd_process(args: argparse.Namespace) -> int:
         from apfast.apdb import Apdb
 
         apdb = Apdb(cfg.apdb)  # fails here, before any work, if there is no APDB at the URL
+    try:
+        return _run_selected(args, cfg, rows, apdb)
+    finally:
+        if apdb is not None:
+            apdb.close()
+
+
+def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: Any) -> int:
+    """The body of ``process`` / ``process-ccd`` once the config, the rows and the APDB are settled."""
+    import numba
+
+    from apfast.butler import Butler
+    from apfast.config import config_to_toml
+    from apfast.pipeline import format_summary, run_process, run_process_ccd
+    from apfast.repository import create_output_repo, write_config
+
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output)
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
     if cfg.process.n_threads:
@@ -261,8 +275,6 @@ def _cmd_process(args: argparse.Namespace) -> int:
                                    clobber_output=clobber, progress=_progress)
     else:
         outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber, progress=_progress)
-    if apdb is not None:
-        apdb.close()
     wall = time.perf_counter() - t_start
     _out(format_summary(outcomes))
     n_ran = sum(o.status != "skipped" for o in outcomes)

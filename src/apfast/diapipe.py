@@ -238,23 +238,28 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
         versions = compute_object_versions(version_ids, history, band=band, validity_start=t_mid, prior=prior,
                                            forced_history=_rows_or_none(concat_column_sets([forced_old, forced])))
         tx.store(objects=versions, sources=src, forced_sources=forced, n_new_objects=int(assoc.n_new))
+        tm["association"] = time.perf_counter() - t
+
+        # The catalogue and the alerts are written INSIDE the transaction and waited for before it
+        # commits: a CCD-visit is in the APDB only if its outputs are on disk (a failed write, e.g. a
+        # full disk, rolls its rows back and the re-run redoes it).
+        t = time.perf_counter()
+        out_put = writer.put if writer is not None else butler.put
+        out_put(Table({k: _fits_column(v) for k, v in src.items()}), "deepDiff_diaSrc", did)
+        if cfg.dia_pipe.do_alerts:
+            acfg = cfg.alerts
+            alerts = build_ccd_alerts(src, versions, hist_old, forced_old, difference=diff, science=calexp,
+                                      template=matched, cutout_size=acfg.cutout_size, cutout_mask=acfg.cutout_mask,
+                                      schema_version=acfg.schema_version)
+            batch = AlertBatch(alerts)
+            batch.codec = acfg.codec
+            out_put(batch, "alerts", did)
+            out.n_alerts = len(alerts)
+        if writer is not None:
+            writer.wait(did)
     out.n_new_objects = int(assoc.n_new)
     out.n_updated_objects = int(len(version_ids)) - int(assoc.n_new)
     out.n_forced = _n_rows(forced)
-    tm["association"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    out_put = writer.put if writer is not None else butler.put
-    out_put(Table({k: _fits_column(v) for k, v in src.items()}), "deepDiff_diaSrc", did)
-    if cfg.dia_pipe.do_alerts:
-        acfg = cfg.alerts
-        alerts = build_ccd_alerts(src, versions, hist_old, forced_old, difference=diff, science=calexp,
-                                  template=matched, cutout_size=acfg.cutout_size, cutout_mask=acfg.cutout_mask,
-                                  schema_version=acfg.schema_version)
-        batch = AlertBatch(alerts)
-        batch.codec = acfg.codec
-        out_put(batch, "alerts", did)
-        out.n_alerts = len(alerts)
     tm["alerts"] = time.perf_counter() - t
     return out
 

@@ -214,17 +214,24 @@ def _margin_deg(spec: RunSpec) -> float:
 
 
 # --------------------------------------------------------------------------------------- Dask
-def run_dask(spec: RunSpec, rows: Sequence[dict[str, Any]], *, stored: set[tuple[int, int]],
-             scheduler: str | None = None, n_workers: int = 2,
-             progress: Callable[[str], None] | None = None) -> list[CcdOutcome]:
-    """Process ``rows`` as tasks on a Dask distributed cluster (a LocalCluster if no scheduler)."""
+def require_distributed() -> None:
+    """Raise ConfigError (exit 2) unless dask.distributed can be imported (checked before any work)."""
     try:
-        from distributed import Client, LocalCluster, as_completed
+        import distributed  # noqa: F401
     except ImportError:
         from apfast.errors import ConfigError
 
         msg = "--executor dask needs dask.distributed: pip install 'apfast[dask]' (or pip install distributed)"
         raise ConfigError(msg) from None
+
+
+def run_dask(spec: RunSpec, rows: Sequence[dict[str, Any]], *, stored: set[tuple[int, int]],
+             scheduler: str | None = None, n_workers: int = 2,
+             progress: Callable[[str], None] | None = None) -> list[CcdOutcome]:
+    """Process ``rows`` as tasks on a Dask distributed cluster (a LocalCluster if no scheduler)."""
+    require_distributed()
+    from distributed import Client, LocalCluster, as_completed
+
     n = len(rows)
     deps = ccd_dependencies(rows, _margin_deg(spec))
     tags = [f"[{i + 1}/{n}] visit={int(r['visit'])} ccdnum={int(r['ccdnum'])}" for i, r in enumerate(rows)]

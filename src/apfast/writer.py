@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputWriter"]
+__all__ = ["OutputWriter", "output_error"]
 
 
 class OutputWriter:
@@ -79,7 +79,7 @@ class OutputWriter:
             try:
                 write()
             except Exception as exc:  # noqa: BLE001 - reported as OutputError naming the file
-                raise _output_error(what, exc) from exc
+                raise output_error(what, exc) from exc
             return path
         with self._lock:
             if self._pool is None:
@@ -116,7 +116,7 @@ class OutputWriter:
             exc = fut.exception()
             if exc is None:
                 continue
-            err = _output_error(what, exc)
+            err = output_error(what, exc)
             if first is None:
                 first = err
             else:
@@ -152,7 +152,8 @@ def _group(did: Mapping[str, Any]) -> frozenset[tuple[str, Any]]:
     return frozenset((str(k), int(v) if isinstance(v, int) else v) for k, v in did.items())
 
 
-def _output_error(what: str, exc: BaseException) -> OutputError:
+def output_error(what: str, exc: BaseException) -> OutputError:
+    """The :class:`OutputError` for a failed write of ``what`` (dataset, dataId and file)."""
     hint = ""
     if isinstance(exc, OSError):
         # numpy reports a short write ("N requested and M written") without an errno: a full disk,
