@@ -37,7 +37,9 @@ __all__ = [
     "FLAG_NO_GOOD_PIXELS",
     "assemble_psf",
     "footprint_mask_bits",
+    "footprint_mask_bits_serial",
     "forced_psf_flux",
+    "forced_psf_flux_serial",
     "shift_stamp",
 ]
 
@@ -311,6 +313,13 @@ def footprint_mask_bits(labels, mask, ids, bbox, x, y, fp_bits, center_bits):
         center_bits[s] = cm
 
 
+#: Serial compilations of the two kernels (same code, ``prange`` runs as ``range``): for the few dozen
+#: positions of one CCD's DIA sources, waking the thread pool costs more than the work, and much more
+#: on a loaded machine.
+forced_psf_flux_serial = jit(forced_psf_flux.py_func)
+footprint_mask_bits_serial = jit(footprint_mask_bits.py_func)
+
+
 def _warmup_cases():
     """Tiny calls with the production dtypes, for ``apfast warmup``."""
     ny, nx = 21, 23
@@ -325,6 +334,16 @@ def _warmup_cases():
             forced_psf_flux,
             (img, var, mask, basis, np.ones((n, 1)), False, np.array([11.2]), np.array([10.7]), 1,
              *f64, np.zeros(n, np.int32), np.zeros(n, np.int32)),
+        ),
+        (
+            forced_psf_flux_serial,
+            (img, var, mask, basis, np.ones((n, 1)), False, np.array([11.2]), np.array([10.7]), 1,
+             *f64, np.zeros(n, np.int32), np.zeros(n, np.int32)),
+        ),
+        (
+            footprint_mask_bits_serial,
+            (np.ones((ny, nx), np.int32), mask, np.ones(n, np.int32), np.array([[0, ny, 0, nx]], np.int32),
+             np.array([11.0]), np.array([10.0]), np.zeros(n, np.int32), np.zeros(n, np.int32)),
         ),
         (
             footprint_mask_bits,

@@ -49,6 +49,7 @@ from apfast._configbase import ConfigSection, opt
 from apfast.detection import DetectionConfig, check_planes, detect_sources
 from apfast.errors import InputError
 from apfast.exposure import Exposure, PhotoCalib
+from apfast.kernels import dia_noise as _kn
 from apfast.kernels import dipole as _kd
 from apfast.kernels import forced as _kf
 from apfast.masks import MASK_PLANES, bitmask
@@ -67,6 +68,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+#: Sentinel: "not computed yet" (None is a valid linear form: the PSF has none).
+_UNSET: Any = object()
+#: Histogram range of the smoothed S/N samples for the exact median (values outside fall back to a partition).
+_Z_RANGE = 64.0
 
 #: Pixel-flag columns -> mask planes ORed over the footprint (``Center``: over the 3x3 centre).
 _PIXEL_FLAGS = {
@@ -279,10 +284,17 @@ def psf_basis(
     >>> b.shape, w.shape, per
     ((1, 15, 15), (2, 1), False)
     """
+    return _psf_basis(psf, _linear_form(psf), x, y, shape=shape, xy0=xy0, grid_spacing=grid_spacing)
+
+
+def _psf_basis(
+    psf: PsfModel, lin: PolynomialPixelPsf | np.ndarray | None, x: np.ndarray, y: np.ndarray, *,
+    shape: tuple[int, int], xy0: tuple[int, int], grid_spacing: int,
+) -> tuple[np.ndarray, np.ndarray, bool]:  # fmt: skip
+    """:func:`psf_basis` with ``lin = _linear_form(psf)`` already computed (one convolution per CCD)."""
     n = x.shape[0]
     px = x + xy0[0]
     py = y + xy0[1]
-    lin = _linear_form(psf)
     # copies: model arrays are read-only, and numba compiles read-only arrays as a separate signature
     if isinstance(lin, np.ndarray):
         return np.array(lin[None], dtype=np.float64), np.ones((n, 1)), False
@@ -314,7 +326,14 @@ def fast_psf(psf: PsfModel, *, shape: tuple[int, int], xy0: tuple[int, int] = (0
     Linear models (see :func:`psf_basis`) become an exact ``ImagePsf`` or
     ``PolynomialPixelPsf``; others a callable that interpolates a node grid.
     """
-    lin = _linear_form(psf)
+    return _fast_psf(psf, _linear_form(psf), shape=shape, xy0=xy0, grid_spacing=grid_spacing)
+
+
+def _fast_psf(
+    psf: PsfModel, lin: PolynomialPixelPsf | np.ndarray | None, *, shape: tuple[int, int], xy0: tuple[int, int],
+    grid_spacing: int,
+) -> Any:  # fmt: skip
+    """:func:`fast_psf` with ``lin = _linear_form(psf)`` already computed."""
     if isinstance(lin, np.ndarray):
         return ImagePsf(lin)
     if isinstance(lin, PolynomialPixelPsf):
@@ -348,10 +367,19 @@ def _exposure_planes(exposure: Exposure, what: str) -> tuple[np.ndarray, np.ndar
     return check_planes(exposure.image, exposure.variance, mask)
 
 
+#: Below this many positions the serial compilations of the forced / pixel-flag kernels are used:
+#: starting the thread pool costs more than fitting a few hundred 25x25 stamps.
+_SERIAL_BELOW = 512
+
+
 def _forced_raw(
-    exposure: Exposure, x: np.ndarray, y: np.ndarray, bad_bits: int, grid_spacing: int, what: str
-) -> dict[str, np.ndarray]:
-    """Forced PSF fit in image units: flux, err, chi2, ndata, flags (module kernels)."""
+    exposure: Exposure, x: np.ndarray, y: np.ndarray, bad_bits: int, grid_spacing: int, what: str,
+    lin: Any = _UNSET,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Forced PSF fit in image units: flux, err, chi2, ndata, flags (module kernels).
+
+    ``lin``: ``_linear_form(exposure.psf)`` if the caller already has it.
+    """
     if exposure.psf is None:
         msg = f"the {what} exposure has no PSF model; attach one (characterise the image first)"
         raise InputError(msg)
@@ -366,9 +394,14 @@ def _forced_raw(
         # row order: neighbouring positions share image rows (cache and TLB), ~1.5x faster on a full CCD
         order = np.argsort(np.nan_to_num(y), kind="stable")
         xs, ys = np.ascontiguousarray(x[order]), np.ascontiguousarray(y[order])
-        basis, weights, per = psf_basis(exposure.psf, xs, ys, shape=img.shape, xy0=exposure.xy0, grid_spacing=grid_spacing)
+        if lin is _UNSET:
+            lin = _linear_form(exposure.psf)
+        basis, weights, per = _psf_basis(
+            exposure.psf, lin, xs, ys, shape=img.shape, xy0=exposure.xy0, grid_spacing=grid_spacing
+        )
         res = {k: np.empty_like(v) for k, v in out.items()}
-        _kf.forced_psf_flux(
+        kernel = _kf.forced_psf_flux_serial if n < _SERIAL_BELOW else _kf.forced_psf_flux
+        kernel(
             img, var, msk, basis, weights, per, xs, ys, bad_bits,
             res["flux"], res["err"], res["chi2"], res["ndata"], res["flags"],
         )  # fmt: skip
@@ -502,7 +535,7 @@ def _check_inputs(difference: Any, science: Any, template: Any) -> None:
 
 def _fit_dipole_candidates(
     img: np.ndarray, var: np.ndarray, msk: np.ndarray, det: Any, difference: Exposure, psf_sigma: float,
-    cfg: DiaSourceConfig,
+    cfg: DiaSourceConfig, lin: Any = _UNSET,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Run the dipole kernel on footprints with both signs; per-source arrays (NaN where not fitted)."""
     n = det.n_footprints
@@ -522,8 +555,10 @@ def _fit_dipole_candidates(
             np.stack([det.pos_peak_x[idx], det.pos_peak_y[idx], det.neg_peak_x[idx], det.neg_peak_y[idx]], axis=1),
             dtype=np.float64,
         )
-        basis, weights, per = psf_basis(
-            difference.psf, det.peak_x[idx].astype(np.float64), det.peak_y[idx].astype(np.float64),
+        if lin is _UNSET:
+            lin = _linear_form(difference.psf)
+        basis, weights, per = _psf_basis(
+            difference.psf, lin, det.peak_x[idx].astype(np.float64), det.peak_y[idx].astype(np.float64),
             shape=img.shape, xy0=difference.xy0, grid_spacing=cfg.psf_grid_spacing,
         )  # fmt: skip
         p_c = np.empty((m, _kd.NPAR))
@@ -623,22 +658,20 @@ def run_dia_detection(
     x0, y0 = difference.xy0
     psf_sigma = float(difference.psf.fwhm(0.5 * (nx - 1) + x0, 0.5 * (ny - 1) + y0)) / FWHM_PER_SIGMA
     noise_scale = noise_scale_factor(img, var, msk, psf_sigma) if cfg.scale_variance else 1.0
-    if noise_scale != 1.0:
-        var = var * np.float32(noise_scale**2)
-    if template is not None and cfg.template_flux_error > 0:
-        var = _with_subtraction_floor(var, template.image, cfg.template_flux_error)
+    var = _scaled_variance(var, noise_scale, template, cfg.template_flux_error)
     det_cfg = DetectionConfig(
         threshold=cfg.threshold, threshold_type="variance", polarity="both", grow_merge=cfg.grow_footprint
     )
     det = detect_sources(img, var, msk, psf_sigma=psf_sigma, config=det_cfg)
     t1 = time.perf_counter()
     timings["detect"] = t1 - t0
-    model = fast_psf(difference.psf, shape=img.shape, xy0=difference.xy0, grid_spacing=cfg.psf_grid_spacing)
+    lin = _linear_form(difference.psf)  # once: a ConvolvedPsf's basis costs a convolution per stamp
+    model = _fast_psf(difference.psf, lin, shape=img.shape, xy0=difference.xy0, grid_spacing=cfg.psf_grid_spacing)
     mcfg = MeasurementConfig(aperture_radii=(cfg.aperture_radius,), bad_mask_planes=cfg.bad_mask_planes)
     meas = measure_sources(img, var, msk, det, psf=model, psf_sigma=psf_sigma, config=mcfg)
     t2 = time.perf_counter()
     timings["measure"] = t2 - t1
-    dip = _fit_dipole_candidates(img, var, msk, det, difference, psf_sigma, cfg)
+    dip = _fit_dipole_candidates(img, var, msk, det, difference, psf_sigma, cfg, lin)
     ok = dip["ok"]
     x = np.where(ok, dip["x"], meas["x"])
     y = np.where(ok, dip["y"], meas["y"])
@@ -651,7 +684,7 @@ def run_dia_detection(
     psf_edge, psf_nogood = meas["psfFlux_flag_edge"].copy(), meas["psfFlux_flag"].copy()
     if ok.any():  # PsfFlux at the dipole centroid, as Rubin's slot centroid
         w = np.flatnonzero(ok)
-        re = _forced_raw(difference, x[w], y[w], bad_bits, cfg.psf_grid_spacing, "difference")
+        re = _forced_raw(difference, x[w], y[w], bad_bits, cfg.psf_grid_spacing, "difference", lin)
         psf_flux[w], psf_err[w], psf_chi2[w], psf_nd[w] = re["flux"], re["err"], re["chi2"], re["ndata"]
         psf_edge[w] = (re["flags"] & _kf.FLAG_EDGE) != 0
         psf_nogood[w] = (re["flags"] & _kf.FLAG_NO_GOOD_PIXELS) != 0
@@ -689,44 +722,72 @@ def noise_scale_factor(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     The image is smoothed with a Gaussian of the PSF's sigma on ``n_tiles`` tiles spread over it;
     the predicted variance of a smoothed pixel is the variance convolved with the squared kernel.
     The ratio's scatter is the MAD over unmasked pixels (robust to the few sources). Returns 1.0
-    when too few good pixels are left.
+    when too few good pixels are left. The tiles are smoothed in parallel by
+    :func:`apfast.kernels.dia_noise.smoothed_snr_tiles` (``scipy.ndimage.gaussian_filter``'s
+    kernels, float32 sums: the factor agrees with the float64 SciPy computation to ~1e-6).
     """
-    from scipy.ndimage import gaussian_filter
-
-    ny, nx = image.shape
+    img, var, msk = check_planes(image, variance, mask)
+    ny, nx = img.shape
     t = min(tile, ny, nx)
-    n_side = max(1, int(round(math.sqrt(n_tiles * nx / max(ny, 1)))))
+    n_side = max(1, round(math.sqrt(n_tiles * nx / max(ny, 1))))
     xs = np.linspace(0, nx - t, n_side).astype(int)
     ys = np.linspace(0, ny - t, max(1, n_tiles // n_side)).astype(int)
-    edge = int(math.ceil(4 * psf_sigma))
-    z = []
-    for yy in ys:
-        for xx in xs:
-            sl = (slice(yy, yy + t), slice(xx, xx + t))
-            bad = (mask[sl] != 0) | ~np.isfinite(image[sl]) | ~np.isfinite(variance[sl])
-            im = np.where(bad, 0.0, image[sl].astype(np.float64))
-            va = np.where(bad, 0.0, variance[sl].astype(np.float64))
-            sm = gaussian_filter(im, psf_sigma, mode="constant", truncate=4.0)
-            sv = gaussian_filter(va, psf_sigma / math.sqrt(2.0), mode="constant", truncate=4.0)
-            sv /= 4.0 * math.pi * psf_sigma**2
-            near_bad = gaussian_filter(bad.astype(np.float32), psf_sigma, mode="constant", truncate=4.0) > 1e-3
-            good = ~near_bad & (sv > 0)
-            good[:edge] = good[-edge:] = False
-            good[:, :edge] = good[:, -edge:] = False
-            z.append(sm[good] / np.sqrt(sv[good]))
-    zz = np.concatenate(z) if z else np.zeros(0)
+    k_img = _gauss_kernel_1d(psf_sigma)
+    k_var = _gauss_kernel_1d(psf_sigma / math.sqrt(2.0))
+    edge = max(math.ceil(4 * psf_sigma), k_img.size // 2, k_var.size // 2)  # ceil(4 sigma) >= both radii
+    m = t - 2 * edge
+    if m <= 0:
+        return 1.0
+    tile_y = np.repeat(ys, xs.size).astype(np.int64)
+    tile_x = np.tile(xs, ys.size).astype(np.int64)
+    out = np.empty((tile_y.size, m * m), np.float32)
+    counts = np.zeros(tile_y.size, np.int64)
+    _kn.smoothed_snr_tiles(
+        img, var, msk, tile_y, tile_x, t, k_img, k_var, edge, 1e-3, 1.0 / (4.0 * math.pi * psf_sigma**2), out, counts
+    )  # fmt: skip
+    zz = np.concatenate([out[q, : counts[q]] for q in range(counts.size)])
     if zz.size < 1000:
         return 1.0
-    med = float(np.median(zz))
-    return float(1.4826 * np.median(np.abs(zz - med)))
+    med = _median(zz, None)
+    return float(1.4826 * _median(zz, med))
 
 
-def _with_subtraction_floor(var: np.ndarray, template: np.ndarray, frac: float) -> np.ndarray:
-    """``var + (frac * max(template, 0))**2``: the subtraction's systematic error at static sources."""
-    t = np.maximum(np.nan_to_num(np.asarray(template, dtype=np.float32), nan=0.0), 0.0)
-    t *= np.float32(frac)
-    t *= t
-    return np.ascontiguousarray(var + t, dtype=np.float32)
+def _median(z: np.ndarray, center: float | None) -> float:
+    """Median of ``z`` (``center is None``) or of ``|z - center|``, exact, in O(n) (histogram select)."""
+    n = z.size
+    k0, k1 = (n - 1) // 2, n // 2
+    pair = np.zeros(2)
+    absolute = center is not None
+    c = float(center) if absolute else 0.0
+    lo = 0.0 if absolute else -_Z_RANGE
+    if not _kn.select_ranks(z, c, absolute, k0, k1, lo, _Z_RANGE, 1 << 16, pair):
+        u = np.abs(z.astype(np.float64) - c) if absolute else z.astype(np.float64)
+        pair[:] = np.partition(u, (k0, k1))[[k0, k1]]
+    return float(0.5 * (pair[0] + pair[1]))
+
+
+def _gauss_kernel_1d(sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter1d``'s kernel at ``truncate=4``: radius ``int(4 sigma + 0.5)``, sum 1."""
+    r = int(4.0 * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 / sigma**2 * x**2)
+    return k / k.sum()
+
+
+def _scaled_variance(var: np.ndarray, noise_scale: float, template: Exposure | None, frac: float) -> np.ndarray:
+    """``var * noise_scale**2 + (frac * max(template, 0))**2`` in float32 (NaN template pixels count 0).
+
+    The subtraction's systematic error at static sources; one fused pass
+    (:func:`apfast.kernels.dia_noise.scaled_variance_with_floor`), bit-identical to the NumPy
+    expression. Returns ``var`` itself when there is nothing to do.
+    """
+    s2 = np.float32(noise_scale**2)
+    if template is None or frac <= 0:
+        return var * s2 if noise_scale != 1.0 else var
+    tpl = np.ascontiguousarray(template.image, dtype=np.float32)
+    out = np.empty_like(var)
+    _kn.scaled_variance_with_floor(var, tpl, s2, np.float32(frac), out)
+    return out
 
 
 def _columns(
@@ -808,7 +869,8 @@ def _columns(
     fp_bits = np.zeros(n, np.int32)
     ctr_bits = np.zeros(n, np.int32)
     if n:
-        _kf.footprint_mask_bits(
+        bits_kernel = _kf.footprint_mask_bits_serial if n < _SERIAL_BELOW else _kf.footprint_mask_bits
+        bits_kernel(
             det.labels, msk, np.ascontiguousarray(det.id), np.ascontiguousarray(det.bbox), x, y, fp_bits, ctr_bits
         )
     bb = det.bbox
