@@ -48,6 +48,8 @@ def smooth_separable(image, variance, good, k1, k2, num, den, tmp_num, tmp_den, 
     vertical pass, both written as contiguous row updates that fold the two
     symmetric taps ``t`` and ``2h - t`` together, in float32 so they vectorise
     twice as wide (the relative rounding error, ~1e-7, is far below the noise).
+    Shifted rows are taken as slices before each inner loop: indexing the row
+    with offsets inside the loop keeps numba from vectorising it (1.7x slower).
 
     Parameters
     ----------
@@ -77,60 +79,76 @@ def smooth_separable(image, variance, good, k1, k2, num, den, tmp_num, tmp_den, 
                 rowv[x + h] = variance[y, x]
         acc = np.empty(nx, dtype=np.float32)
         w = k1f[h]
+        c = rowi[h:h + nx]
         for x in range(nx):
-            acc[x] = w * rowi[x + h]
+            acc[x] = w * c[x]
         for t in range(h):
             w = k1f[t]
+            a = rowi[t:t + nx]
+            b = rowi[2 * h - t:2 * h - t + nx]
             for x in range(nx):
-                acc[x] += w * (rowi[x + t] + rowi[x + 2 * h - t])
+                acc[x] += w * (a[x] + b[x])
         tmp_num[y, :] = acc
         if do_den:
             w = k2f[h]
+            c = rowv[h:h + nx]
             for x in range(nx):
-                acc[x] = w * rowv[x + h]
+                acc[x] = w * c[x]
             for t in range(h):
                 w = k2f[t]
+                a = rowv[t:t + nx]
+                b = rowv[2 * h - t:2 * h - t + nx]
                 for x in range(nx):
-                    acc[x] += w * (rowv[x + t] + rowv[x + 2 * h - t])
+                    acc[x] += w * (a[x] + b[x])
             tmp_den[y, :] = acc
     for y in prange(ny):
         acc = np.empty(nx, dtype=np.float32)
         w = k1f[h]
+        src = tmp_num[y]
         for x in range(nx):
-            acc[x] = w * tmp_num[y, x]
+            acc[x] = w * src[x]
         for t in range(h):
             ya = y + t - h
             yb = y + h - t
             w = k1f[t]
             if ya >= 0 and yb < ny:
+                a = tmp_num[ya]
+                b = tmp_num[yb]
                 for x in range(nx):
-                    acc[x] += w * (tmp_num[ya, x] + tmp_num[yb, x])
+                    acc[x] += w * (a[x] + b[x])
             else:
                 if ya >= 0:
+                    a = tmp_num[ya]
                     for x in range(nx):
-                        acc[x] += w * tmp_num[ya, x]
+                        acc[x] += w * a[x]
                 if yb < ny:
+                    b = tmp_num[yb]
                     for x in range(nx):
-                        acc[x] += w * tmp_num[yb, x]
+                        acc[x] += w * b[x]
         num[y, :] = acc
         if do_den:
             w = k2f[h]
+            src = tmp_den[y]
             for x in range(nx):
-                acc[x] = w * tmp_den[y, x]
+                acc[x] = w * src[x]
             for t in range(h):
                 ya = y + t - h
                 yb = y + h - t
                 w = k2f[t]
                 if ya >= 0 and yb < ny:
+                    a = tmp_den[ya]
+                    b = tmp_den[yb]
                     for x in range(nx):
-                        acc[x] += w * (tmp_den[ya, x] + tmp_den[yb, x])
+                        acc[x] += w * (a[x] + b[x])
                 else:
                     if ya >= 0:
+                        a = tmp_den[ya]
                         for x in range(nx):
-                            acc[x] += w * tmp_den[ya, x]
+                            acc[x] += w * a[x]
                     if yb < ny:
+                        b = tmp_den[yb]
                         for x in range(nx):
-                            acc[x] += w * tmp_den[yb, x]
+                            acc[x] += w * b[x]
             den[y, :] = acc
 
 
