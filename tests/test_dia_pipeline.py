@@ -195,6 +195,36 @@ def test_rerun_skips_and_clobber_replaces(run: dict) -> None:
     test_apdb_consistency(run)
 
 
+def _apdb_state(db: Path) -> dict:
+    return {
+        "counts": {t: _rows(db, f'SELECT COUNT(*) FROM "{t}"')[0][0]
+                   for t in ("DiaObject", "DiaSource", "DiaForcedSource", "apfast_ccd_visit")},
+        "links": sorted(_rows(db, 'SELECT "diaSourceId", "diaObjectId" FROM "DiaSource"')),
+        "current": sorted(_rows(db, 'SELECT "diaObjectId", "nDiaSources" FROM "DiaObject" '
+                                    'WHERE "validityEndMjdTai" IS NULL')),
+        "versions": sorted(_rows(db, 'SELECT "diaObjectId", "validityStartMjdTai", "validityEndMjdTai" FROM "DiaObject"')),
+    }
+
+
+def test_redo_older_visits_keeps_history(run: dict, capsys: pytest.CaptureFixture) -> None:
+    """Re-processing older CCD-visits must give the same APDB as the first run, or refuse with a fix."""
+    db = run["db"]
+    before = _apdb_state(db)
+    assert before["counts"]["DiaObject"] > len(before["current"])  # objects seen in several visits
+    args = list(run["args"])
+    i = args.index("--id")
+    # the middle visit alone: later visits hold versions of its DiaObjects -> refused, nothing changed
+    args[i + 1] = f"visit={run['visits'][1]}"
+    assert main([*args, "--clobber-output"]) == 1
+    err = capsys.readouterr().err
+    assert f"visit={run['visits'][-1]}" in err and "--clobber-output" in err
+    assert _apdb_state(db) == before
+    # every visit again: undone latest first, associated again in time order -> the same APDB
+    args[i + 1] = "visit=" + "^".join(str(v) for v in run["visits"])
+    assert main([*args, "--clobber-output"]) == 0
+    assert _apdb_state(db) == before
+
+
 def test_process_without_apdb_says_make_apdb(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     url = f"sqlite:///{tmp_path / 'none.db'}"
     args = [a if not a.startswith("apdb.db_url=") else f"apdb.db_url={url}" for a in run["args"]]

@@ -512,6 +512,12 @@ class ApdbCcdVisit:
         -------
         ndarray of int64
             Sorted affected diaObjectIds (recompute their statistics).
+
+        Raises
+        ------
+        ApdbError
+            If later CCD-visits associated sources with this CCD-visit's DiaObjects
+            (undo those first, latest first: :func:`apfast.pipeline.undo_for_redo`).
         """
         row = self._stored_row()
         if row is None:  # every store writes its apfast_ccd_visit row in the same transaction
@@ -531,6 +537,16 @@ class ApdbCcdVisit:
             dtype=np.int64,
         )
         ids.sort()
+        later = self._later_ccd_visits(ids, t)
+        if later:
+            shown = ", ".join(f"visit={v} detector={d}" for v, d in later[:6]) + (" ..." if len(later) > 6 else "")
+            msg = (
+                f"cannot redo visit={self.visit} detector={self.detector} in {self.apdb.url}: later CCD-visits "
+                f"({shown}) associated their sources with its DiaObjects, and association must see the visits "
+                "in time order. Re-process from this visit onwards: add those CCD-visits to --id (with "
+                "--clobber-output), or use a fresh APDB"
+            )
+            raise ApdbError(msg)
         self._exec(f"DELETE FROM {q('DiaSource')} WHERE visit = {ph} AND detector = {ph}", vd)
         self._exec(f"DELETE FROM {q('DiaForcedSource')} WHERE visit = {ph} AND detector = {ph}", vd)
         obj, oid, vs, ve = q("DiaObject"), q("diaObjectId"), q("validityStartMjdTai"), q("validityEndMjdTai")
@@ -546,6 +562,21 @@ class ApdbCcdVisit:
         self._exec(f"DELETE FROM apfast_ccd_visit WHERE visit = {ph} AND detector = {ph}", vd)
         log.debug("undid CCD-visit %d/%d: %d objects affected", self.visit, self.detector, ids.size)
         return ids
+
+    def _later_ccd_visits(self, ids: np.ndarray, t: float) -> list[tuple[int, int]]:
+        """Other CCD-visits after time ``t`` with DiaSources of these DiaObjects, in time order."""
+        q, ph = self._q, self._ph
+        found: set[tuple[float, int, int]] = set()
+        for i in range(0, ids.size, IN_CHUNK):
+            chunk = ids[i : i + IN_CHUNK].tolist()
+            rows = self._exec(
+                f"SELECT DISTINCT {q('midpointMjdTai')}, visit, detector FROM {q('DiaSource')} "
+                f"WHERE {q('diaObjectId')} IN ({', '.join([ph] * len(chunk))}) AND {q('midpointMjdTai')} > {ph} "
+                f"AND NOT (visit = {ph} AND detector = {ph})",
+                [*chunk, t, self.visit, self.detector],
+            ).fetchall()
+            found.update((float(r[0]), int(r[1]), int(r[2])) for r in rows)
+        return [(v, d) for _t, v, d in sorted(found)]
 
     def load_dia_objects(self, ra_deg: np.ndarray, dec_deg: np.ndarray) -> dict[str, np.ndarray]:
         """Latest DiaObject versions inside a convex sky polygon (the CCD footprint plus a margin).

@@ -288,8 +288,9 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
 def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Path, apdb,  # noqa: ANN001
                   template_visit: int | None, doraise: bool, clobber: bool) -> list:
     """``-j N`` (spawned local workers) or ``--executor dask`` (a Dask cluster), see apfast.executor."""
+    from apfast.butler import Butler
     from apfast.executor import RunSpec, run_dask, run_parallel
-    from apfast.pipeline import _time_order
+    from apfast.pipeline import _time_order, undo_for_redo
 
     cores = os.cpu_count() or 1
     n = args.processes if args.processes > 1 else (args.workers or 2)
@@ -297,8 +298,9 @@ def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Pat
     spec = RunSpec(out_repo=str(out_repo), calib=args.calib, template=args.template, cfg=cfg,
                    template_root=args.template, template_visit=template_visit, doraise=doraise,
                    clobber_output=clobber, threads=threads, with_apdb=apdb is not None)
-    stored = set(apdb.ccd_visits()) if apdb is not None else set()
     rows = _time_order(rows)
+    stored = undo_for_redo(Butler(out_repo, calib=args.calib, template=args.template), rows, cfg, apdb,
+                           clobber_output=clobber, progress=_progress)
     if args.executor == "dask":
         log.info("dask executor: %s", args.scheduler or f"local cluster of {n} worker processes")
         return run_dask(spec, rows, stored=stored, scheduler=args.scheduler, n_workers=n, progress=_progress)

@@ -42,6 +42,7 @@ __all__ = [
     "process_image_stages",
     "run_process",
     "run_process_ccd",
+    "undo_for_redo",
     "wait_for_outputs",
 ]
 
@@ -321,7 +322,7 @@ def run_process(
     from concurrent.futures import Future, ThreadPoolExecutor
 
     rows = _time_order(rows)
-    stored = set(apdb.ccd_visits()) if apdb is not None else set()
+    stored = undo_for_redo(butler, rows, cfg, apdb, clobber_output=clobber_output, progress=progress)
     futures: list[Future[CcdOutcome]] = []
 
     def dia_and_finish(row: dict[str, Any], o: CcdOutcome, redo: bool, tag: str) -> CcdOutcome:
@@ -345,6 +346,41 @@ def run_process(
                 futures[-2].result()  # re-raises a --doraise failure of an earlier CCD here
             futures.append(lane.submit(dia_and_finish, row, o, redo, tag))
         return [f.result() for f in futures]
+
+
+def undo_for_redo(butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, apdb: Any, *, clobber_output: bool,
+                  progress: Callable[[str], None] | None = None) -> set[tuple[int, int]]:
+    """Remove from the APDB, latest first, the stored CCD-visits of ``rows`` that this run will redo.
+
+    A CCD-visit is redone with ``clobber_output`` or when any of its outputs is missing.
+    Undoing them all before processing (each in its own transaction, the latest
+    first) lets the run associate them again in time order, exactly as the first
+    time; undoing one in place while a later one still holds versions of its
+    DiaObjects would lose that history. Returns the CCD-visits still stored.
+
+    Raises
+    ------
+    ApdbError
+        If a CCD-visit to redo has later CCD-visits, not selected, that associated
+        sources with its DiaObjects (the message says which to add to ``--id``).
+    """
+    if apdb is None or not cfg.dia_pipe.do_dia:
+        return set()
+    stored = set(apdb.ccd_visits())
+    outputs = [*PROCESS_CCD_OUTPUTS, *DIFFIM_OUTPUTS, "deepDiff_diaSrc"]
+    if cfg.dia_pipe.do_alerts:
+        outputs.append("alerts")
+    redo = [r for r in rows if (int(r["visit"]), int(r["ccdnum"])) in stored
+            and (clobber_output or not all(_exists_here(butler, d, _did(r)) for d in outputs))]
+    if not redo:
+        return stored
+    if progress:
+        progress(f"removing {len(redo)} stored CCD-visit(s) from the APDB, latest first, to redo them in time order")
+    for r in reversed(_time_order(redo)):
+        with apdb.ccd_visit(int(r["visit"]), int(r["ccdnum"]), float(r.get("mjd") or 0.0)) as tx:
+            tx.undo()
+        stored.discard((int(r["visit"]), int(r["ccdnum"])))
+    return stored
 
 
 def _did(row: dict[str, Any]) -> dict[str, int]:
