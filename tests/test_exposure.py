@@ -200,6 +200,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, rng, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(fits.HDUList, "writeto", crash_after_partial_write)
+    import apfast.exposure
+
+    monkeypatch.setattr(apfast.exposure, "_streamable", lambda hdul: False)  # astropy's writer, patched above
     with pytest.raises(OSError, match="simulated"):
         write_exposure(final, full_exposure(rng, None))
     with pytest.raises(OSError, match="simulated"):
@@ -208,6 +211,31 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, rng, monkeypatch):
     assert final.read_bytes() == before  # the old complete file is untouched
     assert not (tmp_path / "new.fits").exists()
     assert sorted(os.listdir(tmp_path)) == ["calexp.fits"]  # no temporary left behind
+
+
+def test_streamed_write_is_astropys_bytes_and_atomic(tmp_path, rng, monkeypatch):
+    import apfast.exposure
+
+    exp = full_exposure(rng, None)
+    streamed = write_exposure(tmp_path / "a.fits", exp)
+    fits.HDUList(apfast.exposure.exposure_hdulist(exp)).writeto(tmp_path / "b.fits")
+    assert streamed.read_bytes() == (tmp_path / "b.fits").read_bytes()  # byte for byte astropy's file
+    before = streamed.read_bytes()
+    real = apfast.exposure._write_image_hdu
+    calls = []
+
+    def fail_on_second_plane(f, hdu):
+        calls.append(hdu.name)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated, mid-stream)")
+        real(f, hdu)
+
+    monkeypatch.setattr(apfast.exposure, "_write_image_hdu", fail_on_second_plane)
+    with pytest.raises(OSError, match="mid-stream"):
+        write_exposure(streamed, full_exposure(rng, None))
+    monkeypatch.undo()
+    assert streamed.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["a.fits", "b.fits"]
 
 
 def test_not_an_exposure(tmp_path):

@@ -251,6 +251,11 @@ def _enospc_after(monkeypatch: pytest.MonkeyPatch, fraction: float) -> list[Path
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(fits.HDUList, "writeto", writeto)
+    # exposures are normally streamed without HDUList.writeto; send them through it so the injection
+    # applies (the streaming path meets real write failures in tests/test_writer.py, RLIMIT_FSIZE)
+    import apfast.exposure
+
+    monkeypatch.setattr(apfast.exposure, "_streamable", lambda hdul: False)
     return seen
 
 

@@ -45,7 +45,7 @@ import re
 import string
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -749,14 +749,15 @@ class Butler:
 
     def prepare_put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None,  # noqa: N803
                     **kwargs: Any) -> tuple[Path, Callable[[], Path]]:
-        """Check a :meth:`put` and snapshot what it writes; return ``(path, write)``.
+        """Check a :meth:`put`; return ``(path, write)``.
 
         Everything that needs the registry or may fail on bad arguments happens
         here, in the caller's thread; ``write()`` only touches the file system, so
         it may run on another thread (:class:`apfast.writer.OutputWriter`).
-        Exposures are snapshotted (big-endian copies of the planes) and catalogues
-        copied, so the caller may go on using and changing ``obj``; other storages
-        (backgrounds, alerts, JSON, text) are written from ``obj`` as it is then.
+        ``write()`` only reads the pixel planes of an exposure (it converts them
+        to FITS byte order in copies, never in place), so the caller may go on
+        *using* the exposure, but must not change its planes until ``write()``
+        has run. Exposure metadata and catalogues are copied here.
 
         Raises
         ------
@@ -781,10 +782,10 @@ class Butler:
         if dt.storage == "Exposure":
             sha_file = self.repo.write_root / CONFIG_RELPATH.with_name(CONFIG_RELPATH.name + ".sha256")
             sha = sha_file.read_text().strip() if sha_file.is_file() else None
-            hdul = exposure_hdulist(obj, config_sha=sha)
+            exp = replace(obj, metadata=obj.metadata.copy())  # the planes are shared and only read
 
             def write() -> Path:
-                write_hdulist(path, hdul)
+                write_hdulist(path, exposure_hdulist(exp, config_sha=sha, copy=False))
                 log.debug("put %s %s -> %s", name, did, path)
                 return path
 

@@ -516,16 +516,17 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
     Path
         ``path``.
     """
-    return write_hdulist(path, exposure_hdulist(exp, config_sha=config_sha))
+    return write_hdulist(path, exposure_hdulist(exp, config_sha=config_sha, copy=False))
 
 
-def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None) -> fits.HDUList:
+def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None, copy: bool = True) -> fits.HDUList:
     """The FITS form of an exposure, as :func:`write_exposure` writes it.
 
-    The planes are big-endian *copies* (one pass each), so the list is a snapshot:
-    later changes to ``exp`` do not reach it, and astropy never byte-swaps ``exp``'s
-    arrays in place while writing (which it does to native arrays). This is what
-    lets a background thread write the list while the pipeline goes on using ``exp``.
+    With ``copy`` the planes are big-endian copies (a snapshot that astropy can
+    write as it is); without, the HDUs hold ``exp``'s own native planes, for
+    :func:`write_hdulist`, which writes them in byte-swapped chunks and never
+    swaps them in place (astropy's own writer swaps native arrays in place and
+    back, which a thread still reading them must not see).
     """
     from apfast import __version__
 
@@ -546,15 +547,16 @@ def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None) -> fits.HD
 
     hdus: list[Any] = [primary]
     plane_hdr = _plane_header(exp.wcs, exp.xy0)
-    hdus.append(fits.ImageHDU(_big_endian(exp.image), header=plane_hdr.copy(), name="IMAGE"))
+    plane = _big_endian if copy else np.ascontiguousarray
+    hdus.append(fits.ImageHDU(plane(exp.image), header=plane_hdr.copy(), name="IMAGE"))
     if exp.mask is not None:
         mhdr = plane_hdr.copy()
         for key, bit, comment in masks.header_cards():
             # names longer than 8 characters need HIERARCH cards (as Rubin's afw writes them)
             mhdr[key if len(key) <= 8 else f"HIERARCH {key}"] = (bit, comment)
-        hdus.append(fits.ImageHDU(_big_endian(exp.mask), header=mhdr, name="MASK"))
+        hdus.append(fits.ImageHDU(plane(exp.mask), header=mhdr, name="MASK"))
     if exp.variance is not None:
-        hdus.append(fits.ImageHDU(_big_endian(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
+        hdus.append(fits.ImageHDU(plane(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
     if exp.psf is not None:
         psf_hdus = exp.psf.to_hdus()
         for h in psf_hdus:
@@ -569,12 +571,63 @@ def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None) -> fits.HD
 
 
 def write_hdulist(path: str | Path, hdul: fits.HDUList) -> Path:
-    """Write an HDU list atomically (temporary name beside ``path``, then rename)."""
+    """Write an HDU list atomically (temporary name beside ``path``, then rename).
+
+    A primary HDU without data followed by image HDUs of plain numeric arrays (what
+    :func:`exposure_hdulist` makes) is streamed: each header as astropy formats it,
+    each array converted to big-endian in 2 MB chunks through one reused buffer
+    (the arrays are only read; no full-size copy, no page faults for one). Anything
+    else goes through astropy's writer.
+    """
     path = Path(path)
     with atomic_output(path) as tmp:
-        hdul.writeto(tmp)
+        if _streamable(hdul):
+            with open(tmp, "wb") as f:
+                for hdu in hdul:
+                    if hdu.data is None:
+                        f.write(hdu.header.tostring().encode("ascii"))
+                    else:
+                        _write_image_hdu(f, hdu)
+        else:
+            hdul.writeto(tmp)
     log.debug("wrote %s (%d HDUs)", path, len(hdul))
     return path
+
+
+_STREAM_KINDS = frozenset({"f4", "f8", "i2", "i4", "i8", "u1"})
+
+
+def _streamable(hdul: fits.HDUList) -> bool:
+    if not hdul or not isinstance(hdul[0], fits.PrimaryHDU) or hdul[0].data is not None:
+        return False
+    for hdu in hdul[1:]:
+        if type(hdu) is not fits.ImageHDU or hdu.data is None:
+            return False
+        d = hdu.data
+        if f"{d.dtype.kind}{d.dtype.itemsize}" not in _STREAM_KINDS or d.ndim < 1 or d.size == 0:
+            return False
+        if any(k in hdu.header for k in ("BSCALE", "BZERO", "BLANK")):
+            return False
+    return True
+
+
+def _write_image_hdu(f: Any, hdu: fits.ImageHDU) -> None:
+    """Header (as astropy would write it) + the data in big-endian chunks + zero padding to 2880 bytes."""
+    data = np.ascontiguousarray(hdu.data)
+    hdu.update_header()  # BITPIX / NAXISn from the data, in the mandatory order
+    f.write(hdu.header.tostring().encode("ascii"))
+    rows2d = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
+    be = rows2d.dtype.newbyteorder(">")
+    step = max(1, (2 << 20) // max(1, rows2d.shape[1] * rows2d.itemsize))
+    buf = np.empty((min(step, rows2d.shape[0]), rows2d.shape[1]), dtype=be)
+    for y0 in range(0, rows2d.shape[0], step):
+        blk = rows2d[y0 : y0 + step]
+        out = buf[: blk.shape[0]]
+        np.copyto(out, blk)
+        out.tofile(f)
+    pad = -data.nbytes % 2880
+    if pad:
+        f.write(b"\0" * pad)
 
 
 def _big_endian(a: np.ndarray) -> np.ndarray:

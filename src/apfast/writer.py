@@ -11,9 +11,13 @@ Guarantees (what ``apfast process`` relies on):
 - A file appears under its final name only when complete (the same temporary
   name + rename as a direct ``put``); a failed write leaves the previous file, if
   any, and no temporary file.
-- :meth:`OutputWriter.put` snapshots exposures and catalogues in the caller's
-  thread (:meth:`apfast.butler.Butler.prepare_put`), so the caller may keep
-  using them; astropy never byte-swaps the caller's arrays in place.
+- :meth:`OutputWriter.put` checks the put and copies metadata and catalogues in
+  the caller's thread (:meth:`apfast.butler.Butler.prepare_put`); the writer
+  thread converts pixel planes to FITS byte order in copies, never in place
+  (astropy would byte-swap native arrays in place while writing), so the
+  pipeline keeps *using* an exposure it handed over. It must not change the
+  planes until :meth:`OutputWriter.wait` returns; no stage does (each writes
+  new arrays).
 - :meth:`OutputWriter.wait` returns only when every write handed over so far
   is on disk, and raises :class:`apfast.errors.OutputError` naming the dataset,
   the dataId and the file of the first one that failed. The pipeline waits
