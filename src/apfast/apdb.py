@@ -513,11 +513,9 @@ class ApdbCcdVisit:
         ndarray of int64
             Sorted affected diaObjectIds (recompute their statistics).
 
-        Raises
-        ------
-        ApdbError
-            If later CCD-visits associated sources with this CCD-visit's DiaObjects
-            (undo those first, latest first: :func:`apfast.pipeline.undo_for_redo`).
+        Undoing a CCD-visit whose DiaObjects later CCD-visits also touched, and
+        storing it again, sees the visits out of time order: undo those first,
+        latest first (:func:`apfast.pipeline.undo_for_redo`, :meth:`later_ccd_visits`).
         """
         row = self._stored_row()
         if row is None:  # every store writes its apfast_ccd_visit row in the same transaction
@@ -537,16 +535,6 @@ class ApdbCcdVisit:
             dtype=np.int64,
         )
         ids.sort()
-        later = self._later_ccd_visits(ids, t)
-        if later:
-            shown = ", ".join(f"visit={v} detector={d}" for v, d in later[:6]) + (" ..." if len(later) > 6 else "")
-            msg = (
-                f"cannot redo visit={self.visit} detector={self.detector} in {self.apdb.url}: later CCD-visits "
-                f"({shown}) associated their sources with its DiaObjects, and association must see the visits "
-                "in time order. Re-process from this visit onwards: add those CCD-visits to --id (with "
-                "--clobber-output), or use a fresh APDB"
-            )
-            raise ApdbError(msg)
         self._exec(f"DELETE FROM {q('DiaSource')} WHERE visit = {ph} AND detector = {ph}", vd)
         self._exec(f"DELETE FROM {q('DiaForcedSource')} WHERE visit = {ph} AND detector = {ph}", vd)
         obj, oid, vs, ve = q("DiaObject"), q("diaObjectId"), q("validityStartMjdTai"), q("validityEndMjdTai")
@@ -563,9 +551,20 @@ class ApdbCcdVisit:
         log.debug("undid CCD-visit %d/%d: %d objects affected", self.visit, self.detector, ids.size)
         return ids
 
-    def _later_ccd_visits(self, ids: np.ndarray, t: float) -> list[tuple[int, int]]:
-        """Other CCD-visits after time ``t`` with DiaSources of these DiaObjects, in time order."""
+    def later_ccd_visits(self) -> list[tuple[int, int]]:
+        """Other CCD-visits, later than this stored one, with DiaSources of its DiaObjects (time order).
+
+        Undoing this CCD-visit while they stay stored and associating it again would see
+        the visits out of time order (:func:`apfast.pipeline.undo_for_redo` refuses that).
+        """
+        row = self._stored_row()
+        if row is None:
+            return []
+        t = float(row[0])
         q, ph = self._q, self._ph
+        ids = np.array([r[0] for r in self._exec(
+            f"SELECT DISTINCT {q('diaObjectId')} FROM {q('DiaSource')} WHERE visit = {ph} AND detector = {ph} "
+            f"AND {q('diaObjectId')} IS NOT NULL", (self.visit, self.detector)).fetchall()], dtype=np.int64)
         found: set[tuple[float, int, int]] = set()
         for i in range(0, ids.size, IN_CHUNK):
             chunk = ids[i : i + IN_CHUNK].tolist()

@@ -374,6 +374,21 @@ def undo_for_redo(butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, apdb
             and (clobber_output or not all(_exists_here(butler, d, _did(r)) for d in outputs))]
     if not redo:
         return stored
+    from apfast.apdb_schema import ApdbError
+
+    keys = {(int(r["visit"]), int(r["ccdnum"])) for r in redo}
+    for r in redo:  # check everything before undoing anything
+        with apdb.ccd_visit(int(r["visit"]), int(r["ccdnum"]), float(r.get("mjd") or 0.0)) as tx:
+            later = [k for k in tx.later_ccd_visits() if k not in keys]
+        if later:
+            shown = ", ".join(f"visit={v} ccdnum={d}" for v, d in later[:6]) + (" ..." if len(later) > 6 else "")
+            msg = (
+                f"cannot redo visit={int(r['visit'])} ccdnum={int(r['ccdnum'])} in {apdb.url}: later CCD-visits "
+                f"not selected ({shown}) associated their sources with its DiaObjects, and association must see "
+                "the visits in time order. Re-process from this visit onwards: add those CCD-visits to --id "
+                "(with --clobber-output), or use a fresh APDB"
+            )
+            raise ApdbError(msg)
     if progress:
         progress(f"removing {len(redo)} stored CCD-visit(s) from the APDB, latest first, to redo them in time order")
     for r in reversed(_time_order(redo)):
