@@ -523,18 +523,7 @@ class ApdbCcdVisit:
         t = float(row[0])
         q, ph = self._q, self._ph
         vd = (self.visit, self.detector)
-        ids = np.array(
-            [
-                r[0]
-                for r in self._exec(
-                    f"SELECT DISTINCT {q('diaObjectId')} FROM {q('DiaSource')} WHERE visit = {ph} "
-                    f"AND detector = {ph} AND {q('diaObjectId')} IS NOT NULL",
-                    vd,
-                ).fetchall()
-            ],
-            dtype=np.int64,
-        )
-        ids.sort()
+        ids = self._object_ids()
         self._exec(f"DELETE FROM {q('DiaSource')} WHERE visit = {ph} AND detector = {ph}", vd)
         self._exec(f"DELETE FROM {q('DiaForcedSource')} WHERE visit = {ph} AND detector = {ph}", vd)
         obj, oid, vs, ve = q("DiaObject"), q("diaObjectId"), q("validityStartMjdTai"), q("validityEndMjdTai")
@@ -551,6 +540,16 @@ class ApdbCcdVisit:
         log.debug("undid CCD-visit %d/%d: %d objects affected", self.visit, self.detector, ids.size)
         return ids
 
+    def _object_ids(self) -> np.ndarray:
+        """Sorted diaObjectIds of this CCD-visit's stored DiaSources (int64)."""
+        q, ph = self._q, self._ph
+        rows = self._exec(
+            f"SELECT DISTINCT {q('diaObjectId')} FROM {q('DiaSource')} WHERE visit = {ph} AND detector = {ph} "
+            f"AND {q('diaObjectId')} IS NOT NULL",
+            (self.visit, self.detector),
+        ).fetchall()
+        return np.sort(np.array([r[0] for r in rows], dtype=np.int64))
+
     def later_ccd_visits(self) -> list[tuple[int, int]]:
         """Other CCD-visits, later than this stored one, with DiaSources of its DiaObjects (time order).
 
@@ -562,9 +561,7 @@ class ApdbCcdVisit:
             return []
         t = float(row[0])
         q, ph = self._q, self._ph
-        ids = np.array([r[0] for r in self._exec(
-            f"SELECT DISTINCT {q('diaObjectId')} FROM {q('DiaSource')} WHERE visit = {ph} AND detector = {ph} "
-            f"AND {q('diaObjectId')} IS NOT NULL", (self.visit, self.detector)).fetchall()], dtype=np.int64)
+        ids = self._object_ids()
         found: set[tuple[float, int, int]] = set()
         for i in range(0, ids.size, IN_CHUNK):
             chunk = ids[i : i + IN_CHUNK].tolist()

@@ -785,7 +785,7 @@ class Butler:
             exp = replace(obj, metadata=obj.metadata.copy())  # the planes are shared and only read
 
             def write() -> Path:
-                write_hdulist(path, exposure_hdulist(exp, config_sha=sha, copy=False))
+                write_hdulist(path, exposure_hdulist(exp, config_sha=sha))
                 log.debug("put %s %s -> %s", name, did, path)
                 return path
 

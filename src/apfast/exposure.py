@@ -516,15 +516,14 @@ def write_exposure(path: str | Path, exp: Exposure, *, config_sha: str | None = 
     Path
         ``path``.
     """
-    return write_hdulist(path, exposure_hdulist(exp, config_sha=config_sha, copy=False))
+    return write_hdulist(path, exposure_hdulist(exp, config_sha=config_sha))
 
 
-def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None, copy: bool = True) -> fits.HDUList:
+def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None) -> fits.HDUList:
     """The FITS form of an exposure, as :func:`write_exposure` writes it.
 
-    With ``copy`` the planes are big-endian copies (a snapshot that astropy can
-    write as it is); without, the HDUs hold ``exp``'s own native planes, for
-    :func:`write_hdulist`, which writes them in byte-swapped chunks and never
+    The HDUs hold ``exp``'s own native planes (no copies): write the list with
+    :func:`write_hdulist`, which converts them in byte-swapped chunks and never
     swaps them in place (astropy's own writer swaps native arrays in place and
     back, which a thread still reading them must not see).
     """
@@ -547,7 +546,7 @@ def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None, copy: bool
 
     hdus: list[Any] = [primary]
     plane_hdr = _plane_header(exp.wcs, exp.xy0)
-    plane = _big_endian if copy else np.ascontiguousarray
+    plane = np.ascontiguousarray
     hdus.append(fits.ImageHDU(plane(exp.image), header=plane_hdr.copy(), name="IMAGE"))
     if exp.mask is not None:
         mhdr = plane_hdr.copy()
@@ -628,11 +627,6 @@ def _write_image_hdu(f: Any, hdu: fits.ImageHDU) -> None:
     pad = -data.nbytes % 2880
     if pad:
         f.write(b"\0" * pad)
-
-
-def _big_endian(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous big-endian copy of ``a`` (FITS byte order)."""
-    return np.ascontiguousarray(a).astype(a.dtype.newbyteorder(">"), copy=True)
 
 
 def _native(data: Any, dtype: Any) -> np.ndarray:
