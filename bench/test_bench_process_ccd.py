@@ -17,25 +17,17 @@ import pytest
 
 from apfast.butler import Butler
 from apfast.calibrate import mjd_to_epoch, run_calibrate
-from apfast.calibs import ingest_calibs
 from apfast.characterize import run_characterize
 from apfast.config import load_config
-from apfast.ingest import ingest_raws
 from apfast.isr import amp_params_from_header, run_isr
 from apfast.pipeline import _refs, _trim_offset, _trimmed_wcs
-from apfast.refcat import ingest_refcat
-from apfast.simulate import simulate
+from simrepo import build_sim_repo
 
 
 @pytest.fixture(scope="module")
 def ccd(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("bench_pccd")
-    summary = simulate(d / "sim", ccdnums=(35,), n_template=1, n_science=1, seed=5)
-    repo = d / "repo"
-    ingest_raws(repo, summary.raw_files)
-    ingest_calibs(repo / "calibs", summary.calib_files)
-    ingest_refcat(repo, "gaia", [summary.gaia_file])
-    ingest_refcat(repo, "ps1", [summary.ps1_file])
+    ds = build_sim_repo(tmp_path_factory.mktemp("bench_pccd"), ccdnums=(35,), n_template=1, n_science=1, seed=5)
+    d, summary, repo = ds["dir"], ds["summary"], ds["repo"]
     butler = Butler(repo)
     v = summary.science_visits[0]
     did = {"visit": v, "ccdnum": 35}

@@ -21,17 +21,24 @@ the first one's compiled kernels) into its own rerun and APDB, so both pay the s
     rate = (n_l - n_s) / (wall_l - wall_s)  CCD-visits per second,
     overhead_s = wall_s - n_s / rate       (spawn + imports + compilation + the pipeline drain).
 
-Why not the per-CCD completion times of one run: with ``-j 2`` a CCD-visit completes when its
-DIA task does, and DIA tasks of overlapping CCD-visits run in time order after the image tasks,
-so completions arrive in bursts (e.g. 4 image tasks done before the 2nd completion): dropping
-the first completion per worker does not drop the warm-up, and the rate came out 2x too high.
-Nor the per-CCD stage times: the serial run now overlaps the DIA stage of CCD i with the image
-stages of CCD i+1, so its per-CCD totals add up to more than the wall time. Both are still
-recorded (``long_completions_after_first_s``, ``long_ccd_s_median``) for reference.
+Why the ``-j 2`` workers compile every kernel as they start (apfast.executor): compiled lazily, the
+first DIA task of each worker compiled for ~10-20 s while DIA tasks of overlapping CCD-visits
+waited behind it in time order, and how much of that hid behind other work depended on the
+run's length: the short run paid more of it than the long one, and the marginal rate came out
+up to 3x too high (CI: efficiency 1.6). With the warm-up both runs pay the same start-up.
+Per-CCD completion times of one run are recorded for reference only
+(``long_completions_after_first_s``): with ``-j 2`` completions arrive in bursts, as DIA tasks
+run in time order after image tasks.
 
 Scaling efficiency = rate(2 workers) / (2 x rate(1 worker)); on 2 cores ~0.5 is the ceiling, as one
-serial process already uses both cores (see the assertion). Both runs must give identical
-APDB contents (row counts, DiaSource ids and their DiaObjects, current DiaObjects).
+serial process already uses both cores, and it is reported, not judged: the two rates come from
+four runs minutes apart, and the load of a shared machine moves them more than the difference
+between "concurrent" (~0.4-0.5) and "one task at a time" (~0.25) on 2 cores. What is judged is
+concurrency itself, within the same runs: ``busy = sum of per-CCD stage times / wall``, marginal
+between the short and the long run; one task at a time gives ~1 (a serial run ~1.1-1.3, its DIA
+stage overlapping the next CCD), two busy workers ~2; ``-j 2`` must exceed 1.5. With 4+ cores the
+efficiency must also exceed 0.5. Both runs must give identical APDB contents (row counts,
+DiaSource ids and their DiaObjects, current DiaObjects, forced sources).
 
 Run for real with ``python -m pytest bench/test_bench_throughput.py -m slow --benchmark-enable -s``.
 The numbers are noisy on a shared machine: the load average at start and end is recorded.
@@ -52,11 +59,8 @@ from pathlib import Path
 
 import pytest
 
-from apfast.calibs import ingest_calibs
 from apfast.cli import main
-from apfast.ingest import ingest_raws
-from apfast.refcat import ingest_refcat
-from apfast.simulate import simulate
+from simrepo import build_sim_repo
 
 CCDS = (35, 36)
 N_TEMPLATE = 2
@@ -97,16 +101,8 @@ def marginal_rate(n_short: int, wall_short: float, n_long: int, wall_long: float
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("bench_throughput")
-    summary = simulate(d / "sim", ccdnums=CCDS, n_template=N_TEMPLATE, n_science=N_SCIENCE, seed=11)
-    repo = d / "repo"
-    ingest_raws(repo, summary.raw_files)
-    ingest_calibs(repo / "calibs", summary.calib_files)
-    ingest_refcat(repo, "gaia", [summary.gaia_file])
-    ingest_refcat(repo, "ps1", [summary.ps1_file])
-    tv = "^".join(str(v) for v in summary.template_visits)
-    assert main(["-q", "make-templates", str(repo), "--id", f"visit={tv}", "--output", str(d / "templates")]) == 0
-    return {"dir": d, "repo": repo, "templates": d / "templates", "visits": summary.science_visits}
+    return build_sim_repo(tmp_path_factory.mktemp("bench_throughput"), ccdnums=CCDS, n_template=N_TEMPLATE,
+                          n_science=N_SCIENCE, seed=11, templates=True)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +146,8 @@ def _measure_pair(dataset: dict, name: str, workers: int) -> dict:
     short = _measure(dataset, f"{name}_short", workers, visits[:1])
     long = _measure(dataset, name, workers, visits)
     rate, overhead = marginal_rate(len(short.done_s), short.wall_s, len(long.done_s), long.wall_s)
-    return {"short": short, "long": long, "rate": rate, "overhead": overhead}
+    busy = (sum(long.ccd_s) - sum(short.ccd_s)) / (long.wall_s - short.wall_s)
+    return {"short": short, "long": long, "rate": rate, "overhead": overhead, "busy": busy}
 
 
 def _apdb_contents(db: Path) -> dict[str, object]:
@@ -181,9 +178,11 @@ def _run(benchmark, dataset: dict, name: str, workers: int) -> dict:
         "long_wall_s": round(long.wall_s, 2),
         "long_completions_after_first_s": [round(t) for t in long.done_s],
         "long_ccd_s_median": round(statistics.median(long.ccd_s), 2),
+        "busy_ccd_s_per_wall_s": round(r["busy"], 3),
         "loadavg_start": load0,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     })
+    print(f"\nthroughput {name}: {benchmark.extra_info}")  # noqa: T201 - the numbers in the CI log
     return r
 
 
@@ -225,20 +224,15 @@ def test_ccds_per_minute_two_workers(benchmark, dataset: dict, measured: dict) -
     eff = r["rate"] / (2.0 * serial["rate"])
     benchmark.extra_info["serial_ccds_per_min"] = round(serial["rate"], 3)
     benchmark.extra_info["scaling_efficiency"] = round(eff, 3)
+    print(f"scaling efficiency {eff:.3f} (serial {serial['rate']:.2f}, -j 2 {r['rate']:.2f} CCD-visits/min)")  # noqa: T201
     a, b = _apdb_contents(serial["long"].db), _apdb_contents(r["long"].db)
     assert a["counts"]["apfast_ccd_visit"] == len(r["long"].done_s)
     assert b["counts"] == a["counts"]
     assert b["sources"] == a["sources"], "-j 2 stored other DiaSource ids or associations than the serial run"
     assert b["current"] == a["current"]
     assert b["forced"] == a["forced"]
-    # A serial run already keeps 2 cores busy (2 numba threads, the DIA stage of CCD i overlapping the
-    # image stages of CCD i+1, a writer thread), so on a 2-core machine -j 2 can at best match it
-    # (efficiency ~0.5; measured 0.455). Tasks run one at a time on 1 thread would give ~0.25-0.3:
-    # that regression must fail. With 4+ cores, two 2-thread workers must beat one.
-    floor = 0.35 if (os.cpu_count() or 1) < 4 else 0.5
-    assert eff > floor, (f"-j 2: {r['rate']:.2f} CCDs/min vs serial {serial['rate']:.2f} (efficiency {eff:.2f} "
-                         f"<= {floor}): the workers do not run concurrently")
-    # two 1-thread workers cannot do more than twice a 2-thread serial run: above 1.5 the start-up
-    # costs of the short and long runs differed (other load on the machine), not the pipeline
-    assert eff < 1.5, (f"scaling efficiency {eff:.2f} is not physical: the machine load changed between the "
-                       f"runs ({benchmark.extra_info}); rerun on a quiet machine")
+    # two workers each busy with a CCD most of the time (the module docstring): ~2; one at a time: ~1
+    assert r["busy"] > 1.5, (f"-j 2 kept only {r['busy']:.2f} CCDs in work on average (serial run: "
+                             f"{serial['busy']:.2f}): the workers do not run concurrently ({benchmark.extra_info})")
+    if (os.cpu_count() or 1) >= 4:  # two 2-thread workers must beat one
+        assert eff > 0.5, f"-j 2: scaling efficiency {eff:.2f} <= 0.5 with {os.cpu_count()} cores"

@@ -619,8 +619,10 @@ def _warmup_cases():
     good = np.ones((2, 2), dtype=np.bool_)
     filled = np.zeros((2, 2), dtype=np.bool_)
     xc = np.array([1.5, 5.5], dtype=np.float64)
+    model_values = vals.copy()
+    model_values.setflags(write=False)  # BackgroundModel keeps its mesh read-only (a separate signature)
     return [
         (mesh_statistics, (img, msk, 1, xe, xe, STAT_MEANCLIP, 3.0, 3, vals, stds, cnts)),
         (fill_mesh_holes, (vals, stds, good, filled)),
-        (interpolate_mesh, (vals, xc, xc, METHOD_AKIMA, img)),
+        (interpolate_mesh, (model_values, xc, xc, METHOD_AKIMA, img)),
     ]

@@ -190,3 +190,18 @@ def difference_masks(mask_tgt, grown, r, edge_bit, not_grown, m_matched, m_diff)
             g = grown[y, x]
             m_matched[y, x] = g | e
             m_diff[y, x] = mask_tgt[y, x] | (g & keep) | e
+
+
+def _warmup_cases():
+    """Tiny argument tuples with the subtraction's dtypes (used by ``apfast warmup``)."""
+    n = 8
+    img = np.ones((n, n), dtype=np.float32)
+    msk = np.zeros((n, n), dtype=np.int32)
+    return [
+        (combine_spatial_terms, (np.ones((1, n, n), np.float32), 0, np.zeros(1), 0, 4.0, 4.0, 4.0, 4.0, img, 1.0,
+                                 np.empty((n, n), np.float32), np.empty((n, n), np.float32))),
+        (grow_mask_bits, (msk, 1, 0xFF, np.empty((n, n), np.int32))),
+        (planes_finite, (img, img)),
+        (or_masks_any, (msk, msk, 0xFF, np.empty((n, n), np.bool_))),
+        (difference_masks, (msk, msk, 1, 16, 0, np.empty((n, n), np.int32), np.empty((n, n), np.int32))),
+    ]

@@ -93,3 +93,9 @@ def grow_mask_box(bad, r, border, out):
             if out[y, x] != 0:
                 n += 1
     return n
+
+
+def _warmup_cases():
+    """A tiny call with the decorrelation's dtypes (used by ``apfast warmup``)."""
+    bad = np.zeros((8, 8), dtype=np.uint8)
+    return [(grow_mask_box, (bad, 1, True, np.empty((8, 8), np.uint8)))]

@@ -248,3 +248,11 @@ def htm_index(ra_deg, dec_deg, level):
 
 
 _ROOTS = root_vertices()
+
+
+def _warmup_cases():
+    """Tiny calls with the APDB's dtypes (used by ``apfast warmup``)."""
+    ra = np.array([10.0, 200.0])
+    dec = np.array([-30.0, 5.0])
+    xyz = np.empty((2, 3), dtype=np.float64)
+    return [(radec_to_xyz, (ra, dec, xyz)), (htm_index_xyz, (xyz, 20, _ROOTS, np.empty(2, np.int64)))]

@@ -452,3 +452,23 @@ def solve_symmetric_batch(m, b, max_cond, out):
                 x[k] += proj * v[k, j]
         for k in range(n):
             out[i, k] = x[k] / d[k]
+
+
+def _warmup_cases():
+    """Tiny calls with the PSF matching's dtypes (used by ``apfast warmup``).
+
+    One stamp (half-size 3) of a 16 x 16 image, a basis of one even and one odd
+    3-tap factor (so both folded paths compile), with the background column.
+    """
+    n = 16
+    img = np.ones((n, n), dtype=np.float32)
+    filt = np.array([[0.25, 0.5, 0.25], [-0.5, 0.0, 0.5]])
+    pairs = np.array([[0, 0], [1, 0], [0, 1]], dtype=np.int64)
+    nu = pairs.shape[0] + 1
+    c = np.array([8], dtype=np.int64)
+    m = np.eye(nu)[None, :, :].copy()
+    return [
+        (stamp_normal_equations, (img, img, img, img, c, c, 3, filt, filt, pairs, True, np.zeros((1, nu, nu)),
+                                  np.zeros((1, nu)), np.zeros(1), np.zeros(1), np.zeros(1, np.int64))),
+        (solve_symmetric_batch, (m, np.ones((1, nu)), 1e8, np.empty((1, nu)))),
+    ]

@@ -48,20 +48,9 @@ def dia_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     Session-scoped and read-only for its users: each test module processes it into its own rerun
     and its own APDB. Keys: ``dir``, ``repo``, ``templates``, ``summary``, ``ccd``.
     """
-    from apfast.calibs import ingest_calibs
-    from apfast.cli import main
-    from apfast.ingest import ingest_raws
-    from apfast.refcat import ingest_refcat
-    from apfast.simulate import simulate
+    from simrepo import build_sim_repo
 
-    d = tmp_path_factory.mktemp("dia_dataset")
     ccd = 35
-    summary = simulate(d / "sim", ccdnums=(ccd,), n_template=2, n_science=3, seed=5)
-    repo = d / "repo"
-    ingest_raws(repo, summary.raw_files)
-    ingest_calibs(repo / "calibs", summary.calib_files)
-    ingest_refcat(repo, "gaia", [summary.gaia_file])
-    ingest_refcat(repo, "ps1", [summary.ps1_file])
-    tv = "^".join(str(v) for v in summary.template_visits)
-    assert main(["-q", "make-templates", str(repo), "--id", f"visit={tv}", "--output", str(d / "templates")]) == 0
-    return {"dir": d, "repo": repo, "templates": d / "templates", "summary": summary, "ccd": ccd}
+    ds = build_sim_repo(tmp_path_factory.mktemp("dia_dataset"), ccdnums=(ccd,), n_template=2, n_science=3, seed=5,
+                        templates=True)
+    return {**ds, "ccd": ccd}

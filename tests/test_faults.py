@@ -16,31 +16,24 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from apfast.calibs import ingest_calibs
 from apfast.cli import main
 from apfast.ingest import ingest_raws
-from apfast.refcat import ingest_refcat
 from apfast.registry import Registry
-from apfast.simulate import simulate
 from apfast.testing import write_decam_raw
+from simrepo import build_sim_repo
 
 CCDS = (35, 36)
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("faults")
-    summary = simulate(d / "sim", ccdnums=CCDS, n_template=1, n_science=1, seed=5)
-    repo = d / "repo"
-    ingest_raws(repo, summary.raw_files, mode="copy")
-    ingest_calibs(repo / "calibs", summary.calib_files)
-    ingest_refcat(repo, "gaia", [summary.gaia_file])
-    ingest_refcat(repo, "ps1", [summary.ps1_file])
+    ds = build_sim_repo(tmp_path_factory.mktemp("faults"), ccdnums=CCDS, n_template=1, n_science=1, seed=5,
+                        mode="copy")
+    d, summary, repo = ds["dir"], ds["summary"], ds["repo"]
     with Registry(repo) as reg:
         rows = reg.find({})
     return {"dir": d, "summary": summary, "repo": repo, "rows": rows,

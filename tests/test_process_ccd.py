@@ -25,20 +25,16 @@ from apfast.isr import amp_params_from_header, run_isr
 from apfast.masks import bitmask
 from apfast.psf_determiner import halfmax_fwhm
 from apfast.refcat import ingest_refcat
-from apfast.simulate import load_truth, psf_fwhm, simulate, truth_image
+from apfast.simulate import load_truth, psf_fwhm, truth_image
+from simrepo import build_sim_repo
 
 CCDS = (35, 36)
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("pccd")
-    summary = simulate(d / "sim", ccdnums=CCDS, n_template=1, n_science=1, seed=11)
-    repo = d / "repo"
-    ingest_raws(repo, summary.raw_files)
-    ingest_calibs(repo / "calibs", summary.calib_files)
-    ingest_refcat(repo, "gaia", [summary.gaia_file])
-    ingest_refcat(repo, "ps1", [summary.ps1_file])
+    ds = build_sim_repo(tmp_path_factory.mktemp("pccd"), ccdnums=CCDS, n_template=1, n_science=1, seed=11)
+    d, summary, repo = ds["dir"], ds["summary"], ds["repo"]
     visits = "^".join(str(v) for v in summary.visits)
     rc = main(["-q", "process-ccd", str(repo), "--rerun", "t", "--id", f"visit={visits}"])
     assert rc == 0

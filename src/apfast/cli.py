@@ -304,7 +304,8 @@ def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Pat
     if args.executor == "dask":
         log.info("dask executor: %s", args.scheduler or f"local cluster of {n} worker processes")
         return run_dask(spec, rows, stored=stored, scheduler=args.scheduler, n_workers=n, progress=_progress)
-    log.info("%d worker processes x %d numba threads", n, threads)
+    log.info("%d worker processes x %d numba threads; each compiles every kernel as it starts (about a minute "
+             "on first use)", max(1, min(n, len(rows))), threads)
     return run_parallel(spec, rows, processes=n, stored=stored, progress=_progress)
 
 

@@ -17,7 +17,10 @@ PostgreSQL: a transaction-scoped advisory lock), so even writers outside this sc
 (two ``apfast process`` runs on one APDB) cannot create duplicate DiaObjects.
 
 Workers are started with ``spawn`` (never ``fork``: numba's OpenMP/TBB threads and FFTW's
-threads do not survive a fork) and each gets ``cores // N`` numba threads.
+threads do not survive a fork) and each gets ``cores // N`` numba threads. Each worker compiles
+every kernel (:func:`apfast.warmup.warmup`) as it starts, all workers at once, before it takes a
+task: compiled lazily, the first DIA task's compilation (tens of seconds) would hold up every
+DIA task waiting behind it in time order while the other workers pile up image tasks.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class RunSpec:
     clobber_output: bool
     threads: int = 0
     with_apdb: bool = True
+    warmup: bool = True
 
 
 def ccd_dependencies(rows: Sequence[dict[str, Any]], margin_deg: float) -> list[list[int]]:
@@ -95,14 +99,22 @@ def ccd_dependencies(rows: Sequence[dict[str, Any]], margin_deg: float) -> list[
 _STATE: dict[str, Any] = {}
 
 
-def _worker_init(threads: int) -> None:
-    """Pool initializer: numba threads per worker before any kernel runs."""
+def _worker_init(threads: int, warm: bool = False) -> None:
+    """Pool initializer: numba threads per worker, then (``warm``) compile every kernel before any task."""
     if threads > 0:
         # set_num_threads only: changing NUMBA_NUM_THREADS after numba's import is refused once its
         # thread pool has started
         import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if warm:
+        from apfast.warmup import warmup
+
+        try:
+            warmup(fftw=False)  # FFTW plans come from the wisdom cache on first use
+        except Exception:  # noqa: BLE001 - a kernel that fails here fails again in its task, with the dataId
+            log.warning("worker %d: kernel warm-up failed; kernels compile on first use", os.getpid(),
+                        exc_info=True)
 
 
 def _butler(spec: RunSpec) -> Any:
@@ -173,6 +185,7 @@ def run_parallel(spec: RunSpec, rows: Sequence[dict[str, Any]], *, processes: in
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
     n = len(rows)
+    processes = max(1, min(int(processes), n))  # no worker that would only compile
     deps = ccd_dependencies(rows, _margin_deg(spec))
     tags = [f"[{i + 1}/{n}] visit={int(r['visit'])} ccdnum={int(r['ccdnum'])}" for i, r in enumerate(rows)]
     results: list[CcdOutcome | None] = [None] * n
@@ -182,7 +195,7 @@ def run_parallel(spec: RunSpec, rows: Sequence[dict[str, Any]], *, processes: in
     running: dict[Future, tuple[str, int]] = {}
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_worker_init,
-                             initargs=(spec.threads,)) as pool:
+                             initargs=(spec.threads, spec.warmup)) as pool:
         while len(dia_done) < n:
             # DIA tasks first: they unblock others and hold the APDB only briefly
             for i in sorted(image_done):

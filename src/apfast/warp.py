@@ -323,6 +323,7 @@ def warp_exposure(
     if g > 1:
         # the pixel map (and the area ratio) are interpolated from the coarse grid inside the kernel
         gx, gy, start = _coarse_grid(src_wcs, dest_wcs, (ny, nx), g)
+        gx, gy = np.ascontiguousarray(gx), np.ascontiguousarray(gy)  # kernels take C-contiguous arrays
         det = _area_nodes(gx, gy, g) if cfg.conserve_flux else None
         garea = det if det is not None else np.empty((0, 0), np.float64)
     else:

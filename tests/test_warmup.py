@@ -1,0 +1,84 @@
+"""``apfast warmup`` compiles exactly the kernel signatures a run uses.
+
+``-j N`` workers call :func:`apfast.warmup.warmup` as they start (apfast.executor), so a
+signature the warm-up misses (another dtype, a read-only or non-contiguous array) is compiled
+in the middle of a CCD again, tens of seconds on the DIA chain. The slow test processes CCDs
+in a fresh interpreter after the warm-up and fails on any kernel that compiles a new signature.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from apfast.warmup import kernel_modules
+
+_PROBE = r"""
+import importlib, json, sys
+from numba.core.registry import CPUDispatcher
+from apfast.warmup import kernel_modules, warmup
+
+def signatures():
+    out = {}
+    for name in kernel_modules():
+        mod = importlib.import_module(name)
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, CPUDispatcher) and obj.__module__ == name:
+                out[f"{name}.{attr}"] = sorted(map(str, obj.signatures))
+    return out
+
+warmup(fftw=False)
+before = signatures()
+from apfast.cli import main
+rc = main(sys.argv[1:])
+after = signatures()
+new = {k: sorted(set(v) - set(before.get(k, []))) for k, v in after.items()}
+print(json.dumps({"rc": rc, "new": {k: v for k, v in new.items() if v}}))
+"""
+
+
+@pytest.mark.parametrize("module", ["convolve", "fftutil", "htm", "psfmatch"])
+def test_warmup_cases_run(module: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(f"apfast.kernels.{module}")
+    cases = mod._warmup_cases()
+    assert cases
+    for kernel, args in cases:
+        kernel(*args)
+
+
+def test_every_kernel_module_with_public_kernels_has_warmup_cases() -> None:
+    import importlib
+
+    from numba.core.registry import CPUDispatcher
+
+    missing = []
+    for name in kernel_modules():
+        mod = importlib.import_module(name)
+        public = [a for a, o in vars(mod).items() if isinstance(o, CPUDispatcher) and not a.startswith("_")]
+        if public and not hasattr(mod, "_warmup_cases") and not name.endswith(".render"):  # render: simulate only
+            missing.append(name)
+    assert not missing, f"kernel modules without _warmup_cases (apfast warmup skips them): {missing}"
+
+
+@pytest.mark.slow
+def test_warmup_covers_every_signature_of_a_run(dia_dataset: dict, tmp_path) -> None:
+    summary = dia_dataset["summary"]
+    visits = "^".join(str(v) for v in summary.science_visits[:2])
+    db = f"sqlite:///{tmp_path / 'apdb.db'}"
+    from apfast.cli import main
+
+    assert main(["-q", "make-apdb", "-c", f"apdb.db_url={db}"]) == 0
+    args = ["-q", "process", str(dia_dataset["repo"]), "--output", str(tmp_path / "out"),
+            "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={db}",
+            "--id", f"visit={visits}", f"ccdnum={dia_dataset['ccd']}"]
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=1200,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["rc"] == 0, proc.stderr[-4000:]
+    assert res["new"] == {}, f"kernels compiled new signatures after the warm-up: {res['new']}"
