@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -136,6 +137,8 @@ def _measure(dataset: dict, name: str, workers: int, visits: tuple[int, ...]) ->
     assert len(done) == n, f"expected {n} per-CCD completion lines in the log, got {done}"
     assert len({(v, c) for _, v, c, _ in done}) == n
     first = min(t for t, _, _, _ in done)
+    # the outputs are not looked at again (the APDB is): ~0.35 GB per CCD-visit, 24 CCD-visits in all
+    shutil.rmtree(Path(dataset["repo"]) / "rerun" / name, ignore_errors=True)
     return Run(workers, wall, tuple(sorted(float(t - first) for t, _, _, _ in done)),
                tuple(x for _, _, _, x in done), db)
 
@@ -163,7 +166,14 @@ def _apdb_contents(db: Path) -> dict[str, object]:
         }
 
 
-def _run(benchmark, dataset: dict, name: str, workers: int) -> dict:
+def _report(request: pytest.FixtureRequest, text: str) -> None:
+    """One line in the terminal report even with output captured (the numbers belong in the CI log)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
+
+
+def _run(request: pytest.FixtureRequest, benchmark, dataset: dict, name: str, workers: int) -> dict:
     load0 = [round(x, 2) for x in os.getloadavg()]
     r = benchmark.pedantic(_measure_pair, args=(dataset, name, workers), rounds=1, iterations=1)
     short, long = r["short"], r["long"]
@@ -182,7 +192,7 @@ def _run(benchmark, dataset: dict, name: str, workers: int) -> dict:
         "loadavg_start": load0,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     })
-    print(f"\nthroughput {name}: {benchmark.extra_info}")  # noqa: T201 - the numbers in the CI log
+    _report(request, f"\nthroughput {name}: {benchmark.extra_info}")
     return r
 
 
@@ -210,21 +220,22 @@ def test_done_line_pattern_matches_cli_progress() -> None:
 # -------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 @pytest.mark.benchmark(group="throughput")
-def test_ccds_per_minute_serial(benchmark, dataset: dict, measured: dict) -> None:
-    r = _run(benchmark, dataset, "serial", 1)
+def test_ccds_per_minute_serial(request: pytest.FixtureRequest, benchmark, dataset: dict, measured: dict) -> None:
+    r = _run(request, benchmark, dataset, "serial", 1)
     measured["serial"] = r
     assert r["rate"] > 0 and 0 < r["overhead"] < r["short"].wall_s
 
 
 @pytest.mark.slow
 @pytest.mark.benchmark(group="throughput")
-def test_ccds_per_minute_two_workers(benchmark, dataset: dict, measured: dict) -> None:
-    r = _run(benchmark, dataset, "j2", 2)
+def test_ccds_per_minute_two_workers(request: pytest.FixtureRequest, benchmark, dataset: dict,
+                                     measured: dict) -> None:
+    r = _run(request, benchmark, dataset, "j2", 2)
     serial = measured.get("serial") or _measure_pair(dataset, "serial", 1)
     eff = r["rate"] / (2.0 * serial["rate"])
     benchmark.extra_info["serial_ccds_per_min"] = round(serial["rate"], 3)
     benchmark.extra_info["scaling_efficiency"] = round(eff, 3)
-    print(f"scaling efficiency {eff:.3f} (serial {serial['rate']:.2f}, -j 2 {r['rate']:.2f} CCD-visits/min)")  # noqa: T201
+    _report(request, f"scaling efficiency {eff:.3f} (serial {serial['rate']:.2f}, -j 2 {r['rate']:.2f} CCD-visits/min)")
     a, b = _apdb_contents(serial["long"].db), _apdb_contents(r["long"].db)
     assert a["counts"]["apfast_ccd_visit"] == len(r["long"].done_s)
     assert b["counts"] == a["counts"]
