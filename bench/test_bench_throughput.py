@@ -32,13 +32,15 @@ run in time order after image tasks.
 
 Scaling efficiency = rate(2 workers) / (2 x rate(1 worker)); on 2 cores ~0.5 is the ceiling, as one
 serial process already uses both cores, and it is reported, not judged: the two rates come from
-four runs minutes apart, and the load of a shared machine moves them more than the difference
-between "concurrent" (~0.4-0.5) and "one task at a time" (~0.25) on 2 cores. What is judged is
-concurrency itself, within the same runs: ``busy = sum of per-CCD stage times / wall``, marginal
-between the short and the long run; one task at a time gives ~1 (a serial run ~1.1-1.3, its DIA
-stage overlapping the next CCD), two busy workers ~2; ``-j 2`` must exceed 1.5. With 4+ cores the
-efficiency must also exceed 0.5. Both runs must give identical APDB contents (row counts,
-DiaSource ids and their DiaObjects, current DiaObjects, forced sources).
+four runs minutes apart, and the load of a shared machine moves them about as much as the
+difference between "concurrent" (measured 0.31-0.38) and "one task at a time" (~0.25) on 2 cores.
+What is judged is concurrency itself, within the same runs: ``busy = sum of per-CCD stage times /
+wall``, marginal between the short and the long run. Two busy workers give ~2 (measured 1.73: the
+DIA chain idles a worker at times), one task at a time ~1; ``-j 2`` must exceed 1.3. (The serial
+run's figure, ~1.4, is not comparable: its per-CCD totals are latencies, the DIA stage of CCD i
+overlapping CCD i+1.) With 4+ cores the efficiency must also exceed 0.5. Both runs must give
+identical APDB contents (row counts, DiaSource ids and their DiaObjects, current DiaObjects,
+forced sources).
 
 Run for real with ``python -m pytest bench/test_bench_throughput.py -m slow --benchmark-enable -s``.
 The numbers are noisy on a shared machine: the load average at start and end is recorded.
@@ -167,10 +169,10 @@ def _apdb_contents(db: Path) -> dict[str, object]:
 
 
 def _report(request: pytest.FixtureRequest, text: str) -> None:
-    """One line in the terminal report even with output captured (the numbers belong in the CI log)."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
+    """Print past pytest's output capture (the numbers belong in the CI log)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(text)  # noqa: T201
 
 
 def _run(request: pytest.FixtureRequest, benchmark, dataset: dict, name: str, workers: int) -> dict:
@@ -243,7 +245,7 @@ def test_ccds_per_minute_two_workers(request: pytest.FixtureRequest, benchmark, 
     assert b["current"] == a["current"]
     assert b["forced"] == a["forced"]
     # two workers each busy with a CCD most of the time (the module docstring): ~2; one at a time: ~1
-    assert r["busy"] > 1.5, (f"-j 2 kept only {r['busy']:.2f} CCDs in work on average (serial run: "
+    assert r["busy"] > 1.3, (f"-j 2 kept only {r['busy']:.2f} CCDs in work on average (serial run: "
                              f"{serial['busy']:.2f}): the workers do not run concurrently ({benchmark.extra_info})")
     if (os.cpu_count() or 1) >= 4:  # two 2-thread workers must beat one
         assert eff > 0.5, f"-j 2: scaling efficiency {eff:.2f} <= 0.5 with {os.cpu_count()} cores"
