@@ -546,16 +546,15 @@ def exposure_hdulist(exp: Exposure, *, config_sha: str | None = None) -> fits.HD
 
     hdus: list[Any] = [primary]
     plane_hdr = _plane_header(exp.wcs, exp.xy0)
-    plane = np.ascontiguousarray
-    hdus.append(fits.ImageHDU(plane(exp.image), header=plane_hdr.copy(), name="IMAGE"))
+    hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.image), header=plane_hdr.copy(), name="IMAGE"))
     if exp.mask is not None:
         mhdr = plane_hdr.copy()
         for key, bit, comment in masks.header_cards():
             # names longer than 8 characters need HIERARCH cards (as Rubin's afw writes them)
             mhdr[key if len(key) <= 8 else f"HIERARCH {key}"] = (bit, comment)
-        hdus.append(fits.ImageHDU(plane(exp.mask), header=mhdr, name="MASK"))
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.mask), header=mhdr, name="MASK"))
     if exp.variance is not None:
-        hdus.append(fits.ImageHDU(plane(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(exp.variance), header=plane_hdr.copy(), name="VARIANCE"))
     if exp.psf is not None:
         psf_hdus = exp.psf.to_hdus()
         for h in psf_hdus:
