@@ -14,21 +14,14 @@ import sys
 
 import pytest
 
-from apfast.warmup import kernel_modules
+from apfast.warmup import kernel_dispatchers
 
 _PROBE = r"""
-import importlib, json, sys
-from numba.core.registry import CPUDispatcher
-from apfast.warmup import kernel_modules, warmup
+import json, sys
+from apfast.warmup import kernel_dispatchers, warmup
 
 def signatures():
-    out = {}
-    for name in kernel_modules():
-        mod = importlib.import_module(name)
-        for attr, obj in vars(mod).items():
-            if isinstance(obj, CPUDispatcher) and obj.__module__ == name:
-                out[f"{name}.{attr}"] = sorted(map(str, obj.signatures))
-    return out
+    return {k: sorted(map(str, d.signatures)) for k, d in kernel_dispatchers().items()}
 
 warmup(fftw=False)
 before = signatures()
@@ -54,15 +47,10 @@ def test_warmup_cases_run(module: str) -> None:
 def test_every_kernel_module_with_public_kernels_has_warmup_cases() -> None:
     import importlib
 
-    from numba.core.registry import CPUDispatcher
-
-    missing = []
-    for name in kernel_modules():
-        mod = importlib.import_module(name)
-        public = [a for a, o in vars(mod).items() if isinstance(o, CPUDispatcher) and not a.startswith("_")]
-        if public and not hasattr(mod, "_warmup_cases") and not name.endswith(".render"):  # render: simulate only
-            missing.append(name)
-    assert not missing, f"kernel modules without _warmup_cases (apfast warmup skips them): {missing}"
+    modules = {k.rsplit(".", 1)[0] for k in kernel_dispatchers() if not k.rsplit(".", 1)[1].startswith("_")}
+    missing = sorted(m for m in modules
+                     if not hasattr(importlib.import_module(m), "_warmup_cases") and not m.endswith(".render"))
+    assert not missing, f"kernel modules without _warmup_cases (apfast warmup skips them; render: simulate only): {missing}"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pkgutil
 import time
 from collections.abc import Callable
 
-__all__ = ["fftw_warmup_shapes", "kernel_modules", "warmup", "warmup_fftw"]
+__all__ = ["fftw_warmup_shapes", "kernel_dispatchers", "kernel_modules", "warmup", "warmup_fftw"]
 
 
 def kernel_modules() -> list[str]:
@@ -27,6 +27,18 @@ def kernel_modules() -> list[str]:
     import apfast.kernels as pkg
 
     return sorted(f"apfast.kernels.{m.name}" for m in pkgutil.iter_modules(pkg.__path__))
+
+
+def kernel_dispatchers() -> dict[str, object]:
+    """Every numba kernel defined in :mod:`apfast.kernels`, by ``"module.name"`` (e.g. to list their signatures)."""
+    from numba.core.registry import CPUDispatcher
+
+    out: dict[str, object] = {}
+    for name in kernel_modules():
+        mod = importlib.import_module(name)
+        out.update({f"{name}.{attr}": obj for attr, obj in vars(mod).items()
+                    if isinstance(obj, CPUDispatcher) and obj.__module__ == name})
+    return out
 
 
 def fftw_warmup_shapes(camera: str = "DECam") -> list[tuple[tuple[int, int], int, str]]:
