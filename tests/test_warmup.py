@@ -70,3 +70,18 @@ def test_warmup_covers_every_signature_of_a_run(dia_dataset: dict, tmp_path) -> 
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0, proc.stderr[-4000:]
     assert res["new"] == {}, f"kernels compiled new signatures after the warm-up: {res['new']}"
+
+
+def test_worker_warmup_failure_is_a_warning_not_a_dead_pool(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    # a kernel that cannot compile in the pool initializer must not break the pool (its task then fails
+    # with the dataId); the worker says so in the log
+    import apfast.warmup
+    from apfast.executor import _worker_init
+
+    def boom(**_kw: object) -> None:
+        raise RuntimeError("numba: cannot compile kernel X")
+
+    monkeypatch.setattr(apfast.warmup, "warmup", boom)
+    with caplog.at_level("WARNING", logger="apfast.executor"):
+        _worker_init(0, True)
+    assert any("kernel warm-up failed; kernels compile on first use" in r.getMessage() for r in caplog.records)
