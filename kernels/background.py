@@ -37,6 +37,7 @@ import numpy as np
 from numba import prange
 
 from apfast._jit import jit, pjit
+from apfast.kernels.primitives import select_kth
 
 __all__ = [
     "METHOD_AKIMA",
@@ -68,58 +69,20 @@ _IQR_TO_SIGMA = 0.7413011092528009
 
 
 @jit
-def _select(buf, lo, hi, k):
-    """Return the ``k``-th smallest of ``buf[lo:hi]`` (0-based over the whole array), partially sorting in place.
-
-    Hoare-style quickselect with median-of-three pivots; after return
-    ``buf[lo:k] <= buf[k] <= buf[k+1:hi]``.
-    """
-    hi = hi - 1
-    while hi > lo:
-        mid = (lo + hi) >> 1
-        # median of three to the middle
-        if buf[mid] < buf[lo]:
-            buf[mid], buf[lo] = buf[lo], buf[mid]
-        if buf[hi] < buf[lo]:
-            buf[hi], buf[lo] = buf[lo], buf[hi]
-        if buf[hi] < buf[mid]:
-            buf[hi], buf[mid] = buf[mid], buf[hi]
-        pivot = buf[mid]
-        i = lo
-        j = hi
-        while i <= j:
-            while buf[i] < pivot:
-                i += 1
-            while buf[j] > pivot:
-                j -= 1
-            if i <= j:
-                buf[i], buf[j] = buf[j], buf[i]
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:
-            break
-    return buf[k]
-
-
-@jit
 def _rank_after_median(buf, n, k, r):
     """Order statistic ``r`` of ``buf[:n]`` once ``buf`` is partitioned about rank ``k``."""
     if r == k:
         return float(buf[k])
     if r < k:
-        return float(_select(buf, 0, k, r))
-    return float(_select(buf, k + 1, n, r))
+        return float(select_kth(buf, 0, k, r))
+    return float(select_kth(buf, k + 1, n, r))
 
 
 @jit
 def _median_iqr(buf, n):
     """Median and IQR-sigma of ``buf[:n]`` (n >= 1, reordered in place); std if the IQR is 0."""
     k = n // 2
-    med = float(_select(buf, 0, n, k))
+    med = float(select_kth(buf, 0, n, k))
     if n % 2 == 0:
         lower = buf[0]
         for i in range(1, k):

@@ -27,6 +27,7 @@ import numpy as np
 from numba import prange
 
 from apfast._jit import jit, pjit
+from apfast.kernels.primitives import select_kth
 
 __all__ = [
     "isr_fused",
@@ -53,39 +54,6 @@ GEOM_COLUMNS = (
 
 
 @jit
-def _kth_inplace(buf, n, k):
-    """Return the ``k``-th smallest of ``buf[:n]`` by Hoare selection, partially ordering ``buf``.
-
-    On return every element of ``buf[:k]`` is ``<=`` the result (the invariant
-    :func:`median_inplace` relies on). ``buf`` float64, shape (>= n,), modified in place.
-    """
-    lo = 0
-    hi = n - 1
-    while hi > lo:
-        pivot = buf[(lo + hi) // 2]
-        i = lo
-        j = hi
-        while i <= j:
-            while buf[i] < pivot:
-                i += 1
-            while buf[j] > pivot:
-                j -= 1
-            if i <= j:
-                t = buf[i]
-                buf[i] = buf[j]
-                buf[j] = t
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:
-            break
-    return buf[k]
-
-
-@jit
 def median_inplace(buf, n):
     """Median of ``buf[:n]`` (mean of the two middle values when ``n`` is even); NaN when ``n == 0``.
 
@@ -106,7 +74,7 @@ def median_inplace(buf, n):
     if n <= 0:
         return np.nan
     k = n // 2
-    upper = _kth_inplace(buf, n, k)
+    upper = select_kth(buf, 0, n, k)
     if n % 2 == 1:
         return upper
     lower = buf[0]

@@ -38,6 +38,7 @@ import numpy as np
 from numba import prange
 
 from apfast._jit import jit, pjit
+from apfast.kernels.primitives import lanczos3_weights
 
 __all__ = [
     "FCOLS",
@@ -311,25 +312,6 @@ def gaussian_flux(image, variance, mask, bad_bits, xc, yc, wxx, wyy, wxy, max_ra
 
 
 @jit
-def _lanczos3_weights(frac, out):
-    """Normalised Lanczos-3 taps ``L((m - 2) - frac)``, ``m = 0..5``, for ``frac`` in [0, 1); out shape (6,)."""
-    total = 0.0
-    for m in range(6):
-        t = (m - 2) - frac
-        if t == 0.0:
-            w = 1.0
-        elif abs(t) >= 3.0:
-            w = 0.0
-        else:
-            pt = math.pi * t
-            w = 3.0 * math.sin(pt) * math.sin(pt / 3.0) / (pt * pt)
-        out[m] = w
-        total += w
-    for m in range(6):
-        out[m] /= total
-
-
-@jit
 def lanczos_shift(stamp, fx, fy, out):
     """Shift a centred stamp by ``(fx, fy)`` pixels with separable, normalised Lanczos-3.
 
@@ -354,8 +336,8 @@ def lanczos_shift(stamp, fx, fy, out):
     # t = j - f - n then gives the source pixel n = j - floor(f) + 2 - m
     base_x = int(math.floor(fx))
     base_y = int(math.floor(fy))
-    _lanczos3_weights(fx - base_x, wx)
-    _lanczos3_weights(fy - base_y, wy)
+    lanczos3_weights(fx - base_x, wx)
+    lanczos3_weights(fy - base_y, wy)
     for i in range(k):
         for j in range(k):
             acc = 0.0

@@ -12,41 +12,10 @@ import math
 import numpy as np
 from numba import prange
 
-from apfast._jit import jit, pjit
+from apfast._jit import pjit
+from apfast.kernels.primitives import lanczos3_weights
 
 __all__ = ["lanczos3_weights", "extract_stamps_lanczos3"]
-
-
-@jit
-def lanczos3_weights(frac, out):
-    """Fill the 6 Lanczos-3 weights for a sample at fractional offset ``frac``.
-
-    The taps are at integer offsets ``-2 .. 3`` from ``floor(position)``, i.e. at
-    distances ``d_j = j - frac`` for ``j = -2..3``; ``L(d) = sinc(d) sinc(d / 3)``
-    for ``|d| < 3`` (Duchon 1979). Weights are normalised to sum to 1 so a constant
-    image stays constant.
-
-    Parameters
-    ----------
-    frac : float
-        ``position - floor(position)``, in ``[0, 1)``.
-    out : ndarray (6,) float64
-        Written in place.
-    """
-    total = 0.0
-    for j in range(6):
-        d = (j - 2) - frac
-        if abs(d) < 1e-12:
-            w = 1.0
-        elif abs(d) >= 3.0:
-            w = 0.0
-        else:
-            pd = math.pi * d
-            w = 3.0 * math.sin(pd) * math.sin(pd / 3.0) / (pd * pd)
-        out[j] = w
-        total += w
-    for j in range(6):
-        out[j] /= total
 
 
 @pjit

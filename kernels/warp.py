@@ -28,6 +28,7 @@ import numpy as np
 from numba import prange
 
 from apfast._jit import jit, pjit
+from apfast.kernels.primitives import lanczos3_weights
 
 __all__ = [
     "SNAP",
@@ -125,49 +126,8 @@ def interp_grid_cubic(gx, gy, start, spacing, out_x, out_y):
             out_y[i, j] = sy
 
 
-@jit
-def lanczos3_taps(frac, out):
-    """Fill the 6 Lanczos-3 weights at offsets ``-2 .. 3`` from ``floor(position)``.
-
-    ``L(d) = sinc(d) sinc(d / 3)`` for ``|d| < 3`` at distances ``d_j = j - frac``,
-    normalised to sum 1 (Duchon 1979). ``frac == 0`` gives the exact delta
-    ``(0, 0, 1, 0, 0, 0)`` (``sin(k pi)`` is not exactly 0 in floating point).
-
-    Parameters
-    ----------
-    frac : float
-        ``position - floor(position)`` in ``[0, 1)``.
-    out : ndarray (6,) float64
-        Written in place.
-    """
-    if frac == 0.0:
-        for j in range(6):
-            out[j] = 0.0
-        out[2] = 1.0
-        return
-    # sin(pi d) and sin(pi d / 3) for d = k - frac, k = -2..3, from three trig calls:
-    # sin(pi (k - f)) = (-1)^(k+1) sin(pi f); sin(pi (k - f) / 3) by the angle-addition formula
-    s1 = math.sin(math.pi * frac)
-    s3 = math.sin(math.pi * frac / 3.0)
-    c3 = math.cos(math.pi * frac / 3.0)
-    h = 0.5 * math.sqrt(3.0)
-    # sin(pi k / 3), cos(pi k / 3) for k = -2..3: (-h, -h, 0, h, h, 0), (-1/2, 1/2, 1, 1/2, -1/2, -1)
-    p3 = 3.0 / (math.pi * math.pi)
-    d = -2.0 - frac
-    out[0] = p3 * s1 * (h * c3 - 0.5 * s3) / (d * d)
-    d = -1.0 - frac
-    out[1] = p3 * s1 * (-h * c3 - 0.5 * s3) / (d * d)
-    d = -frac
-    out[2] = p3 * s1 * s3 / (d * d)
-    d = 1.0 - frac
-    out[3] = p3 * s1 * (h * c3 - 0.5 * s3) / (d * d)
-    d = 2.0 - frac
-    out[4] = -p3 * s1 * (h * c3 + 0.5 * s3) / (d * d)
-    d = 3.0 - frac
-    out[5] = p3 * s1 * s3 / (d * d)
-    total = out[0] + out[1] + out[2] + out[3] + out[4] + out[5]
-    for j in range(6):
-        out[j] /= total
+#: The Lanczos-3 weights (one shared kernel, :func:`apfast.kernels.primitives.lanczos3_weights`).
+lanczos3_taps = lanczos3_weights
 
 
 #: Rows of the Lanczos-3 weight table per pixel of fractional offset (see :func:`lanczos3_table`).

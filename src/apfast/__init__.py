@@ -13,9 +13,37 @@ Examples
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from apfast.butler import Butler
-from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
+# Lazy: ``import apfast.kernels.detect`` (other codes using the compiled core) and ``apfast --help`` must not
+# pay for astropy, SQLAlchemy and the Butler; the names below load their module on first use.
+_LAZY = {
+    "Butler": "apfast.butler",
+    "Exposure": "apfast.exposure",
+    "PhotoCalib": "apfast.exposure",
+    "VisitInfo": "apfast.exposure",
+    "read_exposure": "apfast.exposure",
+    "write_exposure": "apfast.exposure",
+}
+
+if TYPE_CHECKING:
+    from apfast.butler import Butler
+    from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
 
 __all__ = ["Butler", "Exposure", "PhotoCalib", "VisitInfo", "__version__", "read_exposure", "write_exposure"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    msg = f"module 'apfast' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

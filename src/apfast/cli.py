@@ -100,22 +100,44 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from apfast.demo import run_demo
+    from apfast.warmup import ensure_kernel_cache
 
+    ensure_kernel_cache()
     return run_demo(args.dir, seed=args.seed, full=args.full, out=_out, progress=_progress)
 
 
+def _cache_line(st: dict) -> str:
+    return f"{st['path']} ({st['files']} files, {st['size_bytes'] / 2**20:.1f} MB)"
+
+
 def _cmd_warmup(args: argparse.Namespace) -> int:
-    from apfast.warmup import warmup
-
     from apfast.fftw import wisdom_path
+    from apfast.warmup import build_kernel_cache, kernel_cache_status, warmup_fftw
 
-    results = warmup(progress=_progress)
-    plans = [r for r in results if r[0].startswith("fftw")]
-    kernels = [r for r in results if not r[0].startswith("fftw")]
-    _out(f"compiled {len(kernels)} kernel(s) in {sum(t for _, t in kernels):.1f} s; made {len(plans)} FFTW "
-         f"plan(s) in {sum(t for _, t in plans):.1f} s (wisdom: {wisdom_path()})")
-    for name, t in results:
-        _out(f"  {name:<48s} {t:7.2f} s")
+    st = kernel_cache_status()
+    if not st["enabled"]:
+        msg = "the kernel cache is off (APFAST_NUMBA_CACHE=0); unset it to warm a cache"
+        raise ConfigError(msg)
+    if args.check:
+        if st["complete"]:
+            _out(f"kernel cache complete: {_cache_line(st)}; built {st.get('built_at', '?')} in "
+                 f"{st.get('build_seconds', 0):.1f} s, {st.get('signatures', 0)} signatures")
+            return 0
+        _out(f"kernel cache incomplete: {_cache_line(st)}; run `apfast warmup` to build it "
+             f"(~{st.get('build_seconds', 60):.0f} s once per machine)")
+        return 1
+    t0 = time.perf_counter()
+    if st["complete"]:
+        _out(f"kernel cache already complete: {_cache_line(st)} (built {st.get('built_at', '?')})")
+    else:
+        log.info("compiling every kernel into %s with %s process(es); nothing else compiles afterwards",
+                 st["path"], args.jobs or min(os.cpu_count() or 1, 4))
+        st = build_kernel_cache(jobs=args.jobs)
+        _out(f"kernel cache built in {time.perf_counter() - t0:.1f} s: {_cache_line(st)}, "
+             f"{st['signatures']} signatures")
+    if not args.no_fftw:
+        plans = warmup_fftw()
+        _out(f"FFTW plans: {len(plans)} in {sum(t for _, t in plans):.1f} s (wisdom {wisdom_path()})")
     return 0
 
 
@@ -186,6 +208,7 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
     from apfast.config import config_to_toml
     from apfast.pipeline import format_summary, make_templates
     from apfast.repository import create_output_repo, write_config
+    from apfast.warmup import ensure_kernel_cache, write_compile_report
 
     cfg = _load_cfg(args)
     rows = _select(args)
@@ -195,7 +218,9 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output or "templates")
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
     butler = Butler(out_repo, calib=args.calib)
+    ensure_kernel_cache()
     outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
+    write_compile_report()
     _out(format_summary(outcomes))
     _out(f"wrote {max(len(paths) - 1, 0)} deepCoadd patch(es) and the sky map under {out_repo / 'deepCoadd'}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
@@ -251,9 +276,11 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     from apfast.config import config_to_toml
     from apfast.pipeline import format_summary, run_process, run_process_ccd
     from apfast.repository import create_output_repo, write_config
+    from apfast.warmup import ensure_kernel_cache, write_compile_report
 
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output)
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    ensure_kernel_cache()  # before any worker starts: workers then load every kernel, none compiles
     if cfg.process.n_threads:
         numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
     butler = Butler(out_repo, calib=args.calib, template=args.template)
@@ -276,6 +303,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     else:
         outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber, progress=_progress)
     wall = time.perf_counter() - t_start
+    write_compile_report()
     _out(format_summary(outcomes))
     n_ran = sum(o.status != "skipped" for o in outcomes)
     if n_ran:
@@ -304,8 +332,7 @@ def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Pat
     if args.executor == "dask":
         log.info("dask executor: %s", args.scheduler or f"local cluster of {n} worker processes")
         return run_dask(spec, rows, stored=stored, scheduler=args.scheduler, n_workers=n, progress=_progress)
-    log.info("%d worker processes x %d numba threads; each compiles every kernel as it starts (about a minute "
-             "on first use)", max(1, min(n, len(rows))), threads)
+    log.info("%d worker processes x %d numba threads", max(1, min(n, len(rows))), threads)
     return run_parallel(spec, rows, processes=n, stored=stored, progress=_progress)
 
 
@@ -381,7 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the default-size simulation instead of --small")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("warmup", help="compile every numba kernel into the cache ahead of a batch run")
+    p = sub.add_parser(
+        "warmup", help="compile every numba kernel into the on-disk cache, once per machine",
+        description="Compile every numba kernel into the kernel cache ($APFAST_CACHE_DIR/kernels/<key>, default "
+                    "~/.cache/apfast) and measure the FFTW plans of a full CCD. Once done, no apfast process on this "
+                    "machine compiles anything; the cache is keyed on the kernel sources and numba/numpy versions, "
+                    "so an upgrade or an edited kernel builds a new one. Processing commands build it themselves "
+                    "when it is missing; batch systems run this once per node first.")
+    p.add_argument("--check", action="store_true",
+                   help="only say whether the cache is complete (exit 0) or not (exit 1), with its path and size")
+    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help="compile in N processes at once (default: cores, at most 4)")
+    p.add_argument("--no-fftw", action="store_true", help="skip the FFTW plans (wisdom) of a full CCD")
     p.set_defaults(func=_cmd_warmup)
 
     p = sub.add_parser("make-apdb", help="create an empty Alert Production Database (make_apdb.py)")

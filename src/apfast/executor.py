@@ -17,10 +17,13 @@ PostgreSQL: a transaction-scoped advisory lock), so even writers outside this sc
 (two ``apfast process`` runs on one APDB) cannot create duplicate DiaObjects.
 
 Workers are started with ``spawn`` (never ``fork``: numba's OpenMP/TBB threads and FFTW's
-threads do not survive a fork) and each gets ``cores // N`` numba threads. Each worker compiles
-every kernel (:func:`apfast.warmup.warmup`) as it starts, all workers at once, before it takes a
-task: compiled lazily, the first DIA task's compilation (tens of seconds) would hold up every
-DIA task waiting behind it in time order while the other workers pile up image tasks.
+threads do not survive a fork) and each gets ``cores // N`` numba threads. They start only once
+the kernel cache is complete (the CLI calls :func:`apfast.warmup.ensure_kernel_cache` first;
+Dask workers run it too, for nodes with their own cache), so a worker loads each kernel from disk
+in milliseconds on first use and never compiles. With the cache off (``APFAST_NUMBA_CACHE=0``)
+each worker compiles every kernel as it starts, all workers at once, before it takes a task:
+compiled lazily, the first DIA task's compilation (tens of seconds) would hold up every DIA task
+waiting behind it in time order while the other workers pile up image tasks.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,12 @@ from apfast.pipeline import CcdOutcome
 __all__ = ["RunSpec", "ccd_dependencies", "run_dask", "run_parallel"]
 
 log = logging.getLogger(__name__)
+
+
+def _cache_on() -> bool:
+    from apfast._jit import CACHE
+
+    return CACHE
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +66,7 @@ class RunSpec:
     clobber_output: bool
     threads: int = 0
     with_apdb: bool = True
-    warmup: bool = True
+    warmup: bool = field(default_factory=lambda: not _cache_on())
 
 
 def ccd_dependencies(rows: Sequence[dict[str, Any]], margin_deg: float) -> list[list[int]]:
@@ -147,7 +156,14 @@ def image_task(spec: RunSpec, row: dict[str, Any], tag: str) -> tuple[CcdOutcome
         template_visit=spec.template_visit, doraise=spec.doraise, clobber_output=spec.clobber_output)
     o.stats["_pid"] = os.getpid()
     o.products.clear()  # the DIA task may run in another process: it reads them back from disk
+    _report()
     return o, redo
+
+
+def _report() -> None:
+    from apfast.warmup import write_compile_report
+
+    write_compile_report()
 
 
 def dia_task(spec: RunSpec, row: dict[str, Any], tag: str, image: tuple[CcdOutcome, bool], stored: bool,
@@ -160,6 +176,7 @@ def dia_task(spec: RunSpec, row: dict[str, Any], tag: str, image: tuple[CcdOutco
         key = (int(row["visit"]), int(row["ccdnum"]))
         process_dia_stage(_butler(spec), row, spec.cfg, o, apdb=_apdb(spec), tag=tag, redo=redo,
                           stored={key} if stored else set(), doraise=spec.doraise)
+    _report()
     return o
 
 
@@ -256,6 +273,9 @@ def run_dask(spec: RunSpec, rows: Sequence[dict[str, Any]], *, stored: set[tuple
                                dashboard_address=None)
         client = Client(cluster)
     try:
+        from apfast.warmup import ensure_kernel_cache
+
+        client.run(ensure_kernel_cache)  # nodes with their own cache folder build it once, before any task
         t0 = time.perf_counter()
         images = [client.submit(image_task, spec, r, tags[i], key=f"image-{tags[i]}", pure=False)
                   for i, r in enumerate(rows)]
