@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded RNG per test and the real data folder beside the checkout."""
+"""Shared fixtures: a seeded RNG per test and the real telescope data in tests/data/real."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _shared_data() -> Path:
-    env = os.environ.get("APFAST_SHARED_DATA")
-    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
-    return path
+REAL_DATA = REPO_ROOT / "tests" / "data" / "real"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,13 +29,9 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real telescope data in ``../shared/data`` (or ``$APFAST_SHARED_DATA``)."""
-    path = _shared_data()
-    if not (path / "README.md").exists():
-        msg = f"real test data not found at {path}; set APFAST_SHARED_DATA to the shared/data folder"
-        raise RuntimeError(msg)
-    return path
+def real_data() -> Path:
+    """The real telescope data in the repository, ``tests/data/real`` (provenance in tests/data/README.md)."""
+    return REAL_DATA
 
 
 @pytest.fixture(scope="session")

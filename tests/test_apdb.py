@@ -28,7 +28,7 @@ from apfast.config import ApdbConfig
 from apfast.htm import htm_index, polygon_contains
 from pgserver import create_database
 
-REFERENCE_SQL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "rubin_apdb_schema_sqlite.sql"
+REFERENCE_SQL = Path(__file__).resolve().parent / "data" / "rubin_apdb_schema_sqlite.sql"
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:

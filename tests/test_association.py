@@ -31,7 +31,7 @@ from apfast.association import (
 from apfast.errors import ApfastError, ConfigError, InputError
 
 ARCSEC = 1.0 / 3600.0
-SCHEMA_SQL = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "rubin_apdb_schema_sqlite.sql"
+SCHEMA_SQL = Path(__file__).resolve().parent / "data" / "rubin_apdb_schema_sqlite.sql"
 
 
 # ------------------------------------------------------------------------------- naive references

@@ -290,9 +290,9 @@ def test_get_raw(root):
         Butler(root).get("raw", visit=V1)
 
 
-def test_get_calib_through_calib_registry(root, shared_data):
+def test_get_calib_through_calib_registry(root, real_data):
     calibs = pytest.importorskip("apfast.calibs")
-    n4 = sorted((shared_data / "decam_calib/defects/n4").glob("*.ecsv"))
+    n4 = sorted((real_data / "decam_calib/defects/n4").glob("*.ecsv"))
     calibs.ingest_calibs(root / "calibs", n4)
     b = Butler(create_output_repo(root, rerun="c"))
     boxes = b.get("defects", visit=V1, ccdnum=35)

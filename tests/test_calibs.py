@@ -89,9 +89,9 @@ def noise(rng: np.random.Generator, shape: tuple[int, int], level: float, sigma:
 # --------------------------------------------------------------------------- real curated files
 
 
-def test_real_defects_two_detectors(tmp_path, shared_data):
-    files = sorted((shared_data / "decam_calib/defects/n4").glob("*.ecsv"))
-    files += sorted((shared_data / "decam_calib/defects/s1").glob("*.ecsv"))
+def test_real_defects_two_detectors(tmp_path, real_data):
+    files = sorted((real_data / "decam_calib/defects/n4").glob("*.ecsv"))
+    files += sorted((real_data / "decam_calib/defects/s1").glob("*.ecsv"))
     report = ingest_calibs(tmp_path / "calibs", files)
     assert report.n_added == len(files) == 12
     reg = CalibRegistry(tmp_path / "calibs")
@@ -119,9 +119,9 @@ def test_real_defects_two_detectors(tmp_path, shared_data):
     np.testing.assert_array_equal(boxes, expect)
 
 
-def test_real_crosstalk_and_linearizer(tmp_path, shared_data):
-    xt = shared_data / "decam_calib/crosstalk/n4/1970-01-01T00:00:00.yaml"
-    lin = shared_data / "decam_calib/linearizer_n4/1970-01-01T00:00:00.yaml"
+def test_real_crosstalk_and_linearizer(tmp_path, real_data):
+    xt = real_data / "decam_calib/crosstalk/n4/1970-01-01T00:00:00.yaml"
+    lin = real_data / "decam_calib/linearizer_n4/1970-01-01T00:00:00.yaml"
     report = ingest_calibs(tmp_path / "c", [xt, lin])
     assert sorted(r.calib_type for r in report.added) == ["crosstalk", "linearizer"]
     reg = CalibRegistry(tmp_path / "c")
@@ -304,7 +304,7 @@ def test_reingest_noop_and_move(tmp_path, rng):
 # --------------------------------------------------------------------------- errors
 
 
-def test_error_paths_leave_registry_unchanged(tmp_path, rng, shared_data):
+def test_error_paths_leave_registry_unchanged(tmp_path, rng, real_data):
     shape = SMALL.trimmed_shape
     root = tmp_path / "calibs"
     good = write_master(tmp_path / "good.fits", "zero", "2015-01-01T00:00:00", {35: noise(rng, shape, 1, 1)})
@@ -328,7 +328,7 @@ def test_error_paths_leave_registry_unchanged(tmp_path, rng, shared_data):
     obj = write_master(tmp_path / "object.fits", "object", "2015-01-02", {35: np.zeros(shape)})
     badyaml = tmp_path / "bad.yaml"
     badyaml.write_text("coeffs: [0.0, 1.0\n")
-    ecsv = (shared_data / "decam_calib/defects/n4/20130115t0130.ecsv").read_text()
+    ecsv = (real_data / "decam_calib/defects/n4/20130115t0130.ecsv").read_text()
     noecsvdate = tmp_path / "nodate.ecsv"
     noecsvdate.write_text(ecsv.replace("# - CALIBDATE: '2013-01-15T01:30:00'\n", ""))
     cases = [

@@ -33,12 +33,12 @@ def test_decam_description() -> None:
     assert cam.dead_detectors == (61,)
 
 
-def test_decam_names_match_real_curated_files(shared_data: Path) -> None:
+def test_decam_names_match_real_curated_files(real_data: Path) -> None:
     """ccdnum -> name in decam.toml agrees with the DETECTOR/DETECTOR_NAME of Rubin's curated crosstalk."""
     import re
 
     cam = get_camera("DECam")
-    for f in sorted((shared_data / "decam_calib" / "crosstalk").glob("*/*.yaml")):
+    for f in sorted((real_data / "decam_calib" / "crosstalk").glob("*/*.yaml")):
         text = f.read_text()
         name = re.search(r"DETECTOR_NAME\n  - String\n  - (\S+)", text).group(1)
         num = int(re.search(r"- - DETECTOR\n  - Int\n  - (\d+)", text).group(1))
@@ -79,9 +79,9 @@ def test_masks() -> None:
         bitmask("NOPE")
 
 
-def test_scan_headers_matches_astropy(tmp_path: Path, shared_data: Path) -> None:
-    for f in [shared_data / "raw_saao" / "a8280271.fits",
-              *sorted((shared_data / "ztf_quadrant").glob("*.fz"))]:
+def test_scan_headers_matches_astropy(tmp_path: Path, real_data: Path) -> None:
+    for f in [real_data / "raw_saao" / "a8280271.fits",
+              *sorted((real_data / "ztf_quadrant").glob("*.fz"))]:
         infos = scan_headers(f)
         with fits.open(f) as hdul:
             assert len(infos) == len(hdul)

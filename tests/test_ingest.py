@@ -206,14 +206,14 @@ def test_read_raw_file_native_float32(tmp_path: Path) -> None:
     assert primary["EXPNUM"] == 3 and ext["CCDNUM"] == 35
 
 
-def _real_header_file(shared_data: Path, out: Path) -> Path:
+def _real_header_file(real_data: Path, out: Path) -> Path:
     """A file carrying the real DECam raw header (primary and CCD cards) with flat pixels."""
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_multi_constructor("", lambda loader, suffix, node: None)
-    with (shared_data / "decam_calib" / "raw_header_example.yaml").open() as fh:
+    with (real_data / "decam_calib" / "raw_header_example.yaml").open() as fh:
         cards = yaml.load(fh, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
     primary, ext, in_ext = fits.Header(), fits.Header(), False
     skip = {"SIMPLE", "EXTEND", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "TFIELDS",
@@ -230,8 +230,8 @@ def _real_header_file(shared_data: Path, out: Path) -> Path:
     return out
 
 
-def test_real_decam_header(tmp_path: Path, shared_data: Path) -> None:
-    path = _real_header_file(shared_data, tmp_path / "c4d_130213_090140_ori.fits.fz")
+def test_real_decam_header(tmp_path: Path, real_data: Path) -> None:
+    path = _real_header_file(real_data, tmp_path / "c4d_130213_090140_ori.fits.fz")
     ingest_raws(tmp_path / "repo", [path])
     with Registry(tmp_path / "repo") as reg:
         r = reg.find_one({"visit": 177764})
@@ -253,12 +253,12 @@ def test_real_decam_header(tmp_path: Path, shared_data: Path) -> None:
     assert long == pytest.approx(4095 * 0.2636 / 3600, rel=0.03)
 
 
-def test_generic_camera_saao(tmp_path: Path, shared_data: Path) -> None:
+def test_generic_camera_saao(tmp_path: Path, real_data: Path) -> None:
     cam_toml = Path(get_camera.__module__.replace(".", "/"))  # noqa: F841 - documents where the example lives
     from apfast import camera as camera_pkg
 
     toml_path = Path(camera_pkg.__file__).parent / "generic_example.toml"
-    raw = shared_data / "raw_saao" / "a8280271.fits"
+    raw = real_data / "raw_saao" / "a8280271.fits"
     repo = tmp_path / "saao"
     rep = ingest_raws(repo, [raw], camera=str(toml_path))
     assert rep.n_rows == 1

@@ -373,8 +373,8 @@ def test_errors_name_array_shape_and_key(rng):
         IsrConfig(interpolate_mask_planes=("NOPE",))
 
 
-def test_amp_params_from_real_decam_header(shared_data):
-    header = yaml.load((shared_data / "decam_calib" / "raw_header_example.yaml").read_text(), Loader=yaml.SafeLoader)
+def test_amp_params_from_real_decam_header(real_data):
+    header = yaml.load((real_data / "decam_calib" / "raw_header_example.yaml").read_text(), Loader=yaml.SafeLoader)
     amps = amp_params_from_header(get_camera("DECam"), header)
     a, b = amps
     assert a.name == "A" and a.flip_x and not b.flip_x
@@ -390,7 +390,7 @@ def test_amp_params_from_real_decam_header(shared_data):
         run_isr(np.zeros((4146, 2160), np.uint16), [bad], config=IsrConfig(**OFF))
 
 
-def test_linearizer_object_and_real_crosstalk(rng, shared_data):
+def test_linearizer_object_and_real_crosstalk(rng, real_data):
     from apfast.calib_formats import Linearizer, LinearizerAmp, read_crosstalk_yaml
 
     amps, raw_shape, tshape = mini_amps()
@@ -406,7 +406,7 @@ def test_linearizer_object_and_real_crosstalk(rng, shared_data):
     for a in amps:
         sl = a.trimmed_section.slices
         np.testing.assert_allclose(got.image[sl], lin.correct(plain.image[sl], a.name), rtol=1e-6, atol=1e-3)
-    xt = read_crosstalk_yaml(next((shared_data / "decam_calib" / "crosstalk" / "n4").glob("*.yaml")), ("A", "B"))
+    xt = read_crosstalk_yaml(next((real_data / "decam_calib" / "crosstalk" / "n4").glob("*.yaml")), ("A", "B"))
     xcfg = IsrConfig(**{**OFF, "do_crosstalk": True})
     r1 = run_isr(raw, amps, config=xcfg, crosstalk=xt, trimmed_shape=tshape)
     r2 = run_isr(raw, amps[::-1], config=xcfg, crosstalk=xt, trimmed_shape=tshape)  # reordered by amp name

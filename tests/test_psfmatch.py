@@ -320,9 +320,9 @@ def _load_decam(path):
     return Exposure(img, np.zeros(img.shape, np.int32), var, psf=GaussianPsf(s, 2 * int(5 * s) + 1))
 
 
-def test_real_decam_pair(shared_data):
+def test_real_decam_pair(real_data):
     """DECam 2018 science vs 2016 reference on one grid: the difference is noise-like."""
-    d = shared_data / "decam_sfft"
+    d = real_data / "decam_sfft"
     sci = _load_decam(d / "DEC-OBS04a.mini.fits")
     tmp = _load_decam(d / "DEC-OBS18a.mini.fits")
     cfg = PsfMatchConfig(size_cell=64, stamp_fwhm_scaling=3.0, min_stamps=4)  # a 256x256 cutout has few stars

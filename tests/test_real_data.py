@@ -1,4 +1,4 @@
-"""Real telescope data (../shared/data): ZTF through characterization, SAAO through ISR with a TOML camera."""
+"""Real telescope data (tests/data/real): ZTF through characterization, SAAO through ISR with a TOML camera."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ ZTF_BAD = 1 | 4 | 8 | 16 | 64 | 512 | 1024
 
 
 @pytest.fixture(scope="module")
-def ztf(shared_data: Path) -> dict:
-    path = shared_data / ZTF.format("sciimg")
+def ztf(real_data: Path) -> dict:
+    path = real_data / ZTF.format("sciimg")
     with fits.open(path) as hdul:
         img = np.ascontiguousarray(hdul[1].data, dtype=np.float32)
         hdr = hdul[1].header.copy()
-    zmask = fits.getdata(shared_data / ZTF.format("mskimg"), 1).astype(np.int32)
+    zmask = fits.getdata(real_data / ZTF.format("mskimg"), 1).astype(np.int32)
     mask = np.zeros(img.shape, np.int32)
     mask[(zmask & ZTF_BAD) != 0] |= bitmask("BAD")
     mask[(zmask & 256) != 0] |= bitmask("SAT")
@@ -79,8 +79,8 @@ def test_ztf_cosmic_rays_spare_star_cores(ztf: dict) -> None:
     assert abs(float(np.median(res.image[free]))) < 0.1 * sky_noise
 
 
-def test_saao_overscan_and_trim_with_toml_camera(shared_data: Path, tmp_path: Path) -> None:
-    raw_path = shared_data / "raw_saao" / "a8280271.fits"
+def test_saao_overscan_and_trim_with_toml_camera(real_data: Path, tmp_path: Path) -> None:
+    raw_path = real_data / "raw_saao" / "a8280271.fits"
     toml = Path(camera_pkg.__file__).parent / "generic_example.toml"
     repo = tmp_path / "saao"
     ingest_raws(repo, [raw_path], camera=str(toml))

@@ -1,6 +1,6 @@
 """Real-data test of image differencing: apfast vs SFFT's published difference on DECam cutouts.
 
-Data (``shared/data/decam_sfft``, see its README): 5 reference frames ``DEC-OBS18[a-e]`` and
+Data (``tests/data/real/decam_sfft``, see tests/data/README.md): 5 reference frames ``DEC-OBS18[a-e]`` and
 5 science frames ``DEC-OBS04[a-e]``, 256x256 DECam CCD N6 i-band cutouts (ADU, sky-subtracted),
 all already resampled onto one common TPV WCS, plus ``sfft_difference_decorr.fits``, SFFT's
 decorrelated difference of the two 5-frame stacks.
@@ -116,8 +116,8 @@ def _stack(frames: list[Exposure], skymap: Any, grid: WCS, shape: tuple[int, int
 
 
 @pytest.fixture(scope="module")
-def real_diffim(shared_data: Path) -> dict[str, Any]:
-    folder = shared_data / "decam_sfft"
+def real_diffim(real_data: Path) -> dict[str, Any]:
+    folder = real_data / "decam_sfft"
     refs = [_load_frame(folder / f"DEC-OBS18{c}.mini.fits") for c in "abcde"]
     scis = [_load_frame(folder / f"DEC-OBS04{c}.mini.fits") for c in "abcde"]
     frames = [e for e, _ in refs + scis]
