@@ -63,15 +63,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import numba
 import numpy as np
 from astropy.io import fits
-from scipy import signal
 
 from apfast._configbase import ConfigSection, opt
 from apfast.errors import AlgorithmError, InputError
 from apfast.exposure import Exposure
-from apfast.fftw import rfft2_pair
+from apfast.fftw import convolve_full, rfft2_pair
 from apfast.kernels import fftutil
 from apfast.masks import MASK_BITS, MASK_PLANES, bitmask
 from apfast.psf import PsfModel, psf_from_hdus
@@ -397,7 +395,7 @@ def noise_weights(matching_kernel: np.ndarray, phi: np.ndarray) -> tuple[float, 
     """
     k = np.asarray(matching_kernel, dtype=np.float64)
     p = np.asarray(phi, dtype=np.float64)
-    kp = signal.convolve(k, p, mode="full")
+    kp = convolve_full(k, p)
     return float((k * k).sum()), float((p * p).sum()), float((kp * kp).sum())
 
 
@@ -848,7 +846,7 @@ class ConvolvedPsf(PsfModel, psftype="CONVOLVED"):
         AlgorithmError
             If the cropped convolution has no positive total flux.
         """
-        full = signal.convolve(self.base.compute_image(x, y), self.kernel, mode="full")
+        full = convolve_full(self.base.compute_image(x, y), self.kernel)
         c, r = full.shape[0] // 2, self._size // 2
         if r > c:
             full = np.pad(full, r - c)

@@ -208,7 +208,7 @@ def _linear_form(psf: PsfModel) -> PolynomialPixelPsf | np.ndarray | None:
     from apfast.decorrelate import ConvolvedPsf
 
     if isinstance(psf, ConvolvedPsf):
-        from scipy import signal
+        from apfast.fftw import convolve_full
 
         base = _linear_form(psf.base)
         if base is None:
@@ -216,7 +216,7 @@ def _linear_form(psf: PsfModel) -> PolynomialPixelPsf | np.ndarray | None:
         r = psf.size // 2
 
         def conv(stamp: np.ndarray) -> np.ndarray:
-            full = signal.convolve(stamp, psf.kernel, mode="full")
+            full = convolve_full(stamp, psf.kernel)
             c = full.shape[0] // 2
             if r > c:
                 full = np.pad(full, r - c)

@@ -117,13 +117,31 @@ def wisdom_enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("APFAST_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "apfast"
-    return Path.home() / ".cache" / "apfast"
+    from apfast._jit import cache_root
+
+    return cache_root()
+
+
+def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Full 2-D linear convolution of two small arrays by zero-padded real FFTs (float64).
+
+    The same arithmetic as ``scipy.signal.fftconvolve(a, b, mode="full")``, without importing
+    scipy.signal (half a second of every process's start-up) for PSF- and kernel-sized stamps.
+
+    Examples
+    --------
+    >>> a = np.zeros((3, 3)); a[1, 1] = 1.0
+    >>> bool(np.allclose(convolve_full(a, np.ones((2, 2))), np.pad(np.ones((2, 2)), ((1, 1), (1, 1)))))
+    True
+    """
+    import scipy.fft
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    shape = (a.shape[0] + b.shape[0] - 1, a.shape[1] + b.shape[1] - 1)
+    fshape = tuple(scipy.fft.next_fast_len(s, real=True) for s in shape)
+    out = scipy.fft.irfft2(scipy.fft.rfft2(a, fshape) * scipy.fft.rfft2(b, fshape), fshape)
+    return np.ascontiguousarray(out[: shape[0], : shape[1]])
 
 
 def _cpu_model() -> str:

@@ -47,12 +47,11 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
-import scipy.signal
 
 from apfast.detection import DetectionConfig, detect_sources
 from apfast.errors import InputError
 from apfast.exposure import Exposure
-from apfast.fftw import rfft2_pair
+from apfast.fftw import convolve_full, rfft2_pair
 from apfast.kernels.convolve import (
     combine_spatial_terms,
     difference_masks,
@@ -366,6 +365,6 @@ def subtract_images(
 def _convolved_psf(psf: PsfModel, x: float, y: float, kernel: np.ndarray) -> ImagePsf:
     """Return the PSF stamp at ``(x, y)`` convolved with ``kernel``, normalised, as an ImagePsf."""
     stamp = psf.compute_image(x, y)
-    out = scipy.signal.fftconvolve(stamp, kernel, mode="full")
+    out = convolve_full(stamp, kernel)
     out = np.clip(out, 0.0, None) if out.min() < -1e-3 * out.max() else out
     return ImagePsf(out / out.sum())
