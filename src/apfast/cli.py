@@ -194,7 +194,7 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
         return 0
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output or "templates")
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
-    butler = Butler(out_repo, calib=args.calib)
+    butler = Butler(out_repo, calib=args.calib, output=cfg.output)
     outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
     _out(format_summary(outcomes))
     _out(f"wrote {max(len(paths) - 1, 0)} deepCoadd patch(es) and the sky map under {out_repo / 'deepCoadd'}")
@@ -256,7 +256,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
     if cfg.process.n_threads:
         numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
-    butler = Butler(out_repo, calib=args.calib, template=args.template)
+    butler = Butler(out_repo, calib=args.calib, template=args.template, output=cfg.output)
     log.info("processing %d CCD(s) into %s", len(rows), out_repo)
     doraise = args.doraise or cfg.process.doraise
     clobber = args.clobber_output or cfg.process.clobber_output
@@ -299,8 +299,8 @@ def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Pat
                    template_root=args.template, template_visit=template_visit, doraise=doraise,
                    clobber_output=clobber, threads=threads, with_apdb=apdb is not None)
     rows = _time_order(rows)
-    stored = undo_for_redo(Butler(out_repo, calib=args.calib, template=args.template), rows, cfg, apdb,
-                           clobber_output=clobber, progress=_progress)
+    butler = Butler(out_repo, calib=args.calib, template=args.template, output=cfg.output)
+    stored = undo_for_redo(butler, rows, cfg, apdb, clobber_output=clobber, progress=_progress)
     if args.executor == "dask":
         log.info("dask executor: %s", args.scheduler or f"local cluster of {n} worker processes")
         return run_dask(spec, rows, stored=stored, scheduler=args.scheduler, n_workers=n, progress=_progress)
