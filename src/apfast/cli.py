@@ -144,7 +144,10 @@ def _config_files(names: Sequence[str]) -> list[Path]:
 def _load_cfg(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig, imported lazily
     from apfast.config import load_config
 
-    return load_config(_config_files(args.config_file or ()), args.config or ())
+    overrides = list(args.config or ())
+    if getattr(args, "no_write_matched", False):  # a flag for a config key: later settings win, so it goes last
+        overrides.append("output.write_matched=false")
+    return load_config(_config_files(args.config_file or ()), overrides)
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -230,6 +233,12 @@ def _cmd_process(args: argparse.Namespace) -> int:
         return 0
     if not args.rerun and not args.output:
         msg = f"give --rerun NAME (writes {args.repo}/rerun/NAME) or --output DIR for the outputs"
+        raise ConfigError(msg)
+    parallel = args.processes > 1 or getattr(args, "executor", "local") == "dask"
+    if args.command == "process" and parallel and cfg.dia_pipe.do_dia and not cfg.output.write_matched:
+        msg = ("output.write_matched = false (--no-write-matched) needs a serial run: with -j N or --executor "
+               "dask the DIA stage runs in another process and reads deepDiff_matchedExp back from disk. Drop "
+               "-j/--executor, or keep the matched template")
         raise ConfigError(msg)
     apdb = None
     if args.command == "process" and cfg.dia_pipe.do_dia:
@@ -423,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Dask scheduler address (default: start a local cluster)")
             p.add_argument("--workers", type=int, default=None, metavar="N",
                            help="worker processes of the local Dask cluster (default -j or 2)")
+            p.add_argument("--no-write-matched", action="store_true",
+                           help="do not write deepDiff_matchedExp, the PSF-matched template (~1/3 of the image "
+                                "output; same as -c output.write_matched=false; serial runs only)")
         _add_config_args(p)
         p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
     return parser
