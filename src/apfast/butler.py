@@ -47,7 +47,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from astropy.io import fits
@@ -68,6 +68,9 @@ from apfast.exposure import (
     write_hdulist,
 )
 from apfast.repository import CONFIG_RELPATH, REGISTRY_NAME, Repository
+
+if TYPE_CHECKING:
+    from apfast.writer import OutputConfig
 
 __all__ = [
     "DATASET_TYPES",
@@ -514,11 +517,20 @@ class Butler:
     template : str or Path, optional
         Template repository searched for ``repo='template'`` dataset types
         (``deepCoadd``); default: the repository chain.
+    output : apfast.writer.OutputConfig, optional
+        How :meth:`put` writes Exposure datasets of the output repository (FITS tile
+        compression); default ``OutputConfig()``. Template-repository exposures
+        (``deepCoadd``) are always written uncompressed. :meth:`get` reads every
+        compression.
     """
 
     def __init__(
-        self, path: str | Path, *, calib: str | Path | None = None, template: str | Path | None = None
+        self, path: str | Path, *, calib: str | Path | None = None, template: str | Path | None = None,
+        output: OutputConfig | None = None,
     ) -> None:
+        from apfast.writer import OutputConfig
+
+        self.output = output if output is not None else OutputConfig()
         self.repo = Repository(path)
         self.template = Repository(template) if template is not None else None
         self._calib = Path(calib).expanduser().resolve() if calib is not None else None
@@ -728,7 +740,8 @@ class Butler:
     def put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:  # noqa: N803
         """Write a dataset into the first repository of the chain (atomically) and return its path.
 
-        Exposures get the stored config's sha256 (``config/apfast.toml.sha256``) as ``CFGSHA``.
+        Exposures get the stored config's sha256 (``config/apfast.toml.sha256``) as ``CFGSHA``,
+        and the FITS tile compression of ``self.output`` (output-repository types only).
 
         Raises
         ------
@@ -783,9 +796,12 @@ class Butler:
             sha_file = self.repo.write_root / CONFIG_RELPATH.with_name(CONFIG_RELPATH.name + ".sha256")
             sha = sha_file.read_text().strip() if sha_file.is_file() else None
             exp = replace(obj, metadata=obj.metadata.copy())  # the planes are shared and only read
+            # deepCoadd patches are read in boxes many times: only uncompressed planes are memory-mapped
+            comp = self.output.compression if dt.repo == "output" else "none"
+            q = self.output.quantize_level
 
             def write() -> Path:
-                write_hdulist(path, exposure_hdulist(exp, config_sha=sha))
+                write_hdulist(path, exposure_hdulist(exp, config_sha=sha, compression=comp, quantize_level=q))
                 log.debug("put %s %s -> %s", name, did, path)
                 return path
 

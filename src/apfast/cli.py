@@ -166,7 +166,10 @@ def _config_files(names: Sequence[str]) -> list[Path]:
 def _load_cfg(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig, imported lazily
     from apfast.config import load_config
 
-    return load_config(_config_files(args.config_file or ()), args.config or ())
+    overrides = list(args.config or ())
+    if getattr(args, "no_write_matched", False):  # a flag for a config key: later settings win, so it goes last
+        overrides.append("output.write_matched=false")
+    return load_config(_config_files(args.config_file or ()), overrides)
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -217,7 +220,7 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
         return 0
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output or "templates")
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
-    butler = Butler(out_repo, calib=args.calib)
+    butler = Butler(out_repo, calib=args.calib, output=cfg.output)
     ensure_kernel_cache()
     outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
     write_compile_report()
@@ -256,6 +259,12 @@ def _cmd_process(args: argparse.Namespace) -> int:
     if not args.rerun and not args.output:
         msg = f"give --rerun NAME (writes {args.repo}/rerun/NAME) or --output DIR for the outputs"
         raise ConfigError(msg)
+    parallel = args.processes > 1 or getattr(args, "executor", "local") == "dask"
+    if args.command == "process" and parallel and cfg.dia_pipe.do_dia and not cfg.output.write_matched:
+        msg = ("output.write_matched = false (--no-write-matched) needs a serial run: with -j N or --executor "
+               "dask the DIA stage runs in another process and reads deepDiff_matchedExp back from disk. Drop "
+               "-j/--executor, or keep the matched template")
+        raise ConfigError(msg)
     apdb = None
     if args.command == "process" and cfg.dia_pipe.do_dia:
         from apfast.apdb import Apdb
@@ -283,7 +292,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     ensure_kernel_cache()  # before any worker starts: workers then load every kernel, none compiles
     if cfg.process.n_threads:
         numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
-    butler = Butler(out_repo, calib=args.calib, template=args.template)
+    butler = Butler(out_repo, calib=args.calib, template=args.template, output=cfg.output)
     log.info("processing %d CCD(s) into %s", len(rows), out_repo)
     doraise = args.doraise or cfg.process.doraise
     clobber = args.clobber_output or cfg.process.clobber_output
@@ -327,8 +336,8 @@ def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Pat
                    template_root=args.template, template_visit=template_visit, doraise=doraise,
                    clobber_output=clobber, threads=threads, with_apdb=apdb is not None)
     rows = _time_order(rows)
-    stored = undo_for_redo(Butler(out_repo, calib=args.calib, template=args.template), rows, cfg, apdb,
-                           clobber_output=clobber, progress=_progress)
+    butler = Butler(out_repo, calib=args.calib, template=args.template, output=cfg.output)
+    stored = undo_for_redo(butler, rows, cfg, apdb, clobber_output=clobber, progress=_progress)
     if args.executor == "dask":
         log.info("dask executor: %s", args.scheduler or f"local cluster of {n} worker processes")
         return run_dask(spec, rows, stored=stored, scheduler=args.scheduler, n_workers=n, progress=_progress)
@@ -461,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Dask scheduler address (default: start a local cluster)")
             p.add_argument("--workers", type=int, default=None, metavar="N",
                            help="worker processes of the local Dask cluster (default -j or 2)")
+            p.add_argument("--no-write-matched", action="store_true",
+                           help="do not write deepDiff_matchedExp, the PSF-matched template (~1/3 of the image "
+                                "output; same as -c output.write_matched=false; serial runs only)")
         _add_config_args(p)
         p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
     return parser

@@ -217,6 +217,7 @@ from apfast.isr import IsrConfig  # noqa: E402
 from apfast.psfmatch import PsfMatchConfig  # noqa: E402
 from apfast.template import TemplateConfig  # noqa: E402
 from apfast.warp import WarpConfig  # noqa: E402
+from apfast.writer import OutputConfig  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,6 +229,7 @@ class PipelineConfig(ConfigSection):
     refcat: RefcatConfig = subsection(RefcatConfig)
     apdb: ApdbConfig = subsection(ApdbConfig)
     process: ProcessConfig = subsection(ProcessConfig)
+    output: OutputConfig = subsection(OutputConfig)
     isr: IsrConfig = subsection(IsrConfig)
     characterize: CharacterizeConfig = subsection(CharacterizeConfig)
     calibrate: CalibrateConfig = subsection(CalibrateConfig)

@@ -154,6 +154,23 @@ def _forced_sources(objects: Columns, diff: Exposure, calexp: Exposure, *, visit
     }
 
 
+def _read_matched(butler: Butler, did: dict[str, int], cfg: Any) -> Any:
+    """``deepDiff_matchedExp`` from disk, or an error saying it was not written and what to do."""
+    from apfast.errors import NoLocationsError
+
+    try:
+        return butler.get("deepDiff_matchedExp", did)
+    except NoLocationsError as exc:
+        if cfg.output.write_matched:
+            raise
+        msg = (f"visit={did['visit']} ccdnum={did['ccdnum']}: deepDiff_matchedExp was not written "
+               "(output.write_matched = false / --no-write-matched), and the DIA stage needs the matched "
+               "template (templateFlux, template cutouts) when it runs apart from differencing. Re-run with "
+               "--clobber-output (differencing then hands it over in memory), or keep output.write_matched = "
+               f"true ({exc})")
+        raise NoLocationsError(msg) from None
+
+
 def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
                 products: dict[str, Any] | None = None, writer: OutputWriter | None = None) -> DiaOutcome:
     """Detect, measure, associate, store and alert one CCD-visit (see the module docstring).
@@ -186,7 +203,7 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
     t = time.perf_counter()
     have = products or {}
     diff = have["difference"] if "difference" in have else butler.get("deepDiff_differenceExp", did)
-    matched = have["matched"] if "matched" in have else butler.get("deepDiff_matchedExp", did)
+    matched = have["matched"] if "matched" in have else _read_matched(butler, did, cfg)
     calexp = have["calexp"] if "calexp" in have else butler.get("calexp", did)
     tm["dia_read"] = time.perf_counter() - t
 

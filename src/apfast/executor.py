@@ -131,7 +131,7 @@ def _butler(spec: RunSpec) -> Any:
 
     key = ("butler", spec.out_repo, spec.calib, spec.template)
     if key not in _STATE:
-        _STATE[key] = Butler(spec.out_repo, calib=spec.calib, template=spec.template)
+        _STATE[key] = Butler(spec.out_repo, calib=spec.calib, template=spec.template, output=spec.cfg.output)
     return _STATE[key]
 
 

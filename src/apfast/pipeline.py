@@ -33,6 +33,7 @@ from apfast.writer import OutputWriter
 
 __all__ = [
     "CcdOutcome",
+    "diffim_outputs",
     "finish_outcome",
     "format_summary",
     "make_templates",
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 
 PROCESS_CCD_OUTPUTS = ("calexp", "calexpBackground", "src")
 DIFFIM_OUTPUTS = ("deepDiff_differenceExp", "deepDiff_matchedExp")
+
+
+def diffim_outputs(cfg: Any) -> tuple[str, ...]:
+    """The differencing outputs a run writes: without ``deepDiff_matchedExp`` if ``output.write_matched`` is off."""
+    return DIFFIM_OUTPUTS if cfg.output.write_matched else DIFFIM_OUTPUTS[:1]
 
 
 @dataclass(slots=True)
@@ -272,7 +278,8 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
         res.difference.metadata[k] = v
     out: Butler | OutputWriter = writer if writer is not None else butler
     out.put(res.difference, "deepDiff_differenceExp", did)
-    out.put(res.matched, "deepDiff_matchedExp", did)
+    if cfg.output.write_matched:  # the DIA stage of this CCD gets it in memory (products) either way
+        out.put(res.matched, "deepDiff_matchedExp", did)
     timings["diff_write"] = time.perf_counter() - t
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats),
                       products={"calexp": calexp, "difference": res.difference, "matched": res.matched})
@@ -367,7 +374,7 @@ def undo_for_redo(butler: Butler, rows: Sequence[dict[str, Any]], cfg: Any, apdb
     if apdb is None or not cfg.dia_pipe.do_dia:
         return set()
     stored = set(apdb.ccd_visits())
-    outputs = [*PROCESS_CCD_OUTPUTS, *DIFFIM_OUTPUTS, "deepDiff_diaSrc"]
+    outputs = [*PROCESS_CCD_OUTPUTS, *diffim_outputs(cfg), "deepDiff_diaSrc"]
     if cfg.dia_pipe.do_alerts:
         outputs.append("alerts")
     redo = [r for r in rows if (int(r["visit"]), int(r["ccdnum"])) in stored
@@ -442,7 +449,7 @@ def process_image_stages(
         o.products.update(r.products)
         redo = True
         o.stats["_ran"].append("calexp")
-    if redo or not all(_exists_here(butler, d, did) for d in DIFFIM_OUTPUTS):
+    if redo or not all(_exists_here(butler, d, did) for d in diffim_outputs(cfg)):
         t = time.perf_counter()
         try:
             r = _guarded(o, tag, "difference", lambda: process_diffim(
