@@ -9,23 +9,21 @@ its own rerun and its own SQLite APDB:
 * **serial**: one process, ``process.n_threads`` = all cores (2 numba threads here);
 * ``-j 2``: two spawned worker processes with ``cores // 2`` = 1 numba thread each.
 
-How compilation is kept out of the rate
----------------------------------------
-Parallel (``prange``) kernels are not cached on disk, so every new process compiles them on
-its first CCD (tens of seconds), and spawning, imports and FFTW plans add more. The rate is the
+How start-up is kept out of the rate
+------------------------------------
+Kernels load from the on-disk kernel cache (built once, before the first run, by the CLI), but
+every new process still spawns, imports and loads its kernels and FFTW plans. The rate is the
 *marginal* (steady-state) rate from the wall clock of two runs per worker count: a short one
 (the first science visit: ``n_s`` = 2 CCD-visits) and a long one (all 5 visits: ``n_l`` = 10),
-each a fresh ``python -m apfast.cli process`` (serial too: an in-process second run would reuse
-the first one's compiled kernels) into its own rerun and APDB, so both pay the same start-up and
+each a fresh ``python -m apfast.cli process`` into its own rerun and APDB, so both pay the same
+start-up and
 
     rate = (n_l - n_s) / (wall_l - wall_s)  CCD-visits per second,
-    overhead_s = wall_s - n_s / rate       (spawn + imports + compilation + the pipeline drain).
+    overhead_s = wall_s - n_s / rate       (spawn + imports + kernel loading + the pipeline drain).
 
-Why the ``-j 2`` workers compile every kernel as they start (apfast.executor): compiled lazily, the
-first DIA task of each worker compiled for ~10-20 s while DIA tasks of overlapping CCD-visits
-waited behind it in time order, and how much of that hid behind other work depended on the
-run's length: the short run paid more of it than the long one, and the marginal rate came out
-up to 3x too high (CI: efficiency 1.6). With the warm-up both runs pay the same start-up.
+(Before the kernel cache held the parallel kernels, each ``-j 2`` worker compiled them for ~10-20 s
+and how much of that hid behind other work depended on the run's length: the marginal rate came
+out up to 3x too high. Workers now start on a complete cache and compile nothing.)
 Per-CCD completion times of one run are recorded for reference only
 (``long_completions_after_first_s``): with ``-j 2`` completions arrive in bursts, as DIA tasks
 run in time order after image tasks.
@@ -44,7 +42,7 @@ forced sources).
 
 Run for real with ``python -m pytest bench/test_bench_throughput.py -m slow --benchmark-enable -s``.
 The numbers are noisy on a shared machine: the load average at start and end is recorded.
-No quick variant: simulated CCDs are always full size, and the first one alone costs the compilation.
+No quick variant: simulated CCDs are always full size.
 """
 
 from __future__ import annotations
@@ -115,7 +113,7 @@ def measured() -> dict[str, dict]:
 
 
 def _measure(dataset: dict, name: str, workers: int, visits: tuple[int, ...]) -> Run:
-    """One ``apfast process`` in a fresh interpreter (so every run compiles, as every -j 2 worker does)."""
+    """One ``apfast process`` in a fresh interpreter (each loads its kernels from the cache, as every -j 2 worker does)."""
     d = Path(dataset["dir"])
     db = d / f"{name}.db"
     url = f"sqlite:///{db}"
