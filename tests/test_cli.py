@@ -111,3 +111,28 @@ def test_process_needs_an_output(repo: Path, capsys: pytest.CaptureFixture[str])
     rc = main(["process", str(repo), "--id", "visit=289401"])
     assert rc == 2
     assert "--rerun NAME" in capsys.readouterr().err
+
+
+def test_process_after_process_ccd_with_other_apdb_keys(repo: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # the README workflow: process-ccd, then process into the same rerun with apdb settings added
+    # (the CCD fails for want of calibs, exit 1, but the stored config is accepted)
+    sel = ["--rerun", "cfgchange", "--id", "visit=289403"]
+    assert main(["-q", "process-ccd", str(repo), *sel]) == 1
+    url = f"sqlite:///{tmp_path}/apdb.db"
+    assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}"]) == 0
+    capsys.readouterr()
+    rc = main(["-q", "process", str(repo), *sel, "-c", "apdb.isolation_level=READ_UNCOMMITTED",
+               "-c", f"apdb.db_url={url}", "-c", "process.n_threads=1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "different configuration" not in err
+    stored = (repo / "rerun" / "cfgchange" / "config" / "apfast.toml").read_text()
+    assert 'isolation_level = "READ_UNCOMMITTED"' in stored  # the full config is stored
+    # a product-affecting change is refused, naming the keys with old and new values
+    rc = main(["-q", "process", str(repo), *sel, "-c", f"apdb.db_url={url}", "-c", "diffim.kernel_size=25",
+               "-c", "dia.threshold=6"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert ("rerun/cfgchange/config/apfast.toml holds a different configuration: "
+            "dia.threshold 5.0 -> 6.0; diffim.kernel_size 21 -> 25; pass --clobber-config") in err
+    assert "apdb." not in err and "Traceback" not in err
