@@ -136,3 +136,36 @@ def test_process_after_process_ccd_with_other_apdb_keys(repo: Path, tmp_path: Pa
     assert ("rerun/cfgchange/config/apfast.toml holds a different configuration: "
             "dia.threshold 5.0 -> 6.0; diffim.kernel_size 21 -> 25; pass --clobber-config") in err
     assert "apdb." not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("sqlite://apdb.db", ("puts 'apdb.db' where a server name goes, but SQLite has no server: a file path "
+                          "needs three slashes, sqlite:///apdb.db")),
+    ("mysql://user@host/apdb", "database 'mysql' is not supported; use sqlite:///"),
+    ("sqlite://", "is an in-memory SQLite database"),
+])
+def test_make_apdb_and_process_bad_urls_exit_2(repo: Path, url: str, expected: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-apdb", "-c", f"apdb.db_url={url}"]) == 2
+    err = capsys.readouterr().err
+    assert f"apfast make-apdb: error: apdb.db_url={url}" in err and expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["process", str(repo), "--rerun", "badurl", "--id", "visit=289403",
+                 "-c", f"apdb.db_url={url}"]) == 2
+    err = capsys.readouterr().err
+    assert f"apfast process: error: apdb.db_url={url}" in err and expected in err
+
+
+def test_make_apdb_unusable_folder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    url = f"sqlite:///{tmp_path}/afile/apdb.db"  # the folder would have to replace a file
+    assert main(["make-apdb", "-c", f"apdb.db_url={url}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create the folder {tmp_path}/afile for the APDB file" in err
+    assert "choose a path in a writable folder" in err and "Traceback" not in err
+    # a missing folder is created; the hint gives the absolute URL
+    assert main(["-q", "make-apdb", "-c", f"apdb.db_url=sqlite:///{tmp_path}/new/dir/apdb.db"]) == 0
+    assert f"-c apdb.db_url=sqlite:///{tmp_path}/new/dir/apdb.db" in capsys.readouterr().out
+    # a second make-apdb at the same URL refuses to replace it
+    assert main(["make-apdb", "-c", f"apdb.db_url=sqlite:///{tmp_path}/new/dir/apdb.db"]) == 1
+    assert "already holds an APDB" in capsys.readouterr().err

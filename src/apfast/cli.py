@@ -124,8 +124,12 @@ def _cmd_make_apdb(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     where = make_apdb(cfg.apdb, drop=args.drop)
+    url = cfg.apdb.db_url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        # a relative path is relative to the current folder: the hint must work from anywhere
+        url = f"sqlite:///{Path(url[len('sqlite:///'):]).absolute()}"
     _out(f"created an empty APDB (Rubin schema 10.0.0) at {where}")
-    _out(f"use it with: apfast process REPO ... -c apdb.db_url={cfg.apdb.db_url}")
+    _out(f"use it with: apfast process REPO --rerun NAME ... -c apdb.db_url={url}")
     return 0
 
 
