@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
 
 from apfast.cli import main
 from apfast.testing import write_decam_raw
+
+
+def _help(command: list[str]) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main([*command, "--help"]) == 0
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +131,7 @@ def test_process_after_process_ccd_with_other_apdb_keys(repo: Path, tmp_path: Pa
     url = f"sqlite:///{tmp_path}/apdb.db"
     assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}"]) == 0
     capsys.readouterr()
+    sel = [*sel, "--skip-missing-templates"]  # the test repository has no templates
     rc = main(["-q", "process", str(repo), *sel, "-c", "apdb.isolation_level=READ_UNCOMMITTED",
                "-c", f"apdb.db_url={url}", "-c", "process.n_threads=1"])
     err = capsys.readouterr().err
@@ -169,3 +179,21 @@ def test_make_apdb_unusable_folder_exit_2(tmp_path: Path, capsys: pytest.Capture
     # a second make-apdb at the same URL refuses to replace it
     assert main(["make-apdb", "-c", f"apdb.db_url=sqlite:///{tmp_path}/new/dir/apdb.db"]) == 1
     assert "already holds an APDB" in capsys.readouterr().err
+
+
+def test_process_without_templates_is_an_error(repo: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    sel = ["--rerun", "notemplates", "--id", "visit=289403", "-c", "dia_pipe.do_dia=false"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["process", str(repo), *sel, "--template", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert f"apfast process: error: --template {empty} holds no templates: no sky map " in err
+    assert "(dataset deepCoadd_skyMap)" in err and "--skip-missing-templates" in err
+    assert main(["process", str(repo), *sel, "--template", str(tmp_path / "typo")]) == 1
+    err = capsys.readouterr().err
+    assert f"--template {tmp_path / 'typo'}: no such folder" in err and "ingest raws" not in err
+    assert main(["process", str(repo), *sel]) == 1  # the default: templates in REPO
+    assert "template repository (no --template given, so REPO)" in capsys.readouterr().err
+    assert not (repo / "rerun" / "notemplates").exists()  # nothing was started
+    assert "--skip-missing-templates" in _help(["process"])

@@ -241,10 +241,37 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
         apdb = Apdb(cfg.apdb)  # fails here, before any work, if there is no APDB at the URL
     try:
+        if args.command == "process":
+            cfg = _check_templates(args, cfg, rows)
         return _run_selected(args, cfg, rows, apdb)
     finally:
         if apdb is not None:
             apdb.close()
+
+
+def _check_templates(args: argparse.Namespace, cfg: Any, rows: list[dict]) -> Any:
+    """Fail before any work if the template repository holds no templates for the selected filters.
+
+    ``--skip-missing-templates`` (config ``process.skip_missing_templates``) skips CCDs without a
+    template instead; returns the config with that key set from the flag.
+    """
+    from dataclasses import replace
+
+    from apfast.repository import Repository
+    from apfast.template import check_template_repository
+
+    if args.skip_missing_templates:
+        cfg = replace(cfg, process=replace(cfg.process, skip_missing_templates=True))
+    if cfg.difference.template_source != "coadd":
+        return cfg
+    if args.template:
+        root, how = Path(args.template), "--template"
+    else:
+        root, how = Repository(args.repo).root, "template repository (no --template given, so REPO)"
+    if not root.is_dir() or not cfg.process.skip_missing_templates:
+        check_template_repository(root, sorted({str(r["filter"]) for r in rows}),
+                                  coadd_name=cfg.template.coadd_name, how=how)
+    return cfg
 
 
 def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: Any) -> int:
@@ -427,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Dask scheduler address (default: start a local cluster)")
             p.add_argument("--workers", type=int, default=None, metavar="N",
                            help="worker processes of the local Dask cluster (default -j or 2)")
+            p.add_argument("--skip-missing-templates", action="store_true",
+                           help="skip (exit 0) CCDs that no template covers instead of failing them "
+                                "(exit 1); config process.skip_missing_templates")
         _add_config_args(p)
         p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
     return parser

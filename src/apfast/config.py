@@ -199,6 +199,11 @@ class ProcessConfig(ConfigSection):
     n_threads: int = opt(0, "Numba threads per process; 0 uses all cores.")
     doraise: bool = opt(False, "Stop at the first failing dataId instead of logging it and going on.")
     clobber_output: bool = opt(False, "Overwrite existing outputs instead of refusing to run.")
+    skip_missing_templates: bool = opt(
+        False,
+        "Skip (status 'skipped', exit 0) a CCD that no template covers instead of failing it (exit 1); "
+        "--skip-missing-templates sets it.",
+    )
 
     def _validate(self) -> None:
         if self.n_threads < 0:
@@ -252,7 +257,7 @@ class PipelineConfig(ConfigSection):
 #: command-line options ``-j``, ``--executor`` and the log level are not config keys, so never compared.
 NON_PRODUCT_KEYS: tuple[str, ...] = (
     "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
-    "process.",  # n_threads, doraise, clobber_output
+    "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
     "ingest.mode",  # link/copy/move of raws: the same pixels either way
 )
 

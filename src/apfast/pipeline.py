@@ -426,7 +426,7 @@ def process_image_stages(
                                            clobber_output=clobber_output, writer=own)
             wait_for_outputs(o, own, tag, doraise=doraise)
         return o, redo
-    from apfast.errors import NoWorkFound
+    from apfast.errors import MissingTemplateError, NoWorkFound
 
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
     o = CcdOutcome(did["visit"], did["ccdnum"], "ok")
@@ -449,8 +449,16 @@ def process_image_stages(
                 butler, row, cfg, template_root=template_root, template_visit=template_visit,
                 products=o.products, writer=writer), doraise=doraise)
         except NoWorkFound as exc:
-            o.status, o.message = "skipped", f"no template: {exc}"
-            o.stats["_ran"].append(f"difference skipped: {exc}")
+            if cfg.process.skip_missing_templates:
+                o.status, o.message = "skipped", f"no template: {exc}"
+                o.stats["_ran"].append(f"difference skipped: {exc}")
+                return o, redo
+            # a missing template is a failure unless the user asked to skip such CCDs
+            msg = f"{exc}; or pass --skip-missing-templates to skip such CCDs"
+            if doraise:
+                raise MissingTemplateError(msg) from None
+            o.status, o.message = "failed", f"difference: no template: {msg}"
+            log.error("%s difference failed: %s", tag, msg)
             return o, redo
         if r is None:
             return o, redo
