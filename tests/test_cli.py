@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 from pathlib import Path
 
 import pytest
 
-from apfast.cli import main
+from apfast.cli import build_parser, main
 from apfast.testing import write_decam_raw
 
 
@@ -136,7 +137,9 @@ def test_process_after_process_ccd_with_other_apdb_keys(repo: Path, tmp_path: Pa
                "-c", f"apdb.db_url={url}", "-c", "process.n_threads=1"])
     err = capsys.readouterr().err
     assert rc == 1 and "different configuration" not in err
-    stored = (repo / "rerun" / "cfgchange" / "config" / "apfast.toml").read_text()
+    out_repo = repo / "rerun" / "cfgchange"
+    assert "visit" in (out_repo / "summary.txt").read_text()  # the wide per-CCD table of the last run
+    stored = (out_repo / "config" / "apfast.toml").read_text()
     assert 'isolation_level = "READ_UNCOMMITTED"' in stored  # the full config is stored
     # a product-affecting change is refused, naming the keys with old and new values
     rc = main(["-q", "process", str(repo), *sel, "-c", f"apdb.db_url={url}", "-c", "diffim.kernel_size=25",
@@ -197,3 +200,74 @@ def test_process_without_templates_is_an_error(repo: Path, tmp_path: Path,
     assert "template repository (no --template given, so REPO)" in capsys.readouterr().err
     assert not (repo / "rerun" / "notemplates").exists()  # nothing was started
     assert "--skip-missing-templates" in _help(["process"])
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)subcommand parser by its command line, e.g. 'config show'."""
+    out: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out[f"{prefix}{name}"] = sub
+                    walk(sub, f"{prefix}{name} ")
+
+    walk(build_parser(), "")
+    return out
+
+
+def test_every_subcommand_help_has_a_description_and_explains_positionals() -> None:
+    subs = _subcommands()
+    assert {"process", "process-ccd", "make-templates", "simulate", "demo", "config show"} <= set(subs)
+    for name, parser in subs.items():
+        assert parser.description and len(parser.description) > 20, name
+        for action in parser._actions:
+            if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"apfast {name}: positional {action.dest} has no help"
+        text = _help(name.split())
+        assert parser.description.splitlines()[0] in text
+
+
+def test_options_that_do_nothing_are_not_offered() -> None:
+    ccd, templates, process = _help(["process-ccd"]), _help(["make-templates"]), _help(["process"])
+    for opt in ("--template ", "--templateId", "--processes", "--executor", "--skip-missing-templates"):
+        assert opt not in ccd and opt not in templates, opt
+        assert opt in process, opt
+    assert "--clobber-output" in ccd and "--clobber-output" not in templates
+    assert main(["process-ccd", "REPO", "--template", "x"]) == 2  # argparse: unrecognized argument
+
+
+def test_default_summary_fits_120_columns() -> None:
+    from apfast.pipeline import CcdOutcome, format_summary
+
+    stages = ["read", "isr", "characterize", "refcat", "calibrate", "write", "template", "psfmatch",
+              "decorrelate", "difference", "dia_detect", "association", "alerts", "dia", "total"]
+    stats = {"PSF_FWHM_ARCSEC": 1.23, "ZP": 31.234, "ASTR_RMS": 0.012, "N_SRC": 12345, "N_DIA": 123,
+             "N_NEW_OBJ": 45, "N_UPD_OBJ": 67}
+    outcomes = [CcdOutcome(1234567, 35, "ok", timings={s: 123.45 for s in stages}, stats=stats),
+                CcdOutcome(1234568, 36, "failed", "difference: " + "a reason with /some/long/path " * 12)]
+    text = format_summary(outcomes)
+    assert all(len(line) <= 120 for line in text.splitlines()), text
+    assert "1 ok, 1 failed" in text and "FAILED visit=1234568 ccdnum=36" in text
+    wide = format_summary(outcomes, wide=True)
+    assert "psfmatch" in wide and "association" in wide and max(map(len, wide.splitlines())) > 120
+
+
+def test_simulate_report_is_readable(tmp_path: Path) -> None:
+    from apfast.cli import simulation_report
+    from apfast.simulate import SimulationSummary
+
+    out = tmp_path / "sim"
+    s = SimulationSummary(
+        out=out, raw_files=(out / "raw" / "a.fits.fz",) * 5, bias_file=out / "calib" / "bias.fits",
+        flat_files={"g": out / "calib" / "flat_g.fits"}, defects_file=out / "calib" / "d.ecsv",
+        crosstalk_file=out / "calib" / "x.yaml", gaia_file=out / "refcat" / "gaia.csv",
+        ps1_file=out / "refcat" / "ps1.csv", truth_dir=out / "truth", template_visits=(1, 2),
+        science_visits=(3, 4, 5), ccdnums=(35, 36), filters=("g",), seed=0, elapsed_s=12.0)
+    lines = simulation_report(s)
+    text = "\n".join(lines)
+    assert 3 <= len(lines) <= 8 and "SimulationSummary(" not in text
+    assert "simulated 5 DECam visits x 2 CCD(s)" in lines[0]
+    assert f"apfast ingest REPO {out / 'raw'}" in text
+    assert f"apfast ingest-calibs REPO/calibs {out / 'calib'}" in text

@@ -59,7 +59,18 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 
 def _failed_lines(out: str) -> list[str]:
-    return [ln for ln in out.splitlines() if ln.startswith("FAILED ")]
+    """The summary's FAILED messages, each joined from its wrapped lines (continuations indented by 4)."""
+    failed: list[str] = []
+    in_failed = False
+    for ln in out.splitlines():
+        if ln.startswith("FAILED "):
+            failed.append(ln)
+            in_failed = True
+        elif in_failed and ln.startswith("    "):
+            failed[-1] += " " + ln.strip()
+        else:
+            in_failed = False
+    return failed
 
 
 # ---------------------------------------------------------------------------------------- ingest
