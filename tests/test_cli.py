@@ -271,3 +271,21 @@ def test_simulate_report_is_readable(tmp_path: Path) -> None:
     assert "simulated 5 DECam visits x 2 CCD(s)" in lines[0]
     assert f"apfast ingest REPO {out / 'raw'}" in text
     assert f"apfast ingest-calibs REPO/calibs {out / 'calib'}" in text
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "precious.txt").write_text("not the demo's")
+    assert main(["demo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds repo, which apfast demo did not write" in err and "new folder" in err
+    assert (tmp_path / "repo" / "precious.txt").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_again_in_the_same_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "demo", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "demo", str(tmp_path)]) == 0  # was: "build_templates got no calexps"
+    out = capsys.readouterr().out
+    assert "reusing the complete simulation" in out and "already processed by an earlier demo run" in out
