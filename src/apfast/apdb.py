@@ -340,9 +340,11 @@ class Apdb:
         except sa.exc.OperationalError as exc:
             self.engine.dispose()
             if _is_sqlite(self.engine):
-                msg = f"cannot open the SQLite APDB at {self.url} ({exc.orig}); check the file and its permissions"
+                msg = (f"cannot open the SQLite APDB at {self.url} ({exc.orig}); "
+                       "check the file and its permissions")
                 raise ApdbUrlError(msg) from None
-            msg = f"cannot connect to the APDB at {self.url}: {exc.orig}; check db_url and that the server is running"
+            msg = (f"cannot connect to the APDB at {self.url}: {exc.orig}; "
+                   "check db_url and that the server is running")
             raise ApdbError(msg) from exc
         if version is None or version != SCHEMA_VERSION:
             self.engine.dispose()

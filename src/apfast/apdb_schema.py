@@ -54,7 +54,7 @@ class ApdbMissingError(ApdbError):
 
 
 class ApdbUrlError(ApdbError):
-    """An ``apdb.db_url`` that cannot work (bad syntax, unsupported database, unusable SQLite path): exit 2."""
+    """An ``apdb.db_url`` that cannot work (bad syntax, unknown database, unusable SQLite path): exit 2."""
 
     exit_code = 2
 

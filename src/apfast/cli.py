@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     descriptions = {
         "process": ("Process dataIds end to end (ap_pipe.py): ISR, characterize, calibrate, template,\n"
                     "PSF matching, subtraction, DIA sources, association in the APDB and alerts. Steps\n"
-                    "whose outputs exist in the output repository are skipped (--clobber-output redoes them)."),
+                    "whose outputs exist in the output repository are skipped (--clobber-output redoes\n"
+                    "them)."),
         "process-ccd": "ISR, characterize and calibrate dataIds into calexps (processCcd.py).",
         "make-templates": ("Process good-seeing visits and coadd them into deepCoadd templates, written to\n"
                            "the output repository (use it as `apfast process --template`)."),

@@ -267,8 +267,8 @@ def is_product_key(key: str) -> bool:
 
     Examples
     --------
-    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url"), is_product_key("process.n_threads")
-    (True, False, False)
+    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
+    (True, False)
     """
     return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
 
