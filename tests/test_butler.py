@@ -125,7 +125,7 @@ def test_write_config(root):
     changed = text.replace("kernel = 11", "kernel = 9").replace("do_bias = true", "do_bias = false")
     with pytest.raises(ConfigError, match="clobber-config") as err:
         write_config(out, changed)
-    assert "diffim.kernel: 11 -> 9" in str(err.value) and "isr.do_bias" in str(err.value)
+    assert "diffim.kernel 11 -> 9" in str(err.value) and "isr.do_bias true -> false" in str(err.value)
     assert "isr.sat" not in str(err.value)
     assert (out / "config/apfast.toml").read_text() == text
     sha2 = write_config(out, changed, clobber=True)
@@ -135,6 +135,21 @@ def test_write_config(root):
     path = b.put(small_exposure(1.0), "calexp", visit=V1, ccdnum=35)
     assert fits.getheader(path)["CFGSHA"] == sha2
     assert b.get("config") == changed
+
+
+def test_write_config_ignores_non_product_keys(root):
+    out = create_output_repo(root, rerun="cfg_np")
+    text = '[apdb]\ndb_url = "sqlite:///a.db"\n\n[process]\nn_threads = 0\n\n[diffim]\nkernel_size = 21\n'
+    write_config(out, text)
+    other = text.replace("a.db", "b.db").replace("n_threads = 0", "n_threads = 4") + "[apdb.x]\ny = 1\n"
+    sha = write_config(out, other)  # only apdb/process keys differ: no --clobber-config needed
+    assert (out / "config/apfast.toml").read_text() == other  # the full config is stored
+    assert (out / "config/apfast.toml.sha256").read_text().strip() == sha
+    with pytest.raises(ConfigError) as err:
+        write_config(out, other.replace("kernel_size = 21", "kernel_size = 25").replace("b.db", "c.db"))
+    msg = str(err.value)
+    assert "config/apfast.toml holds a different configuration: diffim.kernel_size 21 -> 25;" in msg
+    assert "pass --clobber-config" in msg and "apdb" not in msg
 
 
 # ----------------------------------------------------------------------------- errors and safety

@@ -91,11 +91,16 @@ def test_calexp_template_mode(run: dict, tmp_path: Path) -> None:
     assert b.datasetExists("calexp", visit=tv, ccdnum=CCD)  # processed first, as Gen 2 did
 
 
-def test_no_template_is_a_clear_skip(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_template_is_an_error_unless_skipped(run: dict, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty_templates"
     empty.mkdir()
-    rc = main(["-q", "process", str(run["repo"]), "--rerun", "diffim", "--id", f"visit={run['visit']}",
-               "--template", str(empty), "--clobber-output", "-c", "dia_pipe.do_dia=false"])
+    args = ["-q", "process", str(run["repo"]), "--rerun", "diffim", "--id", f"visit={run['visit']}",
+            "--template", str(empty), "--clobber-output", "-c", "dia_pipe.do_dia=false"]
+    assert main(args) == 1  # before any work
+    err = capsys.readouterr().err
+    assert f"--template {empty} holds no templates" in err and "deepCoadd_skyMap" in err
+    assert "--skip-missing-templates" in err
+    assert main([*args, "--skip-missing-templates"]) == 0
     out = capsys.readouterr().out
-    assert rc == 0
     assert "skipped" in out

@@ -59,7 +59,18 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 
 def _failed_lines(out: str) -> list[str]:
-    return [ln for ln in out.splitlines() if ln.startswith("FAILED ")]
+    """The summary's FAILED messages, each joined from its wrapped lines (continuations indented by 4)."""
+    failed: list[str] = []
+    in_failed = False
+    for ln in out.splitlines():
+        if ln.startswith("FAILED "):
+            failed.append(ln)
+            in_failed = True
+        elif in_failed and ln.startswith("    "):
+            failed[-1] += " " + ln.strip()
+        else:
+            in_failed = False
+    return failed
 
 
 # ---------------------------------------------------------------------------------------- ingest
@@ -110,11 +121,16 @@ def test_truncated_raw_after_ingest_fails_that_ccd_only(sim: dict, tmp_path: Pat
     assert (repo / "rerun" / "c" / f"{v_good:07d}" / "calexp" / f"calexp-{v_good:07d}_35.fits").is_file()
     assert not (repo / "rerun" / "c" / f"{v_bad:07d}").exists()
 
-    # the template repository has no deepCoadd: the difference is skipped naming the dataId and the search
+    # the template repository has no deepCoadd: an error before any work, naming the folder, unless
+    # --skip-missing-templates, which skips the difference naming the dataId and the search
     empty = tmp_path / "no_templates"
     empty.mkdir()
-    caplog_rc = main(["process", str(repo), "--rerun", "c", "--id", f"visit={v_good}", "ccdnum=35",
-                      "--template", str(empty), "-c", "dia_pipe.do_dia=false", "--clobber-config"])
+    args = ["process", str(repo), "--rerun", "c", "--id", f"visit={v_good}", "ccdnum=35",
+            "--template", str(empty), "-c", "dia_pipe.do_dia=false", "--clobber-config"]
+    assert main(args) == 1
+    cap = capsys.readouterr()
+    assert f"--template {empty} holds no templates" in cap.err and "Traceback" not in cap.err
+    caplog_rc = main([*args, "--skip-missing-templates"])
     cap = capsys.readouterr()
     assert caplog_rc == 0
     assert "Traceback" not in cap.err
@@ -134,8 +150,8 @@ def test_missing_template_coverage_names_dataid_and_search(sim: dict, tmp_path: 
     empty.mkdir()
     with caplog.at_level(logging.INFO, logger="apfast"):
         rc = main(["process", str(repo), "--rerun", "t", "--id", f"visit={v}", "ccdnum=36",
-                   "--template", str(empty), "-c", "dia_pipe.do_dia=false"])
-    assert rc == 0  # no template is an expected skip (NoWorkFound), not a failure
+                   "--template", str(empty), "-c", "dia_pipe.do_dia=false", "--skip-missing-templates"])
+    assert rc == 0  # asked for: no template is a skip, not a failure
     text = " ".join(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
     assert f"visit={v}" in text and "ccdnum=36" in text, text
     assert str(empty) in text, text

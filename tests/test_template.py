@@ -10,11 +10,17 @@ import pytest
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.errors import ConfigError, NoWorkFound
+from apfast.errors import ConfigError, MissingTemplateError, NoWorkFound
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure
 from apfast.psf import GaussianPsf, PolynomialPixelPsf
 from apfast.skymap import make_skymap, read_skymap
-from apfast.template import TemplateConfig, build_templates, get_template, patch_path
+from apfast.template import (
+    TemplateConfig,
+    build_templates,
+    check_template_repository,
+    get_template,
+    patch_path,
+)
 from apfast.warp import WarpedPsf
 
 SCALE = 0.2636
@@ -140,6 +146,7 @@ def test_not_covered_raises_no_work_found(repo):
     msg = str(info.value)
     assert "visit 99 ccdnum 42" in msg and "'g'" in msg and str(root) in msg
     assert "g: 0/0,0" in msg  # lists what the repository has
+    assert "looked for dataset deepCoadd, filter 'g', tract/patch" in msg
     with pytest.raises(NoWorkFound, match="filter 'r'.*none of the overlapping patch files"):
         get_template(root, science(230, 300), filter="r")
 
@@ -163,3 +170,18 @@ def test_config_validation():
         TemplateConfig(min_coverage=1.5)
     with pytest.raises(ConfigError, match="template.template_border"):
         TemplateConfig(template_border=-1)
+
+
+def test_check_template_repository(repo, tmp_path):
+    root, _, _ = repo
+    check_template_repository(root, ["g"])  # has g patches: fine
+    with pytest.raises(MissingTemplateError) as info:
+        check_template_repository(root, ["g", "r"])
+    msg = str(info.value)
+    assert f"--template {root} holds no deepCoadd patch for filter 'r'" in msg
+    assert "deepCoadd/FILTER/TRACT/PATCH.fits" in msg and "it has filters g" in msg
+    assert "--skip-missing-templates" in msg
+    with pytest.raises(MissingTemplateError, match="no sky map .*deepCoadd/skyMap.json"):
+        check_template_repository(tmp_path, ["g"])
+    with pytest.raises(MissingTemplateError, match="no such folder"):
+        check_template_repository(tmp_path / "nope", ["g"])

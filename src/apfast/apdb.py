@@ -34,6 +34,7 @@ int64 / bool arrays when the result holds no NULL and object arrays holding
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -55,6 +56,7 @@ from apfast.apdb_schema import (
     SCHEMA_VERSION,
     ApdbError,
     ApdbMissingError,
+    ApdbUrlError,
     column_length,
     concat_column_sets,
     make_metadata,
@@ -65,7 +67,7 @@ from apfast.apdb_schema import (
 from apfast.config import ApdbConfig
 from apfast.htm import htm_index, htm_ranges, polygon_contains
 
-__all__ = ["Apdb", "ApdbCcdVisit", "ApdbError", "ApdbMissingError", "make_apdb"]
+__all__ = ["Apdb", "ApdbCcdVisit", "ApdbError", "ApdbMissingError", "ApdbUrlError", "make_apdb"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,79 @@ def _sqlite_path(url: sa.URL) -> Path | None:
     if not db or db == ":memory:" or db.startswith("file:"):
         return None
     return Path(db)
+
+
+#: The URL forms apfast supports, for messages.
+_URL_FORMS = (
+    "sqlite:///apdb/association.db (a path relative to the current folder), "
+    "sqlite:////abs/path/association.db (absolute) or postgresql://USER@HOST/DBNAME"
+)
+
+
+def _checked_url(db_url: str, *, create: bool) -> sa.URL:
+    """Parse and check ``apdb.db_url`` before any connection; for ``create``, make the SQLite file's folder.
+
+    Raises
+    ------
+    ApdbUrlError
+        Unparsable URL, a database other than SQLite or PostgreSQL, an SQLite URL with
+        a host part (``sqlite://apdb.db``: two slashes instead of three) or no file
+        (in-memory), or an SQLite folder that cannot be created or written.
+    """
+    try:
+        url = sa.make_url(db_url)
+    except sa.exc.ArgumentError:
+        msg = f"apdb.db_url={db_url!r} is not a database URL; give one such as {_URL_FORMS}"
+        raise ApdbUrlError(msg) from None
+    shown = _safe_url(url)
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        msg = f"apdb.db_url={shown}: database {backend!r} is not supported; use {_URL_FORMS}"
+        raise ApdbUrlError(msg)
+    if backend != "sqlite":
+        return url
+    if url.host:
+        rest = f"{url.host}/{url.database}" if url.database else url.host
+        msg = (
+            f"apdb.db_url={shown} puts {url.host!r} where a server name goes, but SQLite has no server: "
+            f"a file path needs three slashes, sqlite:///{rest} (relative) or four, sqlite:////abs/{rest}"
+        )
+        raise ApdbUrlError(msg)
+    if not url.database or url.database == ":memory:":
+        msg = (
+            f"apdb.db_url={shown} is an in-memory SQLite database, which is gone when the command ends; "
+            f"give a file, e.g. sqlite:///apdb/association.db"
+        )
+        raise ApdbUrlError(msg)
+    path = _sqlite_path(url)
+    if create and path is not None:
+        folder = path.absolute().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = (
+                f"apdb.db_url={shown}: cannot create the folder {folder} for the APDB file "
+                f"({exc.strerror or exc}); choose a path in a writable folder"
+            )
+            raise ApdbUrlError(msg) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            msg = f"apdb.db_url={shown}: folder {folder} is not writable; choose a path in a writable folder"
+            raise ApdbUrlError(msg)
+    return url
+
+
+def _engine_or_error(config: ApdbConfig, url: sa.URL) -> Engine:
+    """:func:`_make_engine`, turning a missing database driver into one line saying what to install."""
+    try:
+        return _make_engine(config)
+    except ImportError as exc:
+        extra = " (pip install 'apfast[postgres]')" if url.get_backend_name() == "postgresql" else ""
+        msg = (
+            f"apdb.db_url={_safe_url(url)}: the database driver {url.drivername!r} is not installed "
+            f"(no module {exc.name!r}); install it{extra} or use an SQLite URL such as "
+            f"sqlite:///apdb/association.db"
+        )
+        raise ApdbUrlError(msg) from None
 
 
 def _sqlite_on_connect(read_uncommitted: bool) -> Callable[[Any, Any], None]:
@@ -162,6 +237,10 @@ def make_apdb(config: ApdbConfig, *, drop: bool = False) -> str:
     ApdbError
         If the URL already holds APDB tables and ``drop`` is false, or the
         database cannot be reached.
+    ApdbUrlError
+        (exit status 2) If the URL cannot work: bad syntax, a database other than
+        SQLite/PostgreSQL, ``sqlite://NAME`` (two slashes), an in-memory SQLite
+        database, or a folder that cannot be created or written.
 
     Examples
     --------
@@ -171,13 +250,9 @@ def make_apdb(config: ApdbConfig, *, drop: bool = False) -> str:
     >>> make_apdb(ApdbConfig(db_url=f"sqlite:///{d}/apdb/a.db")).endswith("a.db")
     True
     """
-    url = sa.make_url(config.db_url)
+    url = _checked_url(config.db_url, create=True)
     shown = _safe_url(url)
-    if url.get_backend_name() == "sqlite":
-        path = _sqlite_path(url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    engine = _make_engine(config)
+    engine = _engine_or_error(config, url)
     md = make_metadata()
     try:
         with engine.connect() as conn:
@@ -199,6 +274,11 @@ def make_apdb(config: ApdbConfig, *, drop: bool = False) -> str:
             )
             conn.commit()
     except sa.exc.OperationalError as exc:
+        if _is_sqlite(engine):
+            path = _sqlite_path(url)
+            where = f"file {path.absolute()}" if path is not None else shown
+            msg = f"cannot create the SQLite APDB {where} ({exc.orig}); check that its folder is writable"
+            raise ApdbUrlError(msg) from None
         msg = f"cannot create the APDB at {shown}: {exc.orig}; check db_url and that the server is running"
         raise ApdbError(msg) from exc
     finally:
@@ -245,13 +325,13 @@ class Apdb:
         self.config = config
         self.url = _safe_url(config.db_url)
         fix = f"run `apfast make-apdb -c apdb.db_url={self.url}` first"
-        url = sa.make_url(config.db_url)
+        url = _checked_url(config.db_url, create=False)
         if url.get_backend_name() == "sqlite":
             path = _sqlite_path(url)
             if path is not None and not path.exists():
-                msg = f"there is no APDB at {self.url} (no file {path}); {fix}"
+                msg = f"there is no APDB at {self.url} (no file {path.absolute()}); {fix}"
                 raise ApdbMissingError(msg)
-        self.engine = _make_engine(config)
+        self.engine = _engine_or_error(config, url)
         self.metadata = make_metadata()
         self.tables = self.metadata.tables
         try:
@@ -259,7 +339,12 @@ class Apdb:
                 version = _read_version(conn)
         except sa.exc.OperationalError as exc:
             self.engine.dispose()
-            msg = f"cannot connect to the APDB at {self.url}: {exc.orig}; check db_url and the server"
+            if _is_sqlite(self.engine):
+                msg = (f"cannot open the SQLite APDB at {self.url} ({exc.orig}); "
+                       "check the file and its permissions")
+                raise ApdbUrlError(msg) from None
+            msg = (f"cannot connect to the APDB at {self.url}: {exc.orig}; "
+                   "check db_url and that the server is running")
             raise ApdbError(msg) from exc
         if version is None or version != SCHEMA_VERSION:
             self.engine.dispose()

@@ -36,6 +36,8 @@ __all__ = [
     "NOT_NULL_ZERO",
     "SCHEMA_VERSION",
     "ApdbError",
+    "ApdbMissingError",
+    "ApdbUrlError",
     "make_metadata",
     "metadata_rows",
 ]
@@ -47,6 +49,12 @@ class ApdbError(ApfastError):
 
 class ApdbMissingError(ApdbError):
     """No APDB (or one of another schema version) at the URL: a set-up error, fixed by ``apfast make-apdb``."""
+
+    exit_code = 2
+
+
+class ApdbUrlError(ApdbError):
+    """An ``apdb.db_url`` that cannot work (bad syntax, unknown database, unusable SQLite path): exit 2."""
 
     exit_code = 2
 

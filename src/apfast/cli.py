@@ -91,11 +91,30 @@ def _cmd_ingest_refcat(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from apfast.simulate import simulate
 
-    t0 = time.perf_counter()
-    summary = simulate(args.out, small=args.small, seed=args.seed, progress=_progress)
-    _out(f"simulated data in {args.out} ({time.perf_counter() - t0:.1f} s)")
-    _out(f"{summary}")
+    # no progress callback: simulate logs each step itself (a callback logging it too doubled every line)
+    summary = simulate(args.out, small=args.small, seed=args.seed)
+    for line in simulation_report(summary):
+        _out(line)
     return 0
+
+
+def simulation_report(summary: Any) -> list[str]:
+    """A few readable lines on what ``apfast simulate`` wrote and the commands that use it."""
+    out = summary.out
+    ccds = ", ".join(map(str, summary.ccdnums))
+    first = (f"simulated {len(summary.visits)} DECam visits x {len(summary.ccdnums)} CCD(s) (ccdnum {ccds}; "
+             f"filter {', '.join(summary.filters)}; seed {summary.seed}) in {summary.elapsed_s:.1f} s "
+             f"under {out}")
+    visits = (f"  template visits {', '.join(map(str, summary.template_visits))}; "
+              f"science visits {', '.join(map(str, summary.science_visits))}")
+    raw = f"  {out / 'raw'}: {len(summary.raw_files)} raw file(s) -> apfast ingest REPO {out / 'raw'}"
+    calib = (f"  {out / 'calib'}: bias, flat ({', '.join(summary.flat_files)}), defects, crosstalk "
+             f"-> apfast ingest-calibs REPO/calibs {out / 'calib'}")
+    refcat = (f"  {out / 'refcat'}: gaia.csv, ps1.csv -> apfast ingest-refcat REPO gaia {summary.gaia_file} "
+              f"(and ps1)")
+    truth = (f"  {summary.truth_dir}: the truth (sources, transients, visits), "
+             f"read with apfast.simulate.load_truth({str(out)!r})")
+    return [first, visits, raw, calib, refcat, truth]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -146,8 +165,12 @@ def _cmd_make_apdb(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     where = make_apdb(cfg.apdb, drop=args.drop)
+    url = cfg.apdb.db_url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        # a relative path is relative to the current folder: the hint must work from anywhere
+        url = f"sqlite:///{Path(url[len('sqlite:///'):]).absolute()}"
     _out(f"created an empty APDB (Rubin schema 10.0.0) at {where}")
-    _out(f"use it with: apfast process REPO ... -c apdb.db_url={cfg.apdb.db_url}")
+    _out(f"use it with: apfast process REPO --rerun NAME ... -c apdb.db_url={url}")
     return 0
 
 
@@ -209,7 +232,7 @@ def _template_visit(tokens: Sequence[str] | None) -> int | None:
 def _cmd_make_templates(args: argparse.Namespace) -> int:
     from apfast.butler import Butler
     from apfast.config import config_to_toml
-    from apfast.pipeline import format_summary, make_templates
+    from apfast.pipeline import make_templates
     from apfast.repository import create_output_repo, write_config
     from apfast.warmup import ensure_kernel_cache, write_compile_report
 
@@ -224,9 +247,28 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
     ensure_kernel_cache()
     outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
     write_compile_report()
-    _out(format_summary(outcomes))
+    _print_summary(args, outcomes, out_repo)
     _out(f"wrote {max(len(paths) - 1, 0)} deepCoadd patch(es) and the sky map under {out_repo / 'deepCoadd'}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+SUMMARY_NAME = "summary.txt"
+
+
+def _print_summary(args: argparse.Namespace, outcomes: list, out_repo: Path) -> None:
+    """Print the per-CCD table (compact unless ``--summary wide``); the wide one goes to OUT/summary.txt."""
+    from apfast.pipeline import format_summary
+
+    wide = format_summary(outcomes, wide=True)
+    path = out_repo / SUMMARY_NAME
+    try:
+        path.write_text(wide + "\n", encoding="utf-8")
+    except OSError as exc:  # the table is printed anyway; a full disk shows up in the outputs' errors
+        log.warning("could not write %s: %s", path, exc)
+        path = None
+    _out(wide if args.summary == "wide" else format_summary(outcomes))
+    if path is not None and args.summary != "wide":
+        _out(f"per-stage seconds and full messages: {path} (--summary wide prints them)")
 
 
 def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN001 - PipelineConfig
@@ -271,10 +313,37 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
         apdb = Apdb(cfg.apdb)  # fails here, before any work, if there is no APDB at the URL
     try:
+        if args.command == "process":
+            cfg = _check_templates(args, cfg, rows)
         return _run_selected(args, cfg, rows, apdb)
     finally:
         if apdb is not None:
             apdb.close()
+
+
+def _check_templates(args: argparse.Namespace, cfg: Any, rows: list[dict]) -> Any:
+    """Fail before any work if the template repository holds no templates for the selected filters.
+
+    ``--skip-missing-templates`` (config ``process.skip_missing_templates``) skips CCDs without a
+    template instead; returns the config with that key set from the flag.
+    """
+    from dataclasses import replace
+
+    from apfast.repository import Repository
+    from apfast.template import check_template_repository
+
+    if args.skip_missing_templates:
+        cfg = replace(cfg, process=replace(cfg.process, skip_missing_templates=True))
+    if cfg.difference.template_source != "coadd":
+        return cfg
+    if args.template:
+        root, how = Path(args.template), "--template"
+    else:
+        root, how = Repository(args.repo).root, "template repository (no --template given, so REPO)"
+    if not root.is_dir() or not cfg.process.skip_missing_templates:
+        check_template_repository(root, sorted({str(r["filter"]) for r in rows}),
+                                  coadd_name=cfg.template.coadd_name, how=how)
+    return cfg
 
 
 def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: Any) -> int:
@@ -283,7 +352,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
 
     from apfast.butler import Butler
     from apfast.config import config_to_toml
-    from apfast.pipeline import format_summary, run_process, run_process_ccd
+    from apfast.pipeline import run_process, run_process_ccd
     from apfast.repository import create_output_repo, write_config
     from apfast.warmup import ensure_kernel_cache, write_compile_report
 
@@ -313,7 +382,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
         outcomes = run_process_ccd(butler, rows, cfg, doraise=doraise, clobber_output=clobber, progress=_progress)
     wall = time.perf_counter() - t_start
     write_compile_report()
-    _out(format_summary(outcomes))
+    _print_summary(args, outcomes, out_repo)
     n_ran = sum(o.status != "skipped" for o in outcomes)
     if n_ran:
         _out(f"wall time {wall:.1f} s for {n_ran} CCD(s) processed: {wall / n_ran:.2f} s per CCD "
@@ -369,6 +438,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="one config override, VALUE a TOML literal (repeatable; later wins)")
 
 
+def _sub(sub: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with ``description`` (the one-line ``help_text`` in the list)."""
+    return sub.add_parser(name, help=help_text, description=description,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+_REPO_HELP = "the input repository: the folder `apfast ingest` wrote (holds registry.sqlite3)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -380,50 +458,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("ingest", help="register raw exposures in REPO/registry.sqlite3")
+    p = _sub(sub, "ingest", "register raw exposures in REPO/registry.sqlite3",
+             "Register raw DECam exposures (one row per CCD) in REPO/registry.sqlite3, creating the\n"
+             "repository if needed. Files already registered are reported and left alone.")
     p.add_argument("repo", help="repository root (created if needed)")
     p.add_argument("files", nargs="+", help="raw files (e.g. c4d_*_ori.fits.fz) or folders holding them")
     p.add_argument("--mode", choices=["link", "copy", "move"], default="link", help="how files enter the repo")
     p.add_argument("--camera", default=None, help="camera name or TOML description for a new repo (default DECam)")
     p.set_defaults(func=_cmd_ingest)
 
-    p = sub.add_parser("ingest-calibs", help="register master calibrations in CALIB_ROOT/calibRegistry.sqlite3")
+    p = _sub(sub, "ingest-calibs", "register master calibrations in CALIB_ROOT/calibRegistry.sqlite3",
+             "Register master calibrations (bias, flats, defects, crosstalk, linearizer) in\n"
+             "CALIB_ROOT/calibRegistry.sqlite3 with their validity ranges.")
     p.add_argument("calib_root", help="the calib repository, usually REPO/calibs")
     p.add_argument("files", nargs="+", help="bias/flat/defects/crosstalk/linearizer files or folders")
     p.add_argument("--validity", type=float, default=None, metavar="DAYS",
                    help="validity half-width in days (default: per format; curated files until the next one)")
-    p.add_argument("--mode", choices=["copy", "link", "move"], default="copy")
+    p.add_argument("--mode", choices=["copy", "link", "move"], default="copy",
+                   help="how files enter the repo")
     p.set_defaults(func=_cmd_ingest_calibs)
 
-    p = sub.add_parser("ingest-refcat", help="shard a reference catalogue under REPO/ref_cats/NAME")
-    p.add_argument("repo")
-    p.add_argument("name", help="catalogue name, e.g. gaia or ps1")
+    p = _sub(sub, "ingest-refcat", "shard a reference catalogue under REPO/ref_cats/NAME",
+             "Shard a reference catalogue (Gaia, PS1 or a generic table) into HEALPix FITS shards under\n"
+             "REPO/ref_cats/NAME; running it again with new files merges them.")
+    p.add_argument("repo", help=_REPO_HELP)
+    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (the config's refcat names)")
     p.add_argument("files", nargs="+", help="CSV or FITS tables")
-    p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto")
+    p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto",
+                   help="the table's column convention (default: guessed from the columns)")
     p.add_argument("--column-map", default=None, metavar="STD=COL,...",
                    help="map standard column names to the input's, e.g. id=SOURCE_ID,ra=RA_ICRS")
     p.add_argument("--nside", type=int, default=None, help="HEALPix nside of new shards (default 32; a merge keeps the stored one)")
     p.set_defaults(func=_cmd_ingest_refcat)
 
-    p = sub.add_parser("simulate", help="write realistic simulated DECam data with truth")
-    p.add_argument("out")
+    p = _sub(sub, "simulate", "write realistic simulated DECam data with truth",
+             "Write simulated DECam data with its truth: OUT/raw (raw files), OUT/calib (bias, flats,\n"
+             "defects, crosstalk), OUT/refcat (gaia.csv, ps1.csv) and OUT/truth; these are the inputs of\n"
+             "the README workflow (ingest, ingest-calibs, ingest-refcat).")
+    p.add_argument("out", help="folder to write raw/, calib/, refcat/ and truth/ into (created if needed)")
     p.add_argument("--small", action="store_true", help="2 CCDs, 2 template + 3 science visits")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same data")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("demo", help="simulate a small dataset and run every stage on it")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p = _sub(sub, "demo", "simulate a small dataset and run every stage on it",
+             "Simulate a small dataset in DIR/sim and run every stage on it (ingest, calibs, refcats,\n"
+             "process-ccd, templates, APDB, process), printing the equivalent commands. Running it again\n"
+             "in the same DIR reuses the simulation and starts the rest over.")
+    p.add_argument("dir", help="working folder for sim/, repo/, templates/ and apdb/ (created if needed)")
+    p.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     p.add_argument("--full", action="store_true", help="the default-size simulation instead of --small")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser(
-        "warmup", help="compile every numba kernel into the on-disk cache, once per machine",
-        description="Compile every numba kernel into the kernel cache ($APFAST_CACHE_DIR/kernels/<key>, default "
-                    "~/.cache/apfast) and measure the FFTW plans of a full CCD. Once done, no apfast process on this "
-                    "machine compiles anything; the cache is keyed on the kernel sources and numba/numpy versions, "
-                    "so an upgrade or an edited kernel builds a new one. Processing commands build it themselves "
-                    "when it is missing; batch systems run this once per node first.")
+    p = _sub(sub, "warmup", "compile every numba kernel into the on-disk cache, once per machine",
+             "Compile every numba kernel into the kernel cache ($APFAST_CACHE_DIR/kernels/<key>, default\n"
+             "~/.cache/apfast) and measure the FFTW plans of a full CCD. Once done, no apfast process on this\n"
+             "machine compiles anything; the cache is keyed on the kernel sources and the numba/numpy versions,\n"
+             "so an upgrade or an edited kernel builds a new one. Processing commands build it themselves when\n"
+             "it is missing; batch systems run this once per node first.")
     p.add_argument("--check", action="store_true",
                    help="only say whether the cache is complete (exit 0) or not (exit 1), with its path and size")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
@@ -431,39 +522,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fftw", action="store_true", help="skip the FFTW plans (wisdom) of a full CCD")
     p.set_defaults(func=_cmd_warmup)
 
-    p = sub.add_parser("make-apdb", help="create an empty Alert Production Database (make_apdb.py)")
+    p = _sub(sub, "make-apdb", "create an empty Alert Production Database (make_apdb.py)",
+             "Create an empty Alert Production Database (Rubin APDB schema 10.0.0) at apdb.db_url, e.g.\n"
+             "  apfast make-apdb -c apdb.db_url=sqlite:///apdb/association.db\n"
+             "An SQLite path after sqlite:/// is relative to the current folder (sqlite://// for absolute);\n"
+             "its folder is created.")
     p.add_argument("--drop", action="store_true", help="drop the tables of an existing APDB at the URL first")
     _add_config_args(p)
     p.set_defaults(func=_cmd_make_apdb)
 
-    p = sub.add_parser("config", help="configuration tools")
+    p = _sub(sub, "config", "configuration tools",
+             "Configuration tools: `apfast config show` prints every key.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    ps = csub.add_parser("show", help="print the effective config as TOML")
+    ps = _sub(csub, "show", "print the effective config as TOML",
+              "Print the effective configuration (defaults, then -C files, then -c overrides) as TOML, with\n"
+              "each key's documentation.")
     _add_config_args(ps)
     ps.set_defaults(func=_cmd_config_show)
 
+    descriptions = {
+        "process": ("Process dataIds end to end (ap_pipe.py): ISR, characterize, calibrate, template,\n"
+                    "PSF matching, subtraction, DIA sources, association in the APDB and alerts. Steps\n"
+                    "whose outputs exist in the output repository are skipped (--clobber-output redoes\n"
+                    "them)."),
+        "process-ccd": "ISR, characterize and calibrate dataIds into calexps (processCcd.py).",
+        "make-templates": ("Process good-seeing visits and coadd them into deepCoadd templates, written to\n"
+                           "the output repository (use it as `apfast process --template`)."),
+    }
     for name, help_text in (("process", "process dataIds end to end (ap_pipe.py)"),
                             ("process-ccd", "ISR, characterize and calibrate dataIds into calexps (processCcd.py)"),
                             ("make-templates", "process good-seeing visits and coadd them into deepCoadd templates")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("repo")
+        p = _sub(sub, name, help_text, descriptions[name])
+        p.add_argument("repo", help=_REPO_HELP)
         p.add_argument("--calib", default=None, help="calib repository (default REPO/calibs)")
         g = p.add_mutually_exclusive_group()
         g.add_argument("--rerun", default=None, metavar="[IN:]OUT", help="write to REPO/rerun/OUT")
         g.add_argument("--output", default=None, metavar="DIR", help="write to a standalone output repository")
         p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
                        help="dataId expression, e.g. visit=1^2 ccdnum=3^6..12 filter=g (repeatable)")
-        p.add_argument("--template", default=None, help="template repository (default: REPO)")
-        p.add_argument("--templateId", nargs="+", default=None, metavar="visit=N",
-                       help="calexp-template mode (-C calexpTemplates.toml): the template visit")
         p.add_argument("--show", action="append", choices=["data", "config"],
                        help="print the selected dataIds or the effective config and exit")
         p.add_argument("--doraise", action="store_true", help="stop at the first failing CCD")
-        p.add_argument("--clobber-output", action="store_true", help="redo CCDs whose outputs exist")
-        p.add_argument("--clobber-config", action="store_true", help="replace a different stored config")
-        p.add_argument("-j", "--processes", type=int, default=1, metavar="N",
-                       help="process N CCDs at once in spawned worker processes (cores // N numba threads each)")
+        if name != "make-templates":
+            p.add_argument("--clobber-output", action="store_true", help="redo CCDs whose outputs exist")
+        p.add_argument("--clobber-config", action="store_true",
+                       help="replace a stored config that differs in a key that changes products")
+        p.add_argument("--summary", choices=["compact", "wide"], default="compact",
+                       help=f"per-CCD table: compact fits 120 columns (default); wide has every stage "
+                            f"(always written to OUT/{SUMMARY_NAME})")
+        p.set_defaults(template=None, templateId=None, processes=1, clobber_output=False,
+                       skip_missing_templates=False, executor="local")
         if name == "process":
+            p.add_argument("--template", default=None,
+                           help="template repository: the --output of make-templates (default: REPO)")
+            p.add_argument("--templateId", nargs="+", default=None, metavar="visit=N",
+                           help="calexp-template mode (-C calexpTemplates.toml): the template visit")
+            p.add_argument("--skip-missing-templates", action="store_true",
+                           help="skip (exit 0) CCDs that no template covers instead of failing them "
+                                "(exit 1); config process.skip_missing_templates")
+            p.add_argument("-j", "--processes", type=int, default=1, metavar="N",
+                           help="process N CCDs at once in spawned worker processes "
+                                "(cores // N numba threads each)")
             p.add_argument("--executor", choices=["local", "dask"], default="local",
                            help="local processes (-j N) or tasks on a Dask distributed cluster")
             p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",

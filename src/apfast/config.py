@@ -70,6 +70,7 @@ __all__ = [
     "CalibsConfig",
     "FieldInfo",
     "IngestConfig",
+    "NON_PRODUCT_KEYS",
     "PipelineConfig",
     "ProcessConfig",
     "RefcatConfig",
@@ -78,6 +79,7 @@ __all__ = [
     "config_sha256",
     "config_to_toml",
     "describe_type",
+    "is_product_key",
     "load_config",
     "opt",
     "subsection",
@@ -197,6 +199,11 @@ class ProcessConfig(ConfigSection):
     n_threads: int = opt(0, "Numba threads per process; 0 uses all cores.")
     doraise: bool = opt(False, "Stop at the first failing dataId instead of logging it and going on.")
     clobber_output: bool = opt(False, "Overwrite existing outputs instead of refusing to run.")
+    skip_missing_templates: bool = opt(
+        False,
+        "Skip (status 'skipped', exit 0) a CCD that no template covers instead of failing it (exit 1); "
+        "--skip-missing-templates sets it.",
+    )
 
     def _validate(self) -> None:
         if self.n_threads < 0:
@@ -243,6 +250,29 @@ class PipelineConfig(ConfigSection):
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
+
+
+#: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
+#: of a run: where the APDB lives and how it is reached, threads, error handling and overwriting. A
+#: rerun's stored config (``config/apfast.toml``) that differs from a new run's only in these keys is
+#: not a configuration change: the new run's config replaces it without ``--clobber-config``. The
+#: command-line options ``-j``, ``--executor`` and the log level are not config keys, so never compared.
+NON_PRODUCT_KEYS: tuple[str, ...] = (
+    "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
+    "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
+    "ingest.mode",  # link/copy/move of raws: the same pixels either way
+)
+
+
+def is_product_key(key: str) -> bool:
+    """Whether dotted config ``key`` can change a product (it is not covered by :data:`NON_PRODUCT_KEYS`).
+
+    Examples
+    --------
+    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
+    (True, False)
+    """
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
 
 
 class FieldInfo(NamedTuple):

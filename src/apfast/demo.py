@@ -3,13 +3,22 @@
 Each step prints what it did and where its outputs are, so a new user sees the
 whole workflow in one command; the same steps are what a real DECam user types
 (printed as commands too).
+
+Running it again in the same folder reuses a complete simulation made with the same seed and
+size (``DIR/demo.json`` records them) and the CCDs already processed; templates and the APDB are
+made again. A folder holding an incomplete or different demo run is cleared first (with a message);
+a folder holding anything else under ``sim``, ``repo``, ``templates`` or ``apdb`` is refused.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from apfast.errors import ConfigError
 
 __all__ = ["run_demo"]
 
@@ -60,7 +69,22 @@ def run_demo(
 
     out(f"apfast demo in {root}")
     done = step("simulate")
-    if (sim_dir / "truth").exists() and any((sim_dir / "raw").glob("*.fits.fz")):
+    marker = root / _MARKER
+    wanted = {"seed": int(seed), "full": bool(full)}
+    reuse = _read_marker(marker) == wanted and _simulation_complete(sim_dir)
+    present = [d for d in _DEMO_DIRS if (root / d).exists()]
+    if not reuse and present:
+        if not (marker.exists() or (sim_dir / "truth").is_dir()):  # never delete what a demo did not write
+            msg = (f"{root} holds {', '.join(present)}, which apfast demo did not write (no {_MARKER}); "
+                   "choose an empty or new folder for the demo")
+            raise ConfigError(msg)
+        # an earlier demo with other settings, or one interrupted during the simulation: start over
+        out(f"      {root} holds an earlier or incomplete demo run; deleting its {', '.join(present)} and "
+            "starting over")
+        for d in _DEMO_DIRS:
+            shutil.rmtree(root / d, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+    if reuse:
         from apfast.simulate import load_truth
 
         summary = None
@@ -68,10 +92,10 @@ def run_demo(
         raw_files = sorted((sim_dir / "raw").glob("*.fits.fz"))
         calib_files = sorted(p for p in (sim_dir / "calib").iterdir() if p.is_file())
         refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
-        out(f"[1/10] simulated data already in {sim_dir} (delete it to re-simulate)")
+        out(f"[1/10] reusing the complete simulation in {sim_dir} (seed {seed}; delete it to re-simulate)")
         visits = sorted({int(v) for v in truth.visits["visit"]})
     else:
-        summary = simulate(sim_dir, small=not full, seed=seed, progress=progress)
+        summary = simulate(sim_dir, small=not full, seed=seed)  # it logs its own progress
         raw_files = list(summary.raw_files)
         calib_files = list(summary.calib_files)
         refcats = summary.refcat_files
@@ -81,7 +105,8 @@ def run_demo(
             f"{len(summary.science_visits)} science) x {len(summary.ccdnums)} full-size CCDs with truth "
             f"-> {sim_dir}  ({summary.elapsed_s:.1f} s)"
         )
-        out(f"      $ apfast simulate {sim_dir}{'' if full else ' --small'} --seed {seed}")
+        marker.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
+    out(f"      $ apfast simulate {sim_dir}{'' if full else ' --small'} --seed {seed}")
     done()
 
     done = step("ingest")
@@ -115,7 +140,9 @@ def run_demo(
     done = step("select")
     with Registry(repo) as reg:
         rows = reg.select([{"visit": visits}])
-    out(f"[5/10] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit=... --show data` prints:")
+    all_visits = "^".join(str(v) for v in visits)
+    out(f"[5/10] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit={all_visits} --show data` "
+        "prints:")
     for line in format_table(rows, ["visit", "ccdnum", "detector", "filter", "date", "expTime"]).splitlines():
         out("      " + line)
     done()
@@ -146,11 +173,15 @@ def run_demo(
     write_config(out_repo, config_to_toml(cfg), clobber=True)
     out(f"[7/10] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
         "the parallel kernels):")
-    out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={'^'.join(str(v) for v in visits)}")
+    out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={all_visits}")
     outcomes = run_process_ccd(Butler(out_repo), rows, cfg, progress=progress)
+    n_reused = sum(o.status == "skipped" for o in outcomes)
+    if n_reused:
+        out(f"      ({n_reused} CCD(s) already processed by an earlier demo run: reused)")
     for line in format_summary(outcomes).splitlines():
         out("      " + line)
-    calexp = Butler(out_repo).get("calexp", data_id) if outcomes and outcomes[0].status == "ok" else None
+    # "skipped" means the outputs exist (an earlier run): they are as good as new ones
+    calexp = Butler(out_repo).get("calexp", data_id) if outcomes and outcomes[0].status != "failed" else None
     if calexp is not None:
         out(f"      calexp {data_id}: {calexp.image.shape} image/mask/variance, PSF {type(calexp.psf).__name__}, "
             f"zero point {calexp.photo_calib.zero_point:.3f} (electrons), WCS {calexp.wcs.wcs.ctype[0]}")
@@ -163,10 +194,16 @@ def run_demo(
 
     tmpl_visits = set(summary.template_visits) if summary is not None else {
         int(r["visit"]) for r in truth.visits if str(r["epoch"]) == "template"}
-    tmpl_root = root / "templates"
+    # an output repository, as `apfast make-templates --output` makes, so the printed command works on it
+    tmpl_root = create_output_repo(repo, output=root / "templates")
+    write_config(tmpl_root, config_to_toml(cfg), clobber=True)
     butler = Butler(out_repo)
     calexps = [butler.get("calexp", visit=int(r["visit"]), ccdnum=int(r["ccdnum"]))
-               for r, o in zip(rows, outcomes, strict=True) if int(r["visit"]) in tmpl_visits and o.status == "ok"]
+               for r, o in zip(rows, outcomes, strict=True)
+               if int(r["visit"]) in tmpl_visits and o.status != "failed"]
+    if not calexps:
+        out("[8/10] no template-epoch CCD was processed (see the failures above); stopping")
+        return 1
     paths = build_templates({str(rows[0]["filter"]): calexps}, tmpl_root, coadd_config=cfg.coadd,
                             warp_config=cfg.warp, progress=progress)
     out(f"[8/10] coadded {len(calexps)} template-epoch calexps into {len(paths) - 1} deepCoadd patch(es) -> "
@@ -185,7 +222,7 @@ def run_demo(
     make_apdb(cfg.apdb, drop=True)
     apdb = Apdb(cfg.apdb)
     out(f"[9/10] created an empty APDB at {apdb_path}")
-    out(f"      $ apfast make-apdb -c apdb.db_url=sqlite:///{apdb_path}")
+    out(f"      $ apfast make-apdb --drop -c apdb.db_url=sqlite:///{apdb_path}")
     done()
 
     done = step("process")
@@ -193,7 +230,8 @@ def run_demo(
     diff_out = run_process(butler, sci_rows, cfg, template_root=tmpl_root, apdb=apdb, progress=progress)
     out("[10/10] per science CCD: warp the template, PSF-match (Alard-Lupton), subtract, decorrelate, detect and")
     out("      measure DIA sources, associate them with DiaObjects in the APDB, forced photometry, Avro alerts:")
-    out(f"      $ apfast process {repo} --rerun demo --id visit=... --template {tmpl_root} "
+    sci_visits = "^".join(str(v) for v in sorted({int(r["visit"]) for r in sci_rows}))
+    out(f"      $ apfast process {repo} --rerun demo --id visit={sci_visits} --template {tmpl_root} "
         f"-c apdb.db_url=sqlite:///{apdb_path}")
     for line in format_summary(diff_out).splitlines():
         out("      " + line)
@@ -209,9 +247,38 @@ def run_demo(
     out("step timings: " + ", ".join(f"{n} {t:.2f} s" for n, t in timings))
     out(f"outputs: repository {repo}, calexps and differences {out_repo} (deepDiff/), templates {tmpl_root}, "
         f"simulated inputs and truth {sim_dir}, APDB {apdb_path}")
-    out(f"read them: apfast.Butler({str(out_repo)!r}).get('deepDiff_diaSrc', visit=..., ccdnum=...); "
-        "the APDB with any SQLite client or lsst.dax.apdb")
+    example = sci_rows[0] if sci_rows else first
+    out(f"read them: apfast.Butler({str(out_repo)!r}).get('deepDiff_diaSrc', visit={int(example['visit'])}, "
+        f"ccdnum={int(example['ccdnum'])}); the APDB with any SQLite client or lsst.dax.apdb")
     return 1 if failed else 0
+
+
+#: What a demo writes in its folder besides the marker; a run that cannot reuse them deletes them.
+_DEMO_DIRS = ("sim", "repo", "templates", "apdb")
+#: Written once the simulation is complete: the settings it was made with.
+_MARKER = "demo.json"
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _simulation_complete(sim_dir: Path) -> bool:
+    """Whether ``sim_dir`` holds a finished simulation: the truth tables (written last) and every raw file."""
+    try:
+        from apfast.simulate import load_truth
+
+        truth = load_truth(sim_dir)
+        raws = [sim_dir / "raw" / str(f) for f in truth.visits["filename"]]
+    except Exception:  # noqa: BLE001 - any unreadable truth means: simulate again
+        return False
+    refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
+    calib = sim_dir / "calib"
+    return (all(p.is_file() for p in (*raws, *refcats)) and calib.is_dir()
+            and any(p.is_file() for p in calib.iterdir()))
 
 
 def _shape(obj: object) -> str:

@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "DataIdError",
     "IngestError",
+    "MissingTemplateError",
     "CalibrationError",
     "RefcatError",
     "NoLocationsError",
@@ -46,6 +47,10 @@ class DataIdError(InputError):
 
 class IngestError(InputError):
     """A file that cannot be ingested; the registry is left unchanged."""
+
+
+class MissingTemplateError(InputError):
+    """No template covers a science CCD (a failure unless --skip-missing-templates)."""
 
 
 class CalibrationError(ApfastError):

@@ -433,7 +433,7 @@ def process_image_stages(
                                            clobber_output=clobber_output, writer=own)
             wait_for_outputs(o, own, tag, doraise=doraise)
         return o, redo
-    from apfast.errors import NoWorkFound
+    from apfast.errors import MissingTemplateError, NoWorkFound
 
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
     o = CcdOutcome(did["visit"], did["ccdnum"], "ok")
@@ -456,8 +456,16 @@ def process_image_stages(
                 butler, row, cfg, template_root=template_root, template_visit=template_visit,
                 products=o.products, writer=writer), doraise=doraise)
         except NoWorkFound as exc:
-            o.status, o.message = "skipped", f"no template: {exc}"
-            o.stats["_ran"].append(f"difference skipped: {exc}")
+            if cfg.process.skip_missing_templates:
+                o.status, o.message = "skipped", f"no template: {exc}"
+                o.stats["_ran"].append(f"difference skipped: {exc}")
+                return o, redo
+            # a missing template is a failure unless the user asked to skip such CCDs
+            msg = f"{exc}; or pass --skip-missing-templates to skip such CCDs"
+            if doraise:
+                raise MissingTemplateError(msg) from None
+            o.status, o.message = "failed", f"difference: no template: {msg}"
+            log.error("%s difference failed: %s", tag, msg)
             return o, redo
         if r is None:
             return o, redo
@@ -596,32 +604,71 @@ def _exists_here(butler: Butler, dataset: str, did: dict[str, Any]) -> bool:
     return uri.exists() and butler.repo.write_root in uri.parents
 
 
-def format_summary(outcomes: Sequence[CcdOutcome]) -> str:
-    """A per-CCD table: status, seconds per stage, PSF FWHM, zero point, astrometric RMS, sources."""
-    stages = ["read", "isr", "characterize", "refcat", "calibrate", "write"]
-    if any("difference" in o.timings for o in outcomes):
-        stages += ["template", "psfmatch", "decorrelate", "difference"]
+#: Width the default (compact) summary keeps to: a 120-column terminal.
+SUMMARY_WIDTH = 120
+_CALEXP_STAGES = ("read", "isr", "characterize", "refcat", "calibrate", "write")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return lines
+
+
+def format_summary(outcomes: Sequence[CcdOutcome], *, wide: bool = False) -> str:
+    """A per-CCD table: status, seconds per stage, PSF FWHM, zero point, astrometric RMS, sources.
+
+    Parameters
+    ----------
+    outcomes : sequence of CcdOutcome
+        One per CCD, as returned by :func:`run_process` / :func:`run_process_ccd`.
+    wide : bool
+        Every stage's seconds in its own column and failure messages in full (what
+        ``OUT/summary.txt`` holds and ``--summary wide`` prints). The default groups the
+        stages (``calexp`` = read to write, ``diff``, ``dia``) and wraps long ``FAILED``
+        lines (continuations indented by four spaces) so no line exceeds
+        :data:`SUMMARY_WIDTH` (120) characters.
+
+    Returns
+    -------
+    str
+        The table, then one ``FAILED`` line per failed CCD and a totals line.
+    """
+    has_diff = any("difference" in o.timings for o in outcomes)
     dia = any("dia" in o.timings for o in outcomes)
-    if dia:
-        stages += ["dia_detect", "association", "alerts", "dia"]
+    if wide:
+        stages = list(_CALEXP_STAGES)
+        if has_diff:
+            stages += ["template", "psfmatch", "decorrelate", "difference"]
+        if dia:
+            stages += ["dia_detect", "association", "alerts", "dia"]
+    else:
+        stages = ["calexp"] + (["diff"] if has_diff else []) + (["dia"] if dia else [])
     stages.append("total")
     head = ["visit", "ccdnum", "status", *stages, "fwhm\"", "zp", "astr_mas", "n_src"]
     if dia:
         head += ["n_dia", "new_obj", "upd_obj"]
+
+    def seconds(o: CcdOutcome, k: str) -> str:
+        if k == "calexp":
+            parts = [o.timings[s] for s in _CALEXP_STAGES if s in o.timings]
+            return f"{sum(parts):.2f}" if parts else "-"
+        k = {"diff": "difference"}.get(k, k)
+        return f"{o.timings[k]:.2f}" if k in o.timings else "-"
+
     rows = []
     for o in outcomes:
         s = o.stats
         rows.append(
             [str(o.visit), str(o.ccdnum), o.status]
-            + [f"{o.timings[k]:.2f}" if k in o.timings else "-" for k in stages]
+            + [seconds(o, k) for k in stages]
             + [str(s.get("PSF_FWHM_ARCSEC", "-")), f"{s['ZP']:.3f}" if "ZP" in s else "-",
                f"{s['ASTR_RMS'] * 1000:.0f}" if "ASTR_RMS" in s else "-", str(s.get("N_SRC", "-"))]
             + ([str(s.get(k, "-")) for k in ("N_DIA", "N_NEW_OBJ", "N_UPD_OBJ")] if dia else [])
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = _table(head, rows)
     for o in outcomes:
         if o.status == "failed":
             lines.append(f"FAILED visit={o.visit} ccdnum={o.ccdnum}: {o.message}")
@@ -630,4 +677,9 @@ def format_summary(outcomes: Sequence[CcdOutcome]) -> str:
         tot = [o.timings["total"] for o in ok]
         lines.append(f"{len(ok)} ok, {sum(o.status == 'failed' for o in outcomes)} failed, "
                      f"{sum(o.status == 'skipped' for o in outcomes)} skipped; median {np.median(tot):.2f} s per CCD")
+    if not wide:  # long FAILED messages wrap at spaces, continuation lines indented by 4
+        import textwrap
+
+        lines = [w for ln in lines for w in (textwrap.wrap(ln, SUMMARY_WIDTH, subsequent_indent="    ",
+                                                           break_on_hyphens=False) or [ln])]
     return "\n".join(lines)

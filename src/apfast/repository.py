@@ -316,17 +316,41 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _config_difference(old: str, new: str) -> str:
+_UNSET = object()
+
+
+def _fmt(value: Any) -> str:
+    """A config value as written in TOML (``true``, ``"text"``, ``21``, ``[1, 2]``), or ``<unset>``."""
+    if value is _UNSET:
+        return "<unset>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return repr(value)
+
+
+def _differing_keys(old: str, new: str) -> list[tuple[str, Any, Any]] | None:
+    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML."""
     try:
         a, b = _flatten(tomllib.loads(old)), _flatten(tomllib.loads(new))
     except tomllib.TOMLDecodeError:
-        a = b = None  # type: ignore[assignment]
-    if a is not None and b is not None:
-        keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
-        if keys:
-            shown = ", ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys[:10])
-            more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
-            return f"differing keys: {shown}{more}"
+        return None
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, _UNSET) != b.get(k, _UNSET))
+    return [(k, a.get(k, _UNSET), b.get(k, _UNSET)) for k in keys]
+
+
+def _describe(diffs: list[tuple[str, Any, Any]], limit: int = 10) -> str:
+    if not diffs:
+        return "comments only"
+    shown = "; ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs[:limit])
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return shown + more
+
+
+def _line_difference(old: str, new: str) -> str:
     diff = [
         line
         for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0)
@@ -355,9 +379,19 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
     Raises
     ------
     ConfigError
-        If a different config is already stored and ``clobber`` is false; the
-        message names the differing keys (or lines).
+        If a config differing in a product-affecting key is already stored and
+        ``clobber`` is false; the message lists those keys with old and new values.
+
+    Notes
+    -----
+    Keys of :data:`apfast.config.NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
+    sections, ``ingest.mode``) are left out of the comparison: a run that differs
+    from the stored config only there replaces it (the full config is stored
+    either way), so ``process-ccd`` then ``process -c apdb.db_url=...`` into one
+    rerun works.
     """
+    from apfast.config import is_product_key
+
     base = repo.write_root if isinstance(repo, Repository) else Path(repo)
     sha = hashlib.sha256(toml_text.encode("utf-8")).hexdigest()
     path = base / CONFIG_RELPATH
@@ -369,15 +403,19 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
             if not sha_path.is_file():
                 _write_text_atomic(sha_path, sha + "\n")
             return sha
-        if not clobber:
+        diffs = _differing_keys(old, toml_text)
+        product = None if diffs is None else [d for d in diffs if is_product_key(d[0])]
+        if product == []:  # only keys that cannot change a product (apfast.config.NON_PRODUCT_KEYS)
+            log.info("%s: updating run settings that do not change products: %s", path, _describe(diffs))
+        elif not clobber:
+            what = _line_difference(old, toml_text) if product is None else _describe(product)
             msg = (
-                f"{path} holds a different configuration (sha256 {old_sha[:12]} vs {sha[:12]}; "
-                f"{_config_difference(old, toml_text)}); rerun with --clobber-config to overwrite it or use "
-                f"a "
-                "new --rerun/--output"
+                f"{path} holds a different configuration: {what}; pass --clobber-config to replace it or "
+                f"use a new --rerun/--output"
             )
             raise ConfigError(msg)
-        log.warning("overwriting configuration %s (--clobber-config)", path)
+        else:
+            log.warning("overwriting configuration %s (--clobber-config)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(path, toml_text)
     _write_text_atomic(sha_path, sha + "\n")

@@ -48,14 +48,14 @@ from apfast.kernels import coadd as _kcoadd
 from apfast._configbase import ConfigSection, opt
 from apfast.butler import DATASET_TYPES
 from apfast.coadd import CoaddConfig, make_coadd
-from apfast.errors import InputError, NoWorkFound
+from apfast.errors import InputError, MissingTemplateError, NoWorkFound
 from apfast.exposure import Exposure, VisitInfo, read_exposure, wcs_from_header, write_exposure
-from apfast.skymap import SkyMap, overlap_bbox, read_skymap, skymap_for_calexps, write_skymap
+from apfast.skymap import SKYMAP_RELPATH, SkyMap, overlap_bbox, read_skymap, skymap_for_calexps, write_skymap
 
 if TYPE_CHECKING:
     from apfast.warp import WarpConfig
 
-__all__ = ["TemplateConfig", "build_templates", "get_template", "patch_path"]
+__all__ = ["TemplateConfig", "build_templates", "check_template_repository", "get_template", "patch_path"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,50 @@ def _existing_patches(template_root: Path, coadd_name: str) -> dict[str, list[st
         for f in sorted(base.glob("*/*/*.fits")):
             found.setdefault(f.parent.parent.name, []).append(f"{f.parent.name}/{f.stem}")
     return found
+
+
+def check_template_repository(template_root: str | Path, filters: Sequence[str], *, coadd_name: str = "deep",
+                              how: str = "--template") -> None:
+    """Fail early when a template repository holds no templates at all for ``filters``.
+
+    Parameters
+    ----------
+    template_root : str or Path
+        The template repository (``apfast process --template``).
+    filters : sequence of str
+        The bands of the science CCDs to be processed.
+    coadd_name : str
+        Patches are the ``<coadd_name>Coadd`` dataset.
+    how : str
+        How the user named the folder, for the message.
+
+    Raises
+    ------
+    MissingTemplateError
+        If the folder does not exist, has no sky map, or no patch of a needed filter;
+        the message names the folder, the dataset, filter and path searched.
+    """
+    root = Path(template_root)
+    build = f"build them with `apfast make-templates REPO --id visit=... --output {root}`"
+    skip = "or pass --skip-missing-templates to skip CCDs without a template"
+    if not root.is_dir():
+        msg = f"{how} {root}: no such folder, so no templates; {build} or point {how} at them"
+        raise MissingTemplateError(msg)
+    if not (root / SKYMAP_RELPATH).is_file():
+        msg = (
+            f"{how} {root} holds no templates: no sky map {root / SKYMAP_RELPATH} "
+            f"(dataset deepCoadd_skyMap); {build}, point {how} at the folder make-templates wrote, {skip}"
+        )
+        raise MissingTemplateError(msg)
+    have = _existing_patches(root, coadd_name)
+    missing = sorted(set(filters) - set(have))
+    if missing:
+        msg = (
+            f"{how} {root} holds no {coadd_name}Coadd patch for filter {', '.join(map(repr, missing))} "
+            f"(looked for {root / coadd_name}Coadd/FILTER/TRACT/PATCH.fits; it has filters "
+            f"{', '.join(sorted(have)) or 'none'}); {build} for that filter, {skip}"
+        )
+        raise MissingTemplateError(msg)
 
 
 def _describe_ccd(science: Exposure) -> str:
@@ -214,9 +258,10 @@ def get_template(
         raise InputError(msg)
     try:
         skymap = read_skymap(root)
-    except InputError as exc:
+    except InputError:
         msg = (
-            f"no template for {_describe_ccd(science)} in filter {filter!r}: {exc}. Build templates with "
+            f"no template for {_describe_ccd(science)} in filter {filter!r}: template repository {root} "
+            f"has no sky map {root / SKYMAP_RELPATH} (dataset deepCoadd_skyMap); build templates with "
             f"`apfast make-templates REPO --id visit=... --output {root}` or point --template at them"
         )
         raise NoWorkFound(msg) from None
@@ -227,10 +272,12 @@ def get_template(
     def no_work(reason: str) -> NoWorkFound:
         have = _existing_patches(root, config.coadd_name)
         listing = "; ".join(f"{f}: {', '.join(p[:20])}{' ...' if len(p) > 20 else ''}" for f, p in have.items())
+        wanted = ", ".join(f"{t}/{p}" for t, p in found) or "none (the CCD is outside the sky map)"
         msg = (
-            f"no template for {ccd} in filter {filter!r} from template repository {root}: {reason}. "
-            f"Patches overlapping the CCD: {[f'{t}/{p}' for t, p in found] or 'none'}. "
-            f"The repository has {listing or 'no coadd patches'}; build templates for this field and filter "
+            f"no template for {ccd} in filter {filter!r} from template repository {root}: {reason}; "
+            f"looked for dataset {config.coadd_name}Coadd, filter {filter!r}, tract/patch {wanted} "
+            f"({root / config.coadd_name}Coadd/{filter}/TRACT/PATCH.fits); the repository has "
+            f"{listing or 'no coadd patches'}; build templates for this field and filter "
             f"(`apfast make-templates`) or lower template.min_coverage"
         )
         return NoWorkFound(msg)
