@@ -206,6 +206,7 @@ def _apdb_state(db: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # re-processes three full-size CCD-visits twice (~30 s)
 def test_redo_older_visits_keeps_history(run: dict, capsys: pytest.CaptureFixture) -> None:
     """Re-processing older CCD-visits must give the same APDB as the first run, or refuse with a fix."""
     db = run["db"]

@@ -133,6 +133,7 @@ def serial_db(dia_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return _process(dia_dataset, tmp_path_factory.mktemp("serial"), "serial", [])
 
 
+@pytest.mark.slow  # full-size -j 2 run (~70 s on 2 cores): CI runs the slow marker once
 def test_two_workers_equal_serial(dia_dataset: dict, serial_db: Path, tmp_path: Path) -> None:
     db = _process(dia_dataset, tmp_path, "j2", ["-j", "2"])
     _same_apdb(serial_db, db)
