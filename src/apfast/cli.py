@@ -641,5 +641,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
+def run() -> None:
+    """The ``apfast`` console script: :func:`main`, then exit without tearing the interpreter down.
+
+    Once ``main`` has returned every output file is closed, the APDB committed and closed, and worker
+    pools are shut down; ``atexit`` handlers still run and the streams are flushed. What is skipped is
+    the interpreter's module-by-module finalization (numba/LLVM, OpenMP and FFTW state, ~0.3 s of a
+    one-CCD run), as mypy does for its command line.
+    """
+    import atexit
+
+    rc = main()
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
