@@ -142,3 +142,20 @@ def test_warmup_check_on_an_empty_cache(tmp_path: Path, monkeypatch: pytest.Monk
     out = capsys.readouterr().out
     assert "kernel cache incomplete" in out and str(tmp_path / "empty" / "kernels") in out
     assert "run `apfast warmup`" in out
+
+
+def test_an_unusable_cache_folder_compiles_in_memory_with_one_warning(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = _env(tmp_path)
+    env["APFAST_CACHE_DIR"] = str(blocker / "cache")
+    proc = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig()\n" + _PROBE, "float64", "1"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
+    assert proc.stderr.count("WARNING") == 1 and "set APFAST_CACHE_DIR" in proc.stderr
+    warm = subprocess.run([sys.executable, "-m", "apfast.cli", "warmup", "--no-fftw"], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert warm.returncode == 2, warm.stderr[-3000:]
+    assert "Traceback" not in warm.stderr
+    assert "cannot build the kernel cache in" in warm.stderr and "set APFAST_CACHE_DIR" in warm.stderr

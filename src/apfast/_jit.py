@@ -140,6 +140,12 @@ class _KernelLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocato
         # the key covers every kernel file, so a fresh clone of the same sources reuses the cache
         return kernel_source_key()
 
+    @classmethod
+    def from_function(cls, py_func: Callable[..., Any], py_file: str) -> _KernelLocator | None:
+        # unlike numba's locators, no write check here: a cache warmed once may be read-only (a shared
+        # folder on a cluster); a failed save is handled in _KernelCache.save_overload
+        return cls(py_func, py_file) if os.path.exists(py_file) else None
+
 
 class _SerialImpl(caching.CompileResultCacheImpl):
     _locator_classes = [_KernelLocator]  # noqa: RUF012 - numba's class attribute
@@ -154,16 +160,34 @@ class _ParallelImpl(_SerialImpl):
 class _KernelCache(caching.FunctionCache):
     _impl_class = _SerialImpl
 
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        try:
+            return super().load_overload(sig, target_context)
+        except OSError as exc:  # an unreadable cache folder: compile instead
+            _warn_once(f"cannot read the kernel cache in {kernel_cache_dir()} ({exc}); kernels compile in memory: "
+                       "set APFAST_CACHE_DIR to a usable folder")
+            return None
+
     def save_overload(self, sig: Any, data: Any) -> None:
-        with write_lock():
-            super().save_overload(sig, data)
+        try:
+            with write_lock():
+                super().save_overload(sig, data)
+        except OSError as exc:  # read-only or full cache folder: keep the compiled kernel in memory only
+            _warn_once(f"cannot save compiled kernels in {kernel_cache_dir()} ({exc}); they are kept in memory "
+                       "for this process only: set APFAST_CACHE_DIR to a writable folder")
 
 
 class _ParallelKernelCache(_KernelCache):
     _impl_class = _ParallelImpl
 
 
-_WARNED: list[bool] = []
+_WARNED: list[str] = []
+
+
+def _warn_once(msg: str) -> None:
+    if not _WARNED:
+        _WARNED.append(msg)
+        log.warning("%s", msg)
 
 
 def _decorator(parallel: bool) -> Callable[[Callable[..., Any]], Any]:
@@ -175,11 +199,9 @@ def _decorator(parallel: bool) -> Callable[[Callable[..., Any]], Any]:
         if CACHE and isinstance(disp, Dispatcher):  # NUMBA_DISABLE_JIT=1 returns the Python function
             try:
                 disp._cache = cache_cls(disp.py_func)  # noqa: SLF001 - what numba's enable_caching does
-            except (OSError, RuntimeError) as exc:  # unwritable cache folder: compile in memory
-                if not _WARNED:
-                    _WARNED.append(True)
-                    log.warning("kernel cache unusable at %s (%s); kernels compile in memory in every process: "
-                                "set APFAST_CACHE_DIR to a writable folder", kernel_cache_dir(), exc)
+            except (OSError, RuntimeError) as exc:  # e.g. no home folder: compile in memory
+                _warn_once(f"kernel cache unusable at {kernel_cache_dir()} ({exc}); kernels compile in memory in "
+                           "every process: set APFAST_CACHE_DIR to a writable folder")
         return disp
 
     return decorate

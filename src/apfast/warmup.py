@@ -251,13 +251,20 @@ def build_kernel_cache(
     dict
         :func:`kernel_cache_status` after the build.
     """
-    from apfast._jit import CACHE, build_lock
+    from apfast._jit import CACHE, build_lock, kernel_cache_dir
 
     if not CACHE:
         msg = "the kernel cache is off (APFAST_NUMBA_CACHE=0): nothing to build"
         raise RuntimeError(msg)
-    with build_lock():
-        _build_locked(progress, jobs)
+    try:
+        with build_lock():
+            _build_locked(progress, jobs)
+    except OSError as exc:
+        from apfast.errors import ConfigError
+
+        msg = (f"cannot build the kernel cache in {kernel_cache_dir()}: {exc}; set APFAST_CACHE_DIR to a writable "
+               "folder")
+        raise ConfigError(msg) from None
     return kernel_cache_status()
 
 
@@ -314,8 +321,13 @@ def ensure_kernel_cache() -> bool:
 
     if not CACHE or (kernel_cache_dir() / MARKER).exists():
         return False
-    with build_lock(blocking=False) as free:
-        pass
+    try:
+        with build_lock(blocking=False) as free:
+            pass
+    except OSError as exc:  # a read-only cache folder someone else has to build
+        log.warning("cannot build the kernel cache in %s (%s); kernels compile on first use in this process: "
+                    "run `apfast warmup` where the folder is writable or set APFAST_CACHE_DIR", kernel_cache_dir(), exc)
+        return False
     if not free:
         log.info("waiting for another apfast process to finish compiling the kernels into %s", kernel_cache_dir())
     with build_lock():
