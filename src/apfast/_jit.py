@@ -168,10 +168,20 @@ class _KernelCache(caching.FunctionCache):
                        "set APFAST_CACHE_DIR to a usable folder")
             return None
 
+    def _save_overload(self, sig: Any, data: Any) -> None:
+        # numba's own body, with only the index/data file update under the lock: serialising the
+        # library (emitting its object code) is compilation work that must stay parallel
+        if not self._enabled or not self._impl.check_cachable(data):
+            return
+        self._impl.locator.ensure_cache_path()
+        key = self._index_key(sig, data.codegen)
+        payload = self._impl.reduce(data)
+        with write_lock():
+            self._cache_file.save(key, payload)
+
     def save_overload(self, sig: Any, data: Any) -> None:
         try:
-            with write_lock():
-                super().save_overload(sig, data)
+            super().save_overload(sig, data)
         except OSError as exc:  # read-only or full cache folder: keep the compiled kernel in memory only
             _warn_once(f"cannot save compiled kernels in {kernel_cache_dir()} ({exc}); they are kept in memory "
                        "for this process only: set APFAST_CACHE_DIR to a writable folder")
