@@ -16,9 +16,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ApdbReader", "CcdVisit", "find_ccd_visits", "open_output_repo", "resolve_db_url"]
+from apfast.errors import InputError
+
+__all__ = [
+    "ApdbReader",
+    "CcdVisit",
+    "ReportInputError",
+    "find_ccd_visits",
+    "open_output_repo",
+    "resolve_db_url",
+]
 
 log = logging.getLogger(__name__)
+
+
+class ReportInputError(InputError):
+    """The report's input is not what it needs (not an output repository, nothing processed): exit 2."""
+
+    exit_code = 2
+
 
 _CALEXP_RE = re.compile(r"calexp-(\d+)_(\d+)\.fits$")
 _DIFF_RE = re.compile(r"diffexp-(\d+)\.fits$")
@@ -69,18 +85,20 @@ def open_output_repo(out: str | Path) -> Any:
         If ``out`` is not a folder, or holds neither a stored config, a summary nor any calexp.
     """
     from apfast.butler import Butler
-    from apfast.errors import InputError
     from apfast.repository import CONFIG_RELPATH, REPO_CFG_NAME
 
     p = Path(out).expanduser()
     if not p.is_dir():
-        msg = f"{p} is not a folder; give the output repository of `apfast process` (REPO/rerun/NAME or --output DIR)"
-        raise InputError(msg)
+        msg = (f"{p} is not a folder; give the output repository of `apfast process` "
+               "(REPO/rerun/NAME or --output DIR)")
+        raise ReportInputError(msg)
     markers = (p / CONFIG_RELPATH, p / REPO_CFG_NAME, p / "summary.txt", p / "summary.json")
     if not any(m.is_file() for m in markers):
-        msg = (f"{p} is not an output repository of `apfast process` (no {CONFIG_RELPATH}, {REPO_CFG_NAME} or "
-               "summary.txt); give REPO/rerun/NAME or the --output folder")
-        raise InputError(msg)
+        msg = (
+            f"{p} is not an output repository of `apfast process` (no {CONFIG_RELPATH}, {REPO_CFG_NAME} or "
+            "summary.txt); give REPO/rerun/NAME or the --output folder"
+        )
+        raise ReportInputError(msg)
     return Butler(p)
 
 
@@ -108,8 +126,9 @@ def resolve_db_url(out: Path, overrides: Sequence[str]) -> str | None:
     return None
 
 
-def find_ccd_visits(butler: Any, records: dict[tuple[int, int], dict[str, Any]],
-                    ids: Sequence[Any] = ()) -> list[CcdVisit]:
+def find_ccd_visits(
+    butler: Any, records: dict[tuple[int, int], dict[str, Any]], ids: Sequence[Any] = ()
+) -> list[CcdVisit]:
     """CCD-visits of the output repository: those of ``summary.json`` plus every calexp/difference found.
 
     ``ids`` are parsed ``--id`` expressions (:func:`apfast.dataid.parse_ids`); a CCD-visit is kept if
@@ -161,10 +180,12 @@ class ApdbReader:
         self.url = url
         engine_url = url
         if url.startswith("sqlite:///"):
-            path = Path(url[len("sqlite:///"):])
+            path = Path(url[len("sqlite:///") :])
             if not path.is_file():
-                msg = (f"no APDB at {url}: {path.absolute()} does not exist (a relative SQLite path is relative "
-                       "to the current folder); give -c apdb.db_url=sqlite:////absolute/path.db")
+                msg = (
+                    f"no APDB at {url}: {path.absolute()} does not exist (a relative SQLite path is relative "
+                    "to the current folder); give -c apdb.db_url=sqlite:////absolute/path.db"
+                )
                 raise ConfigError(msg)
             engine_url = f"sqlite:///file:{path.absolute()}?mode=ro&uri=true"
         try:
@@ -176,8 +197,10 @@ class ApdbReader:
         missing = {"DiaObject", "DiaSource", "DiaForcedSource"} - tables
         if missing:
             self.engine.dispose()
-            msg = (f"no APDB at {url}: the database has no {', '.join(sorted(missing))} table(s); "
-                   "give the apdb.db_url that `apfast process` used (-c apdb.db_url=...)")
+            msg = (
+                f"no APDB at {url}: the database has no {', '.join(sorted(missing))} table(s); "
+                "give the apdb.db_url that `apfast process` used (-c apdb.db_url=...)"
+            )
             raise ConfigError(msg)
 
     def close(self) -> None:
@@ -195,7 +218,7 @@ class ApdbReader:
         out: list[dict[str, Any]] = []
         vals = [int(v) for v in values]
         for i in range(0, len(vals), 1000):
-            chunk = vals[i:i + 1000]
+            chunk = vals[i : i + 1000]
             names = {f"v{j}": v for j, v in enumerate(chunk)}
             marks = ", ".join(f":{n}" for n in names)
             out += self._query(f"{sql_head} WHERE {_quote(column)} IN ({marks})", names)
@@ -205,8 +228,11 @@ class ApdbReader:
         """DiaSources (not withdrawn) of the given ``(visit, detector)`` CCD-visits."""
         wanted = set(ccd_visits)
         rows = self._in_chunks('SELECT * FROM "DiaSource"', "visit", sorted({v for v, _ in wanted}))
-        return [r for r in rows if (int(r["visit"]), int(r["detector"])) in wanted
-                and r.get("timeWithdrawnMjdTai") is None]
+        return [
+            r
+            for r in rows
+            if (int(r["visit"]), int(r["detector"])) in wanted and r.get("timeWithdrawnMjdTai") is None
+        ]
 
     def sources_of_objects(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Every DiaSource (not withdrawn) of the given DiaObjects."""
@@ -225,7 +251,10 @@ class ApdbReader:
         for r in rows:
             oid = int(r["diaObjectId"])
             if r.get("validityEndMjdTai") is None or oid not in out:
-                if r.get("validityEndMjdTai") is None or out.get(oid, {}).get("validityEndMjdTai") is not None:
+                if (
+                    r.get("validityEndMjdTai") is None
+                    or out.get(oid, {}).get("validityEndMjdTai") is not None
+                ):
                     out[oid] = r
         return out
 

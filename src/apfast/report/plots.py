@@ -13,8 +13,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bin_image", "ccd_diagnostics", "overview_figure", "save_cutout_triplet", "save_thumbnail",
-           "sky_map", "stretch"]
+__all__ = [
+    "bin_image",
+    "ccd_diagnostics",
+    "overview_figure",
+    "save_cutout_triplet",
+    "save_thumbnail",
+    "sky_map",
+    "stretch",
+]
 
 #: Mask planes whose pixels the pull histogram leaves out (every plane but the detections).
 _PULL_SKIP = ("BAD", "SAT", "INTRP", "CR", "EDGE", "SUSPECT", "NO_DATA")
@@ -82,8 +89,9 @@ def save_thumbnail(path: Path, image: np.ndarray, *, factor: int, kind: str) -> 
     return g.shape  # type: ignore[return-value]
 
 
-def save_cutout_triplet(path: Path, science: np.ndarray | None, template: np.ndarray | None,
-                        difference: np.ndarray | None) -> bool:
+def save_cutout_triplet(
+    path: Path, science: np.ndarray | None, template: np.ndarray | None, difference: np.ndarray | None
+) -> bool:
     """Science | template | difference side by side in one PNG (y up, 2-pixel white gaps); False if none."""
     from matplotlib.image import imsave
 
@@ -91,7 +99,9 @@ def save_cutout_triplet(path: Path, science: np.ndarray | None, template: np.nda
     if not panels:
         return False
     h = max(np.asarray(p).shape[0] for p in panels)
-    sky = [np.asarray(p, dtype=np.float32) for p in (science, template) if p is not None and np.asarray(p).size]
+    sky = [
+        np.asarray(p, dtype=np.float32) for p in (science, template) if p is not None and np.asarray(p).size
+    ]
     # science and template share one stretch so that a brightening shows; the difference its own ±5σ
     lo_hi = None
     if sky:
@@ -133,8 +143,9 @@ def _pull_pixels(diff: Any) -> np.ndarray:
     return (img[ok] / np.sqrt(var[ok])).astype(np.float32)
 
 
-def ccd_diagnostics(path: Path, diff: Any, *, science_psf: Any = None, matched_psf: Any = None,
-                    title: str = "") -> dict[str, float]:
+def ccd_diagnostics(
+    path: Path, diff: Any, *, science_psf: Any = None, matched_psf: Any = None, title: str = ""
+) -> dict[str, float]:
     """Pull histogram of the difference against N(0, 1) and, where PSFs exist, PSFs at corners and centre.
 
     Parameters
@@ -159,8 +170,13 @@ def ccd_diagnostics(path: Path, diff: Any, *, science_psf: Any = None, matched_p
     stats: dict[str, float] = {"n_pix": float(pull.size)}
     with_psf = science_psf is not None
     fig = plt.figure(figsize=(11.0, 4.2) if with_psf else (5.5, 4.2), dpi=90)
-    gs = fig.add_gridspec(3, 6 if with_psf else 1, width_ratios=[5, 1, 1, 1, 1, 1] if with_psf else [1],
-                          wspace=0.08, hspace=0.12)
+    gs = fig.add_gridspec(
+        3,
+        6 if with_psf else 1,
+        width_ratios=[5, 1, 1, 1, 1, 1] if with_psf else [1],
+        wspace=0.08,
+        hspace=0.12,
+    )
     ax = fig.add_subplot(gs[:, 0])
     if pull.size:
         core = pull[np.abs(pull) < 50]
@@ -170,13 +186,23 @@ def ccd_diagnostics(path: Path, diff: Any, *, science_psf: Any = None, matched_p
         edges = np.linspace(-6, 6, 121)
         h, _ = np.histogram(pull, bins=edges)
         centres = 0.5 * (edges[1:] + edges[:-1])
-        ax.step(centres, np.maximum(h, 0.5), where="mid", color="k", lw=1.0, label="difference / sqrt(variance)")
+        ax.step(
+            centres, np.maximum(h, 0.5), where="mid", color="k", lw=1.0, label="difference / sqrt(variance)"
+        )
         gauss = pull.size * (edges[1] - edges[0]) * np.exp(-0.5 * centres**2) / np.sqrt(2 * np.pi)
         ax.plot(centres, gauss, color="#d62728", lw=1.2, label="N(0, 1)")
         ax.set_yscale("log")
         ax.set_ylim(0.5, max(h.max(), 1) * 3)
-        ax.text(0.02, 0.97, f"{pull.size:,} unmasked pixels\nmean {stats['mean']:+.3f}\nstd {stats['std']:.3f}\n"
-                f"robust std {rstd:.3f}", transform=ax.transAxes, va="top", fontsize=8, family="monospace")
+        ax.text(
+            0.02,
+            0.97,
+            f"{pull.size:,} unmasked pixels\nmean {stats['mean']:+.3f}\nstd {stats['std']:.3f}\n"
+            f"robust std {rstd:.3f}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            family="monospace",
+        )
         ax.legend(loc="lower center", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no variance plane", ha="center", transform=ax.transAxes)
@@ -186,8 +212,13 @@ def ccd_diagnostics(path: Path, diff: Any, *, science_psf: Any = None, matched_p
     if with_psf:
         ny, nx = diff.shape
         m = 64
-        pos = [("lower left", m, m), ("upper left", m, ny - m), ("centre", nx / 2, ny / 2),
-               ("lower right", nx - m, m), ("upper right", nx - m, ny - m)]
+        pos = [
+            ("lower left", m, m),
+            ("upper left", m, ny - m),
+            ("centre", nx / 2, ny / 2),
+            ("lower right", nx - m, m),
+            ("upper right", nx - m, ny - m),
+        ]
         worst = 0.0
         for j, (name, x, y) in enumerate(pos):
             sp = np.asarray(science_psf.compute_image(x, y), dtype=np.float64)
@@ -219,8 +250,14 @@ def ccd_diagnostics(path: Path, diff: Any, *, science_psf: Any = None, matched_p
                     a.set_ylabel(label, fontsize=7)
         if matched_psf is not None or diff.psf is not None:
             stats["psf_resid"] = worst
-            fig.text(0.99, 0.01, f"residual = science - {'matched template' if matched_psf is not None else 'difference'}"
-                     f" PSF, colour scale ±10% of the peak; max |resid|/peak {worst:.3f}", ha="right", fontsize=7)
+            fig.text(
+                0.99,
+                0.01,
+                f"residual = science - {'matched template' if matched_psf is not None else 'difference'}"
+                f" PSF, colour scale ±10% of the peak; max |resid|/peak {worst:.3f}",
+                ha="right",
+                fontsize=7,
+            )
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return stats
@@ -231,15 +268,22 @@ def overview_figure(path: Path, ccds: Sequence[Any]) -> None:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    rows = [("fwhm_arcsec", 'PSF FWHM (")'), ("zero_point", "zero point (mag)"), ("sky", "sky (counts)"),
-            ("n_dia", "DIA sources")]
+    rows = [
+        ("fwhm_arcsec", 'PSF FWHM (")'),
+        ("zero_point", "zero point (mag)"),
+        ("sky", "sky (counts)"),
+        ("n_dia", "DIA sources"),
+    ]
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 8), dpi=80, sharex="col")
     ccdnums = sorted({c.ccdnum for c in ccds})
     colour = {n: _CCD_COLORS[i % len(_CCD_COLORS)] for i, n in enumerate(ccdnums)}
     for i, (attr, label) in enumerate(rows):
         for n in ccdnums:
-            pts = [(c.mjd, getattr(c, attr)) for c in ccds if c.ccdnum == n and c.mjd is not None
-                   and getattr(c, attr) is not None]
+            pts = [
+                (c.mjd, getattr(c, attr))
+                for c in ccds
+                if c.ccdnum == n and c.mjd is not None and getattr(c, attr) is not None
+            ]
             if pts:
                 t, v = zip(*sorted(pts), strict=True)
                 axes[i, 0].plot(t, v, "o-", ms=4, lw=0.8, color=colour[n], label=f"ccd {n}")
@@ -279,8 +323,15 @@ def sky_map(path: Path, ccds: Sequence[Any], objects: Sequence[dict[str, Any]]) 
         ax.add_patch(Polygon(xy, closed=True, fill=False, lw=0.8, ec="#555555"))
         if c.ccdnum not in seen:
             seen.add(c.ccdnum)
-            ax.text(xy[:, 0].mean(), xy[:, 1].mean(), str(c.ccdnum), ha="center", va="center", fontsize=8,
-                    color="#555555")
+            ax.text(
+                xy[:, 0].mean(),
+                xy[:, 1].mean(),
+                str(c.ccdnum),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="#555555",
+            )
         ras += list(xy[:, 0])
         decs += list(xy[:, 1])
     if objects:

@@ -80,7 +80,7 @@ def summary_record(outcome: Any, *, now: str | None = None) -> dict[str, Any]:
 
 
 def read_summary_json(out_repo: str | Path) -> dict[tuple[int, int], dict[str, Any]]:
-    """The stored records of ``OUT/summary.json`` keyed by ``(visit, ccdnum)``; empty if none or unreadable."""
+    """The stored records of ``OUT/summary.json`` by ``(visit, ccdnum)``; empty if none or unreadable."""
     path = Path(out_repo) / SUMMARY_JSON
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
