@@ -206,7 +206,8 @@ def light_curve_svg(points: Sequence[dict[str, Any]], *, width: int = 720, heigh
         f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + ph / 2})">flux (nJy)</text>'
     )
-    for p in pts:
+    # forced points first, so a DiaSource at the same epoch and flux is drawn on top, not hidden
+    for p in sorted(pts, key=lambda p: p.get("kind") != "forced"):
         x, y = X(float(p["mjd"])), Y(float(p["flux"]))
         e = float(p.get("err") or 0.0)
         c = BAND_COLORS.get(str(p.get("band") or ""), "#333")
