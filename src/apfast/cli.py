@@ -266,9 +266,26 @@ def _print_summary(args: argparse.Namespace, outcomes: list, out_repo: Path) -> 
     except OSError as exc:  # the table is printed anyway; a full disk shows up in the outputs' errors
         log.warning("could not write %s: %s", path, exc)
         path = None
+    from apfast.report.summary import write_summary_json
+
+    write_summary_json(out_repo, outcomes)  # OUT/summary.json: merged across runs, read by `apfast report`
     _out(wide if args.summary == "wide" else format_summary(outcomes))
     if path is not None and args.summary != "wide":
         _out(f"per-stage seconds and full messages: {path} (--summary wide prints them)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from apfast.report.build import build_report
+
+    res = build_report(args.out, config_overrides=args.config or (), ids=args.id or (), all_objects=args.all,
+                       max_objects=args.max_objects)
+    _out(f"report: {res.index} ({res.n_ccd_visits} CCD-visits, {res.n_objects_shown} of {res.n_objects} "
+         f"DiaObjects, {res.n_png} PNGs) in {res.seconds:.1f} s")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(res.index.as_uri())
+    return 0
 
 
 def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN001 - PipelineConfig
@@ -594,6 +611,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 "output; same as -c output.write_matched=false; serial runs only)")
         _add_config_args(p)
         p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
+    p = _sub(sub, "report", "write a static HTML report (pages and PNGs) of an output repository",
+             "Write OUT/report/index.html: the run summary, image-quality plots and a sky map; a page per\n"
+             "CCD-visit (calexp and difference thumbnails with DIA sources, PSF-matching diagnostics) and per\n"
+             "DiaObject (alert cutouts, light curve from the APDB). Static files only: open index.html from\n"
+             "disk or copy the folder to any web server. The APDB URL is the stored config's unless -c gives one.")
+    p.add_argument("out", help="the output repository of `apfast process` (REPO/rerun/NAME or the --output DIR)")
+    p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
+                   help="only these CCD-visits, e.g. visit=1^2 ccdnum=35 (repeatable)")
+    p.add_argument("--open", action="store_true", help="open index.html in a web browser when done")
+    p.add_argument("--all", action="store_true", help="a page for every DiaObject (default: the most significant)")
+    p.add_argument("--max-objects", type=int, default=200, metavar="N",
+                   help="DiaObject pages for the N most significant objects (default 200)")
+    p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -243,6 +243,12 @@ def run_demo(
         f"{counts['DiaForcedSource']} DiaForcedSources; alerts in {out_repo / 'alerts'}")
     done()
 
+    from apfast.report import build_report, write_summary_json
+
+    write_summary_json(out_repo, diff_out)  # what `apfast process` writes next to summary.txt
+    rep = build_report(out_repo, db_url=f"sqlite:///{apdb_path}")
+    out(f"report: {rep.index} ({rep.n_ccd_visits} CCD-visits, {rep.n_objects_shown} DiaObjects) in "
+        f"{rep.seconds:.1f} s; open it in a browser, or rebuild it with: apfast report {out_repo}")
     out("")
     out("step timings: " + ", ".join(f"{n} {t:.2f} s" for n, t in timings))
     out(f"outputs: repository {repo}, calexps and differences {out_repo} (deepDiff/), templates {tmpl_root}, "
