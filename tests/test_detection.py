@@ -223,7 +223,8 @@ def test_no_smoothing_thresholds_pixels(rng):
     img[5, 5] = 6.0
     img[10, 12] = -7.0
     res = detect_sources(img, np.ones_like(img), np.zeros(img.shape, np.int32), psf_sigma=1.0,
-                         config=DetectionConfig(smooth=False, polarity="both", n_sigma_to_grow=0, grow_merge=0))  # fmt: skip
+                         config=DetectionConfig(smooth=False, polarity="both", n_sigma_to_grow=0,
+                                                grow_merge=0))  # fmt: skip
     assert res.n_footprints == 2
     np.testing.assert_array_equal(res.npix, [1, 1])
     np.testing.assert_allclose(res.peak_snr, [6.0, -7.0])

@@ -162,8 +162,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(dia_dataset: dict, serial
     sv = "^".join(str(v) for v in dia_dataset["summary"].science_visits)
     args = ["-q", "process", str(dia_dataset["repo"]), "--rerun", "killed", "--id", f"visit={sv}",
             "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}", "-j", "2"]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from apfast.cli import main; sys.exit(main(sys.argv[1:]))",
-                             *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys; from apfast.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     stored = 0
     while time.monotonic() < deadline and proc.poll() is None:

@@ -199,8 +199,10 @@ def _synthetic(rng, amps, raw_shape, tshape, *, sky_e=400.0, row_bias=None, col_
         raw[:, a.bias_section.x0 : a.bias_section.x1] += 1500 + rb[:, None]
         if col_bias is not None:
             raw[: a.data_section.y1, a.data_section.x0 : a.data_section.x1] += col_bias[i][None, :]
-        raw[:, a.data_section.x0 : a.data_section.x1] += rng.normal(0, a.read_noise / a.gain, (raw_shape[0], a.data_section.shape[1]))
-        raw[:, a.bias_section.x0 : a.bias_section.x1] += rng.normal(0, a.read_noise / a.gain, (raw_shape[0], a.bias_section.shape[1]))
+        raw[:, a.data_section.x0 : a.data_section.x1] += rng.normal(0, a.read_noise / a.gain,
+                                                                    (raw_shape[0], a.data_section.shape[1]))
+        raw[:, a.bias_section.x0 : a.bias_section.x1] += rng.normal(0, a.read_noise / a.gain,
+                                                                    (raw_shape[0], a.bias_section.shape[1]))
     raw = np.clip(np.round(raw), 0, 65535).astype(np.uint16)
     return raw, truth_e / gains, bias, flat, star_mask
 

@@ -359,7 +359,8 @@ def _write_shard(path: Path, rows: np.ndarray, *, name: str, kind: str, nside: i
         header["HPXPIX"] = (0, "HEALPix pixel of this shard")
         text = fits.PrimaryHDU().header.tostring() + header.tostring()
         _HEADERS[key] = text
-    for card in (fits.Card("NAXIS2", 0, "length of dimension 2"), fits.Card("HPXPIX", 0, "HEALPix pixel of this shard")):
+    for card in (fits.Card("NAXIS2", 0, "length of dimension 2"),
+                 fits.Card("HPXPIX", 0, "HEALPix pixel of this shard")):
         new = fits.Card(card.keyword, len(rows) if card.keyword == "NAXIS2" else int(pix), card.comment)
         text = text.replace(card.image, new.image, 1)
     data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder(">")).tobytes()

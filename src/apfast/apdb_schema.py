@@ -317,7 +317,7 @@ def cast_kind(a: np.ndarray, kind: str) -> np.ndarray:
 def to_column_set(table: str, names: list[str], rows: list) -> dict[str, np.ndarray]:
     """DB-API result rows -> column set (float64 with NaN; int64/bool, or object with None if NULLs)."""
     kinds = COLUMN_KINDS[table]
-    cols = list(zip(*rows)) if rows else [() for _ in names]
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out: dict[str, np.ndarray] = {}
     for name, values in zip(names, cols, strict=True):
         kind = kinds.get(name, ("s", True))[0]

@@ -76,7 +76,7 @@ def _float_array(values: Any, name: str) -> np.ndarray:
     """1-D float64 copy-free view where possible; ``None`` in object arrays becomes NaN."""
     a = np.asarray(values)
     if a.dtype.kind == "O":
-        a = np.where(a == None, np.nan, a)
+        a = np.where(a == None, np.nan, a)  # noqa: E711 - elementwise on an object array, not an identity test
     try:
         a = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -241,7 +241,10 @@ class BackgroundModel:
 
     @classmethod
     def from_container(cls, bk: Any) -> BackgroundModel:
-        """Rebuild an evaluable model from a stored :class:`apfast.exposure.Background` (cell stds from its variance)."""
+        """Rebuild an evaluable model from a stored :class:`apfast.exposure.Background`.
+
+        The cell standard deviations come from its variance.
+        """
         values = np.asarray(bk.values)
         stds = np.sqrt(np.asarray(bk.variance, np.float32)) if bk.variance is not None else np.zeros(values.shape)
         return cls(bin_size=bk.bin_size, image_shape=tuple(bk.image_shape), values=values, stds=stds,

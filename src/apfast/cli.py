@@ -186,7 +186,7 @@ def _config_files(names: Sequence[str]) -> list[Path]:
     return out
 
 
-def _load_cfg(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig, imported lazily
+def _load_cfg(args: argparse.Namespace):  # PipelineConfig, imported lazily
     from apfast.config import load_config
 
     overrides = list(args.config or ())
@@ -271,7 +271,7 @@ def _print_summary(args: argparse.Namespace, outcomes: list, out_repo: Path) -> 
         _out(f"per-stage seconds and full messages: {path} (--summary wide prints them)")
 
 
-def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN001 - PipelineConfig
+def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # PipelineConfig
     from apfast.config import config_to_toml
     from apfast.dataid import format_table
 
@@ -370,7 +370,8 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
         template_visit = _template_visit(args.templateId)
         if cfg.difference.template_source == "calexp" and template_visit is not None:
             # Gen 2 calexp-template mode: the template visit's CCDs are processed first if needed
-            tmpl_rows = _select_rows(args.repo, [{"visit": [template_visit], "ccdnum": sorted({r["ccdnum"] for r in rows})}])
+            tmpl_rows = _select_rows(args.repo,
+                                     [{"visit": [template_visit], "ccdnum": sorted({r["ccdnum"] for r in rows})}])
             run_process_ccd(butler, tmpl_rows, cfg, doraise=doraise, progress=_progress)
         if args.processes > 1 or args.executor == "dask":
             outcomes = _run_parallel(args, cfg, rows, out_repo, apdb, template_visit, doraise, clobber)
@@ -391,7 +392,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Path, apdb,  # noqa: ANN001
+def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Path, apdb,
                   template_visit: int | None, doraise: bool, clobber: bool) -> list:
     """``-j N`` (spawned local workers) or ``--executor dask`` (a Dask cluster), see apfast.executor."""
     from apfast.butler import Butler
@@ -488,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the table's column convention (default: guessed from the columns)")
     p.add_argument("--column-map", default=None, metavar="STD=COL,...",
                    help="map standard column names to the input's, e.g. id=SOURCE_ID,ra=RA_ICRS")
-    p.add_argument("--nside", type=int, default=None, help="HEALPix nside of new shards (default 32; a merge keeps the stored one)")
+    p.add_argument("--nside", type=int, default=None,
+                   help="HEALPix nside of new shards (default 32; a merge keeps the stored one)")
     p.set_defaults(func=_cmd_ingest_refcat)
 
     p = _sub(sub, "simulate", "write realistic simulated DECam data with truth",
@@ -601,11 +603,11 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (tests and notebooks replace it between calls)."""
 
     @property
-    def stream(self):  # noqa: ANN202
+    def stream(self):
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
+    def stream(self, _value) -> None:
         pass
 
 

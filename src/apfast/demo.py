@@ -273,7 +273,7 @@ def _simulation_complete(sim_dir: Path) -> bool:
 
         truth = load_truth(sim_dir)
         raws = [sim_dir / "raw" / str(f) for f in truth.visits["filename"]]
-    except Exception:  # noqa: BLE001 - any unreadable truth means: simulate again
+    except Exception:  # any unreadable truth means: simulate again
         return False
     refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
     calib = sim_dir / "calib"

@@ -121,7 +121,7 @@ def _worker_init(threads: int, warm: bool = False) -> None:
 
         try:
             warmup(fftw=False)  # FFTW plans come from the wisdom cache on first use
-        except Exception:  # noqa: BLE001 - a kernel that fails here fails again in its task, with the dataId
+        except Exception:  # a kernel that fails here fails again in its task, with the dataId
             log.warning("worker %d: kernel warm-up failed; kernels compile on first use", os.getpid(),
                         exc_info=True)
 

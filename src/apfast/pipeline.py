@@ -302,7 +302,7 @@ def _guarded(outcome: CcdOutcome, tag: str, what: str, fn: Callable[[], Any], *,
             raise
         outcome.status, outcome.message = "failed", f"{what}: {type(exc).__name__}: {exc}"
         log.error("%s %s failed: %s", tag, what, exc)
-    except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night; the traceback is logged
+    except Exception as exc:  # one CCD's bug must not stop the night; the traceback is logged
         if doraise:
             raise
         outcome.status, outcome.message = "failed", f"{what}: {type(exc).__name__}: {exc}"
@@ -579,7 +579,7 @@ def run_process_ccd(
             continue
         t = time.perf_counter()
         res = CcdOutcome(did["visit"], did["ccdnum"], "ok")
-        r = _guarded(res, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)
+        r = _guarded(res, tag, "processCcd", lambda row=row: process_ccd(butler, row, cfg), doraise=doraise)
         if r is not None:
             res = r
             res.products.clear()  # outcomes are kept for the summary: never hold the images

@@ -236,7 +236,8 @@ def simulate(
 
     in_gaia, in_ps1, gaia_path, ps1_path = write_refcats(out / "refcat", rng_ref, cat)
     write_csv(truth_dir / "sources.csv", {
-        "id": cat["id"], "type": cat["type"], "ra": cat["ra"], "dec": cat["dec"], "ref_epoch": np.full(cat["id"].size, 2016.0),
+        "id": cat["id"], "type": cat["type"], "ra": cat["ra"], "dec": cat["dec"],
+        "ref_epoch": np.full(cat["id"].size, 2016.0),
         "pmra": cat["pmra"], "pmdec": cat["pmdec"], "g_mag": cat["g"], "r_mag": cat["r"], "i_mag": cat["i"],
         "z_mag": cat["z"], "re_arcsec": cat["re_arcsec"], "q": cat["q"], "pa_deg": cat["pa_deg"],
         "in_gaia": in_gaia, "in_ps1": in_ps1, "saturated": np.isin(cat["id"], sorted(sat_flags)),

@@ -87,7 +87,8 @@ def primary_header(visit: Mapping[str, Any], nccd: int) -> fits.Header:
     return h
 
 
-def ccd_header(ccdnum: int, detpos: str, amps: Mapping[str, Mapping[str, float]], wcs: Mapping[str, Any]) -> fits.Header:
+def ccd_header(ccdnum: int, detpos: str, amps: Mapping[str, Mapping[str, float]],
+               wcs: Mapping[str, Any]) -> fits.Header:
     """Extension header of one raw CCD: sections, electronics and the approximate WCS (raw grid)."""
     h = fits.Header()
     cards: list[tuple[str, Any]] = [

@@ -83,7 +83,7 @@ class TemplateConfig(ConfigSection):
             self._fail("min_coverage", self.min_coverage, "use a fraction in [0, 1], e.g. 0.02")
 
 
-def patch_path(template_root: str | Path, filter: str, tract: int, patch: str, *, coadd_name: str = "deep") -> Path:  # noqa: A002
+def patch_path(template_root: str | Path, filter: str, tract: int, patch: str, *, coadd_name: str = "deep") -> Path:
     """Path of a coadd patch, laid out as the Butler's ``deepCoadd`` dataset type.
 
     Examples
@@ -213,7 +213,7 @@ def get_template(
     template_root: str | Path,
     science: Exposure,
     *,
-    filter: str,  # noqa: A002
+    filter: str,
     config: TemplateConfig | None = None,
     warp_config: WarpConfig | None = None,
 ) -> Exposure:

@@ -325,7 +325,7 @@ def ensure_kernel_cache() -> bool:
                  _estimate_build_seconds(), kernel_cache_dir())
         try:
             _build_locked(None, None)
-        except Exception:  # noqa: BLE001 - kernels then compile on first use, with the dataId in any error
+        except Exception:  # kernels then compile on first use, with the dataId in any error
             log.warning("building the kernel cache failed; kernels compile on first use", exc_info=True)
             return False
     return True
