@@ -174,7 +174,8 @@ def _decorator(parallel: bool) -> Callable[[Callable[..., Any]], Any]:
         disp = numba.njit(cache=False, **opts)(func)
         if CACHE and isinstance(disp, Dispatcher):  # NUMBA_DISABLE_JIT=1 returns the Python function
             try:
-                disp._cache = cache_cls(disp.py_func)  # what numba's enable_caching does
+                # what numba's enable_caching does; the private attribute is not in numba's type stubs
+                disp._cache = cache_cls(disp.py_func)  # type: ignore[attr-defined]
             except (OSError, RuntimeError) as exc:  # unwritable cache folder: compile in memory
                 if not _WARNED:
                     _WARNED.append(True)

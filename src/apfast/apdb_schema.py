@@ -314,7 +314,7 @@ def cast_kind(a: np.ndarray, kind: str) -> np.ndarray:
     return a.astype(str).astype(object)
 
 
-def to_column_set(table: str, names: list[str], rows: list) -> dict[str, np.ndarray]:
+def to_column_set(table: str, names: list[str], rows: Sequence[Any]) -> dict[str, np.ndarray]:
     """DB-API result rows -> column set (float64 with NaN; int64/bool, or object with None if NULLs)."""
     kinds = COLUMN_KINDS[table]
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]

@@ -537,7 +537,8 @@ def solve_astrometry(
 
     # iterate: match with a shrinking radius, fit linear then full order, reject outliers
     crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    crval = tuple(float(c) for c in initial_wcs.all_pix2world([[crpix[0], crpix[1]]], 0)[0])
+    ra0, dec0 = initial_wcs.all_pix2world([[crpix[0], crpix[1]]], 0)[0]
+    crval = (float(ra0), float(dec0))
     radius = 3 * cfg.match_radius_px
     sol: SipSolution | None = None
     ia = ib = np.empty(0, np.int64)

@@ -236,7 +236,7 @@ class BackgroundModel:
         """The :class:`apfast.exposure.Background` stored as ``calexpBackground`` (variance = stds^2)."""
         from apfast.exposure import Background
 
-        return Background(bin_size=self.bin_size, values=self.values, image_shape=tuple(self.image_shape),
+        return Background(bin_size=self.bin_size, values=self.values, image_shape=self.image_shape,
                           interpolation=self.interpolation.lower(), variance=self.stds.astype(np.float32) ** 2)
 
     @classmethod

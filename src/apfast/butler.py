@@ -616,7 +616,7 @@ class Butler:
         return rel
 
     def _fill_from_registry(self, did: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-        query = {k: did[k] for k in ("visit", "ccdnum") if k in did}
+        query: dict[str, Any] = {k: did[k] for k in ("visit", "ccdnum") if k in did}
         try:
             rows = self._raw_rows(query)
         except (ImportError, ApfastError):
@@ -872,7 +872,7 @@ class Butler:
         self._dataset_type(datasetType)
         did = _merge_data_id(dataId, kwargs)
         single = isinstance(format, str)
-        keys = [format] if single else list(format)
+        keys = [format] if isinstance(format, str) else list(format)
         rows = self._raw_rows(did)
         if rows:
             unknown = [k for k in keys if k not in rows[0]]

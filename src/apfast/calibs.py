@@ -370,6 +370,7 @@ def ingest_calibs(
                 raise IngestError(msg)
             claims.setdefault(k, src)
 
+    conn: sqlite3.Connection | None  # None once closed
     existing: dict[tuple[str, int, str, str], sqlite3.Row] = {}
     if db.exists():
         conn = _connect(db)

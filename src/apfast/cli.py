@@ -261,13 +261,14 @@ def _print_summary(args: argparse.Namespace, outcomes: list, out_repo: Path) -> 
 
     wide = format_summary(outcomes, wide=True)
     path = out_repo / SUMMARY_NAME
+    written = True
     try:
         path.write_text(wide + "\n", encoding="utf-8")
     except OSError as exc:  # the table is printed anyway; a full disk shows up in the outputs' errors
         log.warning("could not write %s: %s", path, exc)
-        path = None
+        written = False
     _out(wide if args.summary == "wide" else format_summary(outcomes))
-    if path is not None and args.summary != "wide":
+    if written and args.summary != "wide":
         _out(f"per-stage seconds and full messages: {path} (--summary wide prints them)")
 
 
@@ -360,7 +361,8 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
     ensure_kernel_cache()  # before any worker starts: workers then load every kernel, none compiles
     if cfg.process.n_threads:
-        numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
+        # numba.config sets its settings at run time; its module has no declaration for them
+        numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     butler = Butler(out_repo, calib=args.calib, template=args.template, output=cfg.output)
     log.info("processing %d CCD(s) into %s", len(rows), out_repo)
     doraise = args.doraise or cfg.process.doraise

@@ -59,7 +59,7 @@ def run_demo(
     sim_dir, repo = root / "sim", root / "repo"
     timings: list[tuple[str, float]] = []
 
-    def step(name: str) -> Callable[[float], None]:
+    def step(name: str) -> Callable[..., None]:
         t0 = time.perf_counter()
 
         def done(_: float = 0.0) -> None:

@@ -559,6 +559,7 @@ def _fit_dipole_candidates(
             np.stack([det.pos_peak_x[idx], det.pos_peak_y[idx], det.neg_peak_x[idx], det.neg_peak_y[idx]], axis=1),
             dtype=np.float64,
         )
+        assert difference.psf is not None  # run_dia_detection checked it
         if lin is _UNSET:
             lin = _linear_form(difference.psf)
         basis, weights, per = _psf_basis(
@@ -653,6 +654,7 @@ def run_dia_detection(
     """
     cfg = config if config is not None else DiaSourceConfig()
     _check_inputs(difference, science, template)
+    assert difference.psf is not None  # _check_inputs raised InputError otherwise
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # DETECTED / DETECTED_NEGATIVE of the input are ignored: detect_sources clears them in its output
@@ -762,7 +764,7 @@ def _median(z: np.ndarray, center: float | None) -> float:
     k0, k1 = (n - 1) // 2, n // 2
     pair = np.zeros(2)
     absolute = center is not None
-    c = float(center) if absolute else 0.0
+    c = float(center) if center is not None else 0.0
     lo = 0.0 if absolute else -_Z_RANGE
     if not _kn.select_ranks(z, c, absolute, k0, k1, lo, _Z_RANGE, 1 << 16, pair):
         u = np.abs(z.astype(np.float64) - c) if absolute else z.astype(np.float64)

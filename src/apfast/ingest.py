@@ -78,7 +78,7 @@ def _as(kind: type, value: Any, *, path: Path, key: str | None, what: str) -> An
     try:
         if kind is int:
             if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-                f = int(value)  # exact, however long
+                f: int | float = int(value)  # exact, however long
             else:
                 f = float(value)
                 if not math.isfinite(f) or f != int(f):
@@ -142,7 +142,7 @@ def exposure_values(camera: Camera, header: Any, path: Path) -> dict[str, Any]:
 def _footprint(camera: Camera, header: Any, shape: tuple[int, ...], path: Path, hdu: int) -> dict[str, Any]:
     """Centre and corners of the trimmed area on the sky, from the header WCS (NULL if none)."""
     out: dict[str, Any] = {}
-    wcs = image_wcs(header, shape[-2:] if len(shape) >= 2 else None)
+    wcs = image_wcs(header, (shape[-2], shape[-1]) if len(shape) >= 2 else None)
     if wcs is None:
         return out
     xs0, xs1, ys0, ys1 = [], [], [], []

@@ -226,7 +226,7 @@ def n_poly_terms(order: int) -> int:
     return (order + 1) * (order + 2) // 2
 
 
-def _poly(xn: np.ndarray, yn: np.ndarray, order: int) -> np.ndarray:
+def _poly(xn: np.ndarray | float, yn: np.ndarray | float, order: int) -> np.ndarray:
     """Monomials (ordered as :func:`apfast.psf.poly_terms`) at arrays of positions -> ``(n, nterms)``."""
     xn = np.atleast_1d(np.asarray(xn, dtype=np.float64))
     yn = np.atleast_1d(np.asarray(yn, dtype=np.float64))
@@ -553,7 +553,7 @@ def select_stamps(
     idx, rank, cell = idx[sel], rank[sel], cell[sel]
     if idx.size > config.max_stamps:
         # take whole ranks (brightest per cell first); thin the last rank evenly over the cells
-        chosen = []
+        chosen: list[np.ndarray] = []
         for rk in range(config.n_star_per_cell):
             this = idx[rank == rk]  # ordered by cell
             room = config.max_stamps - sum(c.size for c in chosen)

@@ -221,9 +221,11 @@ def simulate(
             meta["bleed_trails"] = masks["bleed_trails"]
             stem = truth_dir / f"ccd_{v['visit']}_{c}"
             tmp = truth_dir / f".ccd_{v['visit']}_{c}.tmp.npz"
-            np.savez(tmp, **{f"static_{k}": a for k, a in static.items()},
-                     **{f"trans_{k}": a for k, a in trans.items()},
-                     cr_index=masks["cr_index"], sat_index=masks["sat_index"], bias_rows=masks["bias_rows"])
+            arrays: dict[str, Any] = {**{f"static_{k}": a for k, a in static.items()},
+                                      **{f"trans_{k}": a for k, a in trans.items()},
+                                      "cr_index": masks["cr_index"], "sat_index": masks["sat_index"],
+                                      "bias_rows": masks["bias_rows"]}
+            np.savez(tmp, **arrays)
             tmp.replace(f"{stem}.npz")
             write_json(Path(f"{stem}.json"), meta)
             sat_flags.update(int(i) for i in static["id"][masks["saturated_sources"]])

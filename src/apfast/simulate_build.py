@@ -281,7 +281,8 @@ def science_transients(rng: np.random.Generator, d: Mapping[str, Any], v: Mappin
     amps = meta["amps"]
     zp = v["zero_point_e"]
     njy_per_e = 10 ** (-0.4 * (zp - 31.4))
-    todo = []  # (kind, id, x, y, host_id, base_adu_or_nan, trail)
+    todo: list[tuple[str, int, float, float, int, float, tuple[float, float] | None]] = []
+    # (kind, id, x, y, host_id, base_adu_or_nan, trail)
     if d["fixed"]:
         fx_, fy_ = wcs.all_world2pix(np.array([s["ra"] for s in d["fixed"]]),
                                      np.array([s["dec"] for s in d["fixed"]]), 0)

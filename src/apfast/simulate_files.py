@@ -172,7 +172,8 @@ def write_master(path: Path, obstype: str, date_obs: str, mjd: float, ccds: Sequ
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
 
 
-def write_defects(path: Path, date_obs: str, mjd: float, ccds: Sequence[tuple[int, str, np.ndarray]]) -> None:
+def write_defects(path: Path, date_obs: str, mjd: float,
+                  ccds: Sequence[tuple[int, str, np.ndarray | Sequence[Sequence[int]]]]) -> None:
     """Write the defects FITS: one binary table (x0, y0, width, height; int32, 0-based trimmed) per CCD."""
     hdus: list[Any] = [fits.PrimaryHDU(header=_calib_primary("defects", date_obs, mjd, None))]
     for ccdnum, name, boxes in ccds:

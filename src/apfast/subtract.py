@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.fft
@@ -110,7 +110,7 @@ class SubtractionResult:
     matched: Exposure
     kernel: SpatialKernel
     background: BackgroundPolynomial
-    mode: str
+    mode: Literal["convolveTemplate", "convolveScience"]
     n_stamps_used: int
     solution: KernelSolution
     metadata: dict[str, Any]

@@ -332,6 +332,7 @@ def get_template(
     ra, dec = science.wcs.all_pix2world([cx], [cy], 0)
     chosen = max(used, key=lambda u: u[3])
     for u in used:
+        assert u[2].wcs is not None  # patches without a WCS were skipped
         px, py = u[2].wcs.all_world2pix(ra, dec, 0)
         if 0 <= px[0] <= u[2].shape[1] - 1 and 0 <= py[0] <= u[2].shape[0] - 1:
             chosen = u

@@ -152,7 +152,8 @@ def compile_counts() -> dict[str, int]:
     """Signatures each kernel of this process compiled (numba's cache misses) instead of loading, if any."""
     out = {}
     for name, disp in kernel_dispatchers().items():
-        n = sum(getattr(disp, "stats", None).cache_misses.values()) if hasattr(disp, "stats") else 0
+        stats = getattr(disp, "stats", None)
+        n = sum(stats.cache_misses.values()) if stats is not None else 0
         if n:
             out[name] = int(n)
     return out
