@@ -31,7 +31,8 @@ def ccd() -> tuple[np.ndarray, np.ndarray]:
         f = 10 ** rng.uniform(3, 6)
         i0, j0 = int(yc) - 10, int(xc) - 10
         yy, xx = np.mgrid[i0 : i0 + 21, j0 : j0 + 21]
-        img[i0 : i0 + 21, j0 : j0 + 21] += f / (2 * np.pi * s * s) * np.exp(-((xx - xc) ** 2 + (yy - yc) ** 2) / (2 * s * s))
+        img[i0 : i0 + 21, j0 : j0 + 21] += (f / (2 * np.pi * s * s)
+                                            * np.exp(-((xx - xc) ** 2 + (yy - yc) ** 2) / (2 * s * s)))
     for _ in range(1500):
         i, j = int(rng.uniform(5, ny - 25)), int(rng.uniform(5, nx - 25))
         amp = 10 ** rng.uniform(2.7, 3.8)

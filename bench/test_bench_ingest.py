@@ -6,7 +6,6 @@ pixels, which is what ingest would cost if it touched the data.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -59,7 +59,8 @@ def numpy_isr(c: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mask = np.zeros((4096, 2048), np.int32)
     for a, src in zip(amps, (amps[1], amps[0]), strict=True):
         mask[a.trimmed_section.slices] |= np.where(raw[a.data_section.slices] >= a.saturation, bitmask("SAT"), 0)
-        mask[a.trimmed_section.slices] |= np.where(raw[src.data_section.slices][:, ::-1] > 45000, bitmask("CROSSTALK"), 0)
+        mask[a.trimmed_section.slices] |= np.where(raw[src.data_section.slices][:, ::-1] > 45000,
+                                                   bitmask("CROSSTALK"), 0)
     image -= c["bias"]
     variance = np.empty_like(image)
     lut, off = c["linearizer"]

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from apfast.kernels.psfmatch import stamp_normal_equations
 from numba import prange
 from scipy import signal
 
 from apfast._jit import pjit
+from apfast.kernels.psfmatch import stamp_normal_equations
 from apfast.psfmatch import make_basis
 
 SHAPE = (4096, 2048)

@@ -113,7 +113,10 @@ def measured() -> dict[str, dict]:
 
 
 def _measure(dataset: dict, name: str, workers: int, visits: tuple[int, ...]) -> Run:
-    """One ``apfast process`` in a fresh interpreter (each loads its kernels from the cache, as every -j 2 worker does)."""
+    """One ``apfast process`` in a fresh interpreter.
+
+    Each loads its kernels from the cache, as every -j 2 worker does.
+    """
     d = Path(dataset["dir"])
     db = d / f"{name}.db"
     url = f"sqlite:///{db}"
@@ -170,7 +173,7 @@ def _report(request: pytest.FixtureRequest, text: str) -> None:
     """Print past pytest's output capture (the numbers belong in the CI log)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print(text)  # noqa: T201
+        print(text)
 
 
 def _run(request: pytest.FixtureRequest, benchmark, dataset: dict, name: str, workers: int) -> dict:

@@ -150,7 +150,7 @@ def combine_clipped(
                     if abs(xs[i] - centre) > clip_sigma * np.sqrt(vs[i]):
                         suspect = True
                         break
-                for it in range(n_iter if suspect else 0):
+                for _ in range(n_iter if suspect else 0):
                     # robust scatter of the current survivors around the centre
                     k = 0
                     for i in range(nv):

@@ -30,11 +30,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from apfast.kernels.forced import assemble_psf, shift_stamp
-from apfast.kernels.measure import usable
 from numba import prange
 
 from apfast._jit import jit, pjit
+from apfast.kernels.forced import assemble_psf, shift_stamp
+from apfast.kernels.measure import usable
 
 __all__ = [
     "FLAG_AT_BOUND",

@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from apfast.kernels.measure import usable
-from apfast.kernels.stamps import lanczos3_weights
 from numba import prange
 
 from apfast._jit import jit, pjit
+from apfast.kernels.measure import usable
+from apfast.kernels.stamps import lanczos3_weights
 
 __all__ = [
     "FLAG_EDGE",

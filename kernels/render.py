@@ -90,7 +90,8 @@ def render_mixtures(
 
 @jit
 def fill_sky(image, level, gu, gv, u0, v0, scale):
-    """Fill ``image`` (in place, serial: it is memory bound) with a planar sky ``level * (1 + gu*u/scale + gv*v/scale)``.
+    """Fill ``image`` (in place, serial: it is memory bound) with a planar sky
+    ``level * (1 + gu*u/scale + gv*v/scale)``.
 
     ``u = j + u0`` and ``v = i + v0`` are focal-plane coordinates of pixel ``(i, j)``,
     so neighbouring CCDs see one continuous gradient.

@@ -7,7 +7,6 @@ marker; the server is started by :mod:`pgserver` once per session).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -149,7 +148,7 @@ def test_postgres_column_types_and_nullability(apdb: Apdb) -> None:
         for table in ("DiaObject", "DiaSource", "DiaForcedSource"):
             cols = {col["name"]: col for col in insp.get_columns(table)}
             assert list(cols) == list(COLUMN_KINDS[table])
-            for name, (kind, nullable) in COLUMN_KINDS[table].items():
+            for name, (_kind, nullable) in COLUMN_KINDS[table].items():
                 assert cols[name]["nullable"] == nullable, (table, name)
                 if name in ("ra", "dec", "midpointMjdTai"):
                     assert isinstance(cols[name]["type"], sa.Float)
@@ -308,7 +307,7 @@ def _snapshot(apdb: Apdb) -> dict:
         # NaN != NaN: compare NULLs as None
         rows = [
             tuple(None if isinstance(v, float) and np.isnan(v) else v for v in r)
-            for r in zip(*(cs[c].tolist() for c in cols))
+            for r in zip(*(cs[c].tolist() for c in cols), strict=True)
         ]
         return sorted(rows, key=lambda r: tuple(r[cols.index(k)] for k in key))
 
@@ -442,7 +441,7 @@ def test_killed_process_leaves_no_partial_ccd_visit(apdb: Apdb, rng: np.random.G
     assert apdb.count("DiaObject") == 10 and apdb.count("DiaSource") == 10
     assert apdb.count("DiaForcedSource") == 0 and apdb.ccd_visits() == [(1, 1)]
     for _ in range(2):  # a re-run (same code, in this process) stores it exactly once, even run twice
-        exec(compile(_KILL_SCRIPT, "kill_script", "exec"), {"__name__": "rerun", "url": url})  # noqa: S102
+        exec(compile(_KILL_SCRIPT, "kill_script", "exec"), {"__name__": "rerun", "url": url})
     assert apdb.count("DiaObject") == 2010 and apdb.count("DiaSource") == 2010
     assert apdb.count("DiaForcedSource") == 2000 and apdb.ccd_visits() == [(1, 1), (9, 9)]
 

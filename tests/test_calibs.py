@@ -240,7 +240,7 @@ def test_ranges_never_overlap(rng):
         out = _ranges(rows)
         for (m, _), (s, e) in zip(rows, out, strict=True):
             assert (s is None or s <= m) and (e is None or m <= e)  # each calib covers its own date
-        for (s0, e0), (s1, e1) in zip(out[:-1], out[1:], strict=True):
+        for (_s0, e0), (s1, _e1) in zip(out[:-1], out[1:], strict=True):
             assert e0 is not None and s1 is not None and e0 <= s1 + 1e-9
 
 

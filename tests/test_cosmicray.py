@@ -80,7 +80,7 @@ def test_inputs_unmodified_and_keep_crs(scene):
     copies = (sub.copy(), v.copy(), m.copy())
     res = find_cosmic_rays(sub, v, m, psf_sigma=PSF_SIGMA, background=SKY,
                            config=CosmicRayConfig(keep_crs=True))
-    for a, b in zip((sub, v, m), copies):
+    for a, b in zip((sub, v, m), copies, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(res.image, sub)
     assert res.n_pixels > 0 and not np.any(res.mask & INTRP)
@@ -140,7 +140,7 @@ def test_group_candidates_min_dn():
     crmask = np.zeros((20, 20), np.uint8)
     n_cr, ys, xs = kc.group_candidates(cand, work, 4, 150.0, crmask)
     assert n_cr == 1
-    assert sorted(zip(ys.tolist(), xs.tolist())) == [(5, 5), (6, 6), (7, 6)]
+    assert sorted(zip(ys.tolist(), xs.tolist(), strict=True)) == [(5, 5), (6, 6), (7, 6)]
     assert crmask.sum() == 3
 
 

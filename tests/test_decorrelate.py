@@ -10,7 +10,6 @@ import threading
 
 import numpy as np
 import pytest
-from apfast.kernels.fftutil import grow_mask_box
 from scipy import ndimage, signal
 
 from apfast.decorrelate import (
@@ -27,6 +26,7 @@ from apfast.decorrelate import (
 )
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, read_exposure, write_exposure
+from apfast.kernels.fftutil import grow_mask_box
 from apfast.masks import MASK_BITS, bitmask
 from apfast.psf import GaussianPsf, ImagePsf
 

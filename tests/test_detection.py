@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from apfast.kernels import detect as kd
 from scipy import ndimage
 
 import naive_detect as naive
 from apfast.detection import DetectionConfig, detect_sources, gaussian_kernel_1d
 from apfast.errors import ConfigError, InputError
+from apfast.kernels import detect as kd
 from apfast.masks import bitmask
 
 SIGMA = 1.8
@@ -223,7 +223,8 @@ def test_no_smoothing_thresholds_pixels(rng):
     img[5, 5] = 6.0
     img[10, 12] = -7.0
     res = detect_sources(img, np.ones_like(img), np.zeros(img.shape, np.int32), psf_sigma=1.0,
-                         config=DetectionConfig(smooth=False, polarity="both", n_sigma_to_grow=0, grow_merge=0))  # fmt: skip
+                         config=DetectionConfig(smooth=False, polarity="both", n_sigma_to_grow=0,
+                                                grow_merge=0))  # fmt: skip
     assert res.n_footprints == 2
     np.testing.assert_array_equal(res.npix, [1, 1])
     np.testing.assert_allclose(res.peak_snr, [6.0, -7.0])

@@ -45,7 +45,8 @@ def _rows(db: Path, sql: str) -> list[tuple]:
 
 def _sources(db: Path) -> dict[str, np.ndarray]:
     with sqlite3.connect(db) as con:
-        cur = con.execute('SELECT visit, ra, dec, "psfFlux", "psfFluxErr", "diaObjectId", "diaSourceId" FROM "DiaSource"')
+        cur = con.execute('SELECT visit, ra, dec, "psfFlux", "psfFluxErr", "diaObjectId", "diaSourceId" '
+                          'FROM "DiaSource"')
         rows = cur.fetchall()
     a = np.array(rows, dtype=object).reshape(-1, 7)
     return {"visit": a[:, 0].astype(int), "ra": a[:, 1].astype(float), "dec": a[:, 2].astype(float),
@@ -202,7 +203,8 @@ def _apdb_state(db: Path) -> dict:
         "links": sorted(_rows(db, 'SELECT "diaSourceId", "diaObjectId" FROM "DiaSource"')),
         "current": sorted(_rows(db, 'SELECT "diaObjectId", "nDiaSources" FROM "DiaObject" '
                                     'WHERE "validityEndMjdTai" IS NULL')),
-        "versions": sorted(_rows(db, 'SELECT "diaObjectId", "validityStartMjdTai", "validityEndMjdTai" FROM "DiaObject"')),
+        "versions": sorted(_rows(db, 'SELECT "diaObjectId", "validityStartMjdTai", "validityEndMjdTai" '
+                                     'FROM "DiaObject"')),
     }
 
 

@@ -11,9 +11,6 @@ import math
 
 import numpy as np
 import pytest
-from apfast.kernels import dipole as kd
-from apfast.kernels import forced as kf
-from apfast.kernels.measure import lanczos_shift
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
@@ -27,6 +24,9 @@ from apfast.diasource import (
 )
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
+from apfast.kernels import dipole as kd
+from apfast.kernels import forced as kf
+from apfast.kernels.measure import lanczos_shift
 from apfast.masks import bitmask
 from apfast.psf import GaussianPsf, PolynomialPixelPsf, PsfModel
 
@@ -40,7 +40,18 @@ PIXSCALE = 0.26  # arcsec / pixel
 PSF_NOISE = NOISE * math.sqrt(4 * math.pi) * SIGMA
 
 #: The DiaSource columns the stage must fill (names exactly as the APDB schema).
-REQUIRED = ["x", "xErr", "y", "yErr", "ra", "raErr", "dec", "decErr", "ra_dec_Cov", "centroid_flag", "apFlux", "apFluxErr", "apFlux_flag", "apFlux_flag_apertureTruncated", "isNegative", "snr", "psfFlux", "psfFluxErr", "psfChi2", "psfNdata", "psfFlux_flag", "psfFlux_flag_edge", "psfFlux_flag_noGoodPixels", "dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr", "dipoleLength", "dipoleAngle", "dipoleChi2", "dipoleNdata", "isDipole", "dipoleFitAttempted", "scienceFlux", "scienceFluxErr", "forced_PsfFlux_flag", "forced_PsfFlux_flag_edge", "forced_PsfFlux_flag_noGoodPixels", "templateFlux", "templateFluxErr", "ixx", "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF", "shape_flag", "extendedness", "bboxSize", "pixelFlags", "pixelFlags_bad", "pixelFlags_cr", "pixelFlags_crCenter", "pixelFlags_edge", "pixelFlags_nodata", "pixelFlags_nodataCenter", "pixelFlags_interpolated", "pixelFlags_interpolatedCenter", "pixelFlags_offimage", "pixelFlags_saturated", "pixelFlags_saturatedCenter", "pixelFlags_suspect", "pixelFlags_suspectCenter"]
+REQUIRED = [
+    "x", "xErr", "y", "yErr", "ra", "raErr", "dec", "decErr", "ra_dec_Cov", "centroid_flag", "apFlux",
+    "apFluxErr", "apFlux_flag", "apFlux_flag_apertureTruncated", "isNegative", "snr", "psfFlux", "psfFluxErr",
+    "psfChi2", "psfNdata", "psfFlux_flag", "psfFlux_flag_edge", "psfFlux_flag_noGoodPixels", "dipoleMeanFlux",
+    "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr", "dipoleLength", "dipoleAngle", "dipoleChi2",
+    "dipoleNdata", "isDipole", "dipoleFitAttempted", "scienceFlux", "scienceFluxErr", "forced_PsfFlux_flag",
+    "forced_PsfFlux_flag_edge", "forced_PsfFlux_flag_noGoodPixels", "templateFlux", "templateFluxErr", "ixx",
+    "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF", "shape_flag", "extendedness", "bboxSize", "pixelFlags",
+    "pixelFlags_bad", "pixelFlags_cr", "pixelFlags_crCenter", "pixelFlags_edge", "pixelFlags_nodata",
+    "pixelFlags_nodataCenter", "pixelFlags_interpolated", "pixelFlags_interpolatedCenter", "pixelFlags_offimage",
+    "pixelFlags_saturated", "pixelFlags_saturatedCenter", "pixelFlags_suspect", "pixelFlags_suspectCenter"
+]
 
 
 def make_wcs(shape: tuple[int, int]) -> WCS:
@@ -65,7 +76,8 @@ def add_gaussian(img: np.ndarray, x: float, y: float, flux: float, sigma: float 
 def exposure(img: np.ndarray, *, psf: PsfModel | None = None, zp: float = 31.4, mask: np.ndarray | None = None,
              visit_info: VisitInfo | None = None) -> Exposure:  # fmt: skip
     return Exposure(
-        img.astype(np.float32), mask=np.zeros(img.shape, np.int32) if mask is None else mask, variance=np.full(img.shape, NOISE**2, np.float32),
+        img.astype(np.float32), mask=np.zeros(img.shape, np.int32) if mask is None else mask,
+        variance=np.full(img.shape, NOISE**2, np.float32),
         psf=psf or GaussianPsf(SIGMA, 25), wcs=make_wcs(img.shape), photo_calib=PhotoCalib(zp), visit_info=visit_info,
     )  # fmt: skip
 
@@ -89,7 +101,8 @@ def test_config_defaults_and_validation():
     assert cfg.do_dipole_fit and cfg.dipole_max_separation_sigma == 5.0
     assert cfg.dipole_min_snr == pytest.approx(5 * math.sqrt(2)) and cfg.dipole_max_flux_ratio == 0.65
     for key, value in (("threshold", -1.0), ("grow_footprint", -1), ("aperture_radius", 0.0),
-                       ("dipole_max_flux_ratio", 0.4), ("dipole_max_iter", 0), ("bad_mask_planes", ("NOPE",))):  # fmt: skip
+                       ("dipole_max_flux_ratio", 0.4), ("dipole_max_iter", 0),
+                       ("bad_mask_planes", ("NOPE",))):  # fmt: skip
         with pytest.raises(ConfigError, match=f"dia.{key}"):
             DiaSourceConfig(**{key: value})
 

@@ -41,8 +41,8 @@ def test_dependencies_follow_sky_overlap() -> None:
 # ------------------------------------------------------------------------------ concurrent writers
 def _writer(url: str, detector: int, n_visits: int, seed: int) -> None:
     """One 'CCD' storing a source of the same transient in every visit (what two workers race on)."""
-    from apfast.association import associate, compute_object_versions, dia_source_ids
     from apfast.apdb_schema import concat_column_sets
+    from apfast.association import associate, compute_object_versions, dia_source_ids
 
     rng = np.random.default_rng(seed)
     apdb = Apdb(ApdbConfig(db_url=url, connection_timeout=60.0))
@@ -162,8 +162,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(dia_dataset: dict, serial
     sv = "^".join(str(v) for v in dia_dataset["summary"].science_visits)
     args = ["-q", "process", str(dia_dataset["repo"]), "--rerun", "killed", "--id", f"visit={sv}",
             "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}", "-j", "2"]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from apfast.cli import main; sys.exit(main(sys.argv[1:]))",
-                             *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys; from apfast.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     stored = 0
     while time.monotonic() < deadline and proc.poll() is None:

@@ -372,7 +372,8 @@ def _snapshot(url: str) -> dict[str, list[tuple]]:
         # diaForcedSourceId follows the order the backend returns the loaded DiaObjects in (SQLite and
         # PostgreSQL differ): compare forced sources by (object, CCD-visit)
         "DiaForcedSource": ('"diaObjectId", visit, detector', '"diaObjectId", visit, detector, "psfFlux"'),
-        "apfast_ccd_visit": ("visit, detector", 'visit, detector, "nDiaSources", "nNewDiaObjects", "nDiaForcedSources"'),
+        "apfast_ccd_visit": ("visit, detector",
+                             'visit, detector, "nDiaSources", "nNewDiaObjects", "nDiaForcedSources"'),
     }
     eng = sa.create_engine(url, poolclass=sa.pool.NullPool)
     out: dict[str, list[tuple]] = {}

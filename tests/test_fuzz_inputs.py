@@ -7,13 +7,11 @@ inputs come from hypothesis; the named cases are the ones the issue lists.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sqlite3
 import tomllib
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np

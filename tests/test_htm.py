@@ -36,7 +36,7 @@ def test_index_matches_sphgeom(rng: np.random.Generator) -> None:
     ra, dec = _random_sky(rng, 10_000)
     for level in (0, 3, 10, 20):
         pix = sg.HtmPixelization(level)
-        ref = np.array([pix.index(sg.UnitVector3d(sg.LonLat.fromDegrees(a, d))) for a, d in zip(ra, dec)])
+        ref = np.array([pix.index(sg.UnitVector3d(sg.LonLat.fromDegrees(a, d))) for a, d in zip(ra, dec, strict=True)])
         got = htm_index(ra, dec, level)
         bad = np.nonzero(got != ref)[0]
         assert bad.size == 0, f"level {level}: {bad.size} differ, e.g. ra={ra[bad[:3]]} dec={dec[bad[:3]]}"

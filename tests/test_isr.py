@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import yaml
-from apfast.kernels import isr as k
-from apfast.kernels import isr_masks as km
 
 import naive_isr as naive
 from apfast.camera import Section, get_camera
 from apfast.errors import CalibrationError, ConfigError, InputError
 from apfast.isr import AmpParams, IsrConfig, OverscanConfig, amp_params_from_header, run_isr
+from apfast.kernels import isr as k
+from apfast.kernels import isr_masks as km
 from apfast.masks import bitmask
 
 BITS = {n: bitmask(n) for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT", "INTRP")}
@@ -199,8 +199,10 @@ def _synthetic(rng, amps, raw_shape, tshape, *, sky_e=400.0, row_bias=None, col_
         raw[:, a.bias_section.x0 : a.bias_section.x1] += 1500 + rb[:, None]
         if col_bias is not None:
             raw[: a.data_section.y1, a.data_section.x0 : a.data_section.x1] += col_bias[i][None, :]
-        raw[:, a.data_section.x0 : a.data_section.x1] += rng.normal(0, a.read_noise / a.gain, (raw_shape[0], a.data_section.shape[1]))
-        raw[:, a.bias_section.x0 : a.bias_section.x1] += rng.normal(0, a.read_noise / a.gain, (raw_shape[0], a.bias_section.shape[1]))
+        raw[:, a.data_section.x0 : a.data_section.x1] += rng.normal(0, a.read_noise / a.gain,
+                                                                    (raw_shape[0], a.data_section.shape[1]))
+        raw[:, a.bias_section.x0 : a.bias_section.x1] += rng.normal(0, a.read_noise / a.gain,
+                                                                    (raw_shape[0], a.bias_section.shape[1]))
     raw = np.clip(np.round(raw), 0, 65535).astype(np.uint16)
     return raw, truth_e / gains, bias, flat, star_mask
 

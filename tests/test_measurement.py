@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from apfast.kernels import measure as km
 
 import naive_detect as naive
 from apfast.detection import DetectionConfig, detect_sources
 from apfast.errors import ConfigError, InputError
+from apfast.kernels import measure as km
 from apfast.masks import bitmask
 from apfast.measurement import MeasurementConfig, aperture_name, measure_sources
 from apfast.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf

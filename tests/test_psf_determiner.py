@@ -52,7 +52,8 @@ def _render(rng: np.random.Generator, n_stars: int = 250, n_gal: int = 60, sky_s
     x = np.concatenate([xs, gx]) + rng.normal(0, 0.01, n_stars + n_gal)
     y = np.concatenate([ys, gy]) + rng.normal(0, 0.01, n_stars + n_gal)
     f = np.concatenate([flux, gf])
-    size = np.concatenate([[math.sqrt(0.5 * (a * a + b * b)) for a, b in (_sigma(u, v) for u, v in zip(xs, ys, strict=True))],
+    size = np.concatenate([[math.sqrt(0.5 * (a * a + b * b))
+                            for a, b in (_sigma(u, v) for u, v in zip(xs, ys, strict=True))],
                            np.full(n_gal, 4.0)]) + rng.normal(0, 0.02, n_stars + n_gal)
     snr = f / (sky_sigma * 2 * math.sqrt(math.pi) * size)
     var = np.full(SHAPE, sky_sigma**2) + np.clip(img, 0, None)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from apfast.kernels.convolve import combine_spatial_terms, grow_mask_bits
-from apfast.kernels.psfmatch import stamp_normal_equations
 
 import naive_psfmatch as naive
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure
+from apfast.kernels.convolve import combine_spatial_terms, grow_mask_bits
+from apfast.kernels.psfmatch import stamp_normal_equations
 from apfast.masks import bitmask
 from apfast.psf import GaussianPsf, ImagePsf
 from apfast.psfmatch import (

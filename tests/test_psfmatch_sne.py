@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from apfast.kernels.psfmatch import stamp_normal_equations
 from scipy import signal
 
+from apfast.kernels.psfmatch import stamp_normal_equations
 from apfast.psfmatch import make_basis
 
 

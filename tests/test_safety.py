@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np

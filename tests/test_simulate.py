@@ -157,7 +157,7 @@ def test_crosstalk_ghost_amplitude(science):
     raw, hdr, meta = science["raw"], science["hdr"], science["meta"]
     img = isr(raw, hdr, science["bias"], science["flat"])
     sat = science["masks"]["saturated"]
-    for victim, source, cols in (("B", "A", slice(0, 1024)), ("A", "B", slice(1024, 2048))):
+    for victim, source, _victim_cols in (("B", "A", slice(0, 1024)), ("A", "B", slice(1024, 2048))):
         coeff = meta["crosstalk"][f"{victim}<-{source}"]
         src_mask = np.zeros_like(sat)
         src_mask[:, 1024:] = sat[:, 1024:] if source == "A" else False
@@ -185,7 +185,7 @@ def test_defects_deviate(sim, science):
         assert hdul[1].header["CCDNUM"] == 35
     kinds = [d["kind"] for d in science["meta"]["defects"]]
     assert len(boxes) == len(kinds) >= 4
-    for row, kind in zip(boxes, kinds):
+    for row, kind in zip(boxes, kinds, strict=True):
         sl = (slice(row["y0"], row["y0"] + row["height"]), slice(row["x0"], row["x0"] + row["width"]))
         keep = ~science["masks"]["saturated"][sl] & ~science["masks"]["cr"][sl]
         med = np.median(diff[sl][keep])
@@ -328,7 +328,7 @@ def test_calibration_files(sim, science):
 
 def test_determinism(sim, tmp_path):
     again = simulate(tmp_path / "again", seed=SEED, ccdnums=(35,), n_template=1, n_science=1)
-    for a, b in zip(sim.raw_files, again.raw_files):
+    for a, b in zip(sim.raw_files, again.raw_files, strict=True):
         assert a.name == b.name
         assert np.array_equal(fits.getdata(a, 1), fits.getdata(b, 1))
     assert (sim.truth_dir / "transients.csv").read_bytes() == (again.truth_dir / "transients.csv").read_bytes()

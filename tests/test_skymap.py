@@ -171,5 +171,6 @@ def test_overlap_bbox():
     b = a.deepcopy()
     b.wcs.crpix = [b.wcs.crpix[0] + 30, b.wcs.crpix[1] - 10]  # dest = src shifted by (+30, -10)
     b.wcs.set()
-    assert overlap_bbox(a, shape, b, shape, margin=2) == (0, 93, 27, 100)  # src rows -0.5..99.5 -> -10.5..89.5, +2 margin
+    # src rows -0.5..99.5 -> -10.5..89.5, +2 margin
+    assert overlap_bbox(a, shape, b, shape, margin=2) == (0, 93, 27, 100)
     assert overlap_bbox(a, shape, ccd_wcs(151.0, 2.0, shape), shape) is None

@@ -50,7 +50,8 @@ def test_every_kernel_module_with_public_kernels_has_warmup_cases() -> None:
     modules = {k.rsplit(".", 1)[0] for k in kernel_dispatchers() if not k.rsplit(".", 1)[1].startswith("_")}
     missing = sorted(m for m in modules
                      if not hasattr(importlib.import_module(m), "_warmup_cases") and not m.endswith(".render"))
-    assert not missing, f"kernel modules without _warmup_cases (apfast warmup skips them; render: simulate only): {missing}"
+    assert not missing, (f"kernel modules without _warmup_cases (apfast warmup skips them; render: simulate only): "
+                         f"{missing}")
 
 
 @pytest.mark.slow

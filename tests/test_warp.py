@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
-from apfast.kernels import warp as kw
-from apfast.kernels.stamps import lanczos3_weights
 from astropy.wcs import WCS, Sip
 
 from apfast import masks
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
+from apfast.kernels import warp as kw
+from apfast.kernels.stamps import lanczos3_weights
 from apfast.psf import GaussianPsf, ImagePsf
 from apfast.warp import WarpConfig, WarpedPsf, _exact_map, pixel_map, warp_exposure
 

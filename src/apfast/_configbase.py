@@ -231,7 +231,7 @@ def _bad_scalar(value: Any) -> str:
     """Why a type-correct value is still unusable (NaN, an int beyond 64 bits), or ``''``."""
     if isinstance(value, tuple):
         return next((p for p in (_bad_scalar(v) for v in value) if p), "")
-    if isinstance(value, float) and value != value:  # noqa: PLR0124 - NaN test without importing math
+    if isinstance(value, float) and value != value:  # NaN test without importing math
         return "NaN is not a finite number; give a number"
     if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
         return f"the integer is outside the 64-bit range {_INT64_MIN}..{_INT64_MAX}"

@@ -77,7 +77,7 @@ _KEY: str | None = None
 
 def kernel_source_key() -> str:
     """Hash of the kernel sources, this module and the compiler/runtime versions (16 hex digits)."""
-    global _KEY  # noqa: PLW0603 - computed once per process
+    global _KEY  # computed once per process
     if _KEY is None:
         import llvmlite
         import numpy
@@ -125,7 +125,7 @@ def build_lock(*, blocking: bool = True) -> contextlib.AbstractContextManager[bo
     return _flock(".build.lock", blocking=blocking)
 
 
-class _KernelLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):  # noqa: SLF001
+class _KernelLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
     """Puts a kernel module's entries in ``kernel_cache_dir()/<module>``, stamped with the source key."""
 
     def __init__(self, py_func: Callable[..., Any], py_file: str) -> None:
@@ -148,7 +148,7 @@ class _KernelLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocato
 
 
 class _SerialImpl(caching.CompileResultCacheImpl):
-    _locator_classes = [_KernelLocator]  # noqa: RUF012 - numba's class attribute
+    _locator_classes = [_KernelLocator]  # numba's class attribute
 
 
 class _ParallelImpl(_SerialImpl):
@@ -208,7 +208,8 @@ def _decorator(parallel: bool) -> Callable[[Callable[..., Any]], Any]:
         disp = numba.njit(cache=False, **opts)(func)
         if CACHE and isinstance(disp, Dispatcher):  # NUMBA_DISABLE_JIT=1 returns the Python function
             try:
-                disp._cache = cache_cls(disp.py_func)  # noqa: SLF001 - what numba's enable_caching does
+                # what numba's enable_caching does; the private attribute is not in numba's type stubs
+                disp._cache = cache_cls(disp.py_func)  # type: ignore[attr-defined]
             except (OSError, RuntimeError) as exc:  # e.g. no home folder: compile in memory
                 _warn_once(f"kernel cache unusable at {kernel_cache_dir()} ({exc}); kernels compile in memory in "
                            "every process: set APFAST_CACHE_DIR to a writable folder")

@@ -273,7 +273,8 @@ def _table_layout(buf: bytes) -> tuple[np.dtype, int, int]:
     Raises ValueError for anything outside the simple layout ``_write_shard`` produces (no
     scaling, no heap, K/D/J/E columns); the caller then falls back to astropy.
     """
-    offset, cards = 0, []
+    offset = 0
+    cards: dict[str, str] = {}
     for hdu in range(2):
         cards = {}
         while True:
@@ -312,10 +313,12 @@ def _read_shard(path: Path, dtype: np.dtype, select: Callable | None = None) -> 
     Shards are small and many, and astropy's generic reader costs ~5 ms per file, so the
     layout ``_write_shard`` produces is parsed directly; anything else goes through astropy.
     """
+    names = dtype.names
+    assert names is not None  # a structured dtype
     buf = path.read_bytes()
     try:
         disk, n, offset = _table_layout(buf)
-        if not set(dtype.names) <= set(disk.names) or offset + n * disk.itemsize > len(buf):
+        if not set(names) <= set(disk.names or ()) or offset + n * disk.itemsize > len(buf):
             raise ValueError("columns differ")
         data = np.frombuffer(buf, dtype=disk, count=n, offset=offset)
     except (ValueError, KeyError, UnicodeDecodeError):
@@ -324,14 +327,14 @@ def _read_shard(path: Path, dtype: np.dtype, select: Callable | None = None) -> 
             if select is not None:
                 data = data[select(np.asarray(data["ra"]), np.asarray(data["dec"]))]
             out = np.empty(len(data), dtype=dtype)
-            for name in dtype.names:
+            for name in names:
                 out[name] = data[name]
         return out
     if select is not None:
         data = data[select(data["ra"], data["dec"])]
         n = len(data)
     out = np.empty(n, dtype=dtype)
-    for name in dtype.names:
+    for name in names:
         out[name] = data[name]
     return out
 
@@ -349,7 +352,7 @@ def _write_shard(path: Path, rows: np.ndarray, *, name: str, kind: str, nside: i
     text = _HEADERS.get(key)
     if text is None:
         header = fits.BinTableHDU(data=np.empty(0, dtype=rows.dtype), name="REFCAT").header
-        for i, col in enumerate(rows.dtype.names, start=1):
+        for i, col in enumerate(rows.dtype.names or (), start=1):
             if _unit(col):
                 header[f"TUNIT{i}"] = _unit(col)
         header["REFCAT"] = (name, "apfast reference catalogue name")
@@ -359,7 +362,8 @@ def _write_shard(path: Path, rows: np.ndarray, *, name: str, kind: str, nside: i
         header["HPXPIX"] = (0, "HEALPix pixel of this shard")
         text = fits.PrimaryHDU().header.tostring() + header.tostring()
         _HEADERS[key] = text
-    for card in (fits.Card("NAXIS2", 0, "length of dimension 2"), fits.Card("HPXPIX", 0, "HEALPix pixel of this shard")):
+    for card in (fits.Card("NAXIS2", 0, "length of dimension 2"),
+                 fits.Card("HPXPIX", 0, "HEALPix pixel of this shard")):
         new = fits.Card(card.keyword, len(rows) if card.keyword == "NAXIS2" else int(pix), card.comment)
         text = text.replace(card.image, new.image, 1)
     data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder(">")).tobytes()

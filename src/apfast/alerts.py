@@ -208,7 +208,9 @@ def _load_schema_cached(version: str) -> dict[str, Any]:
 
     major, minor = version.split(".")
     path = _schema_root() / major / minor / f"lsst.v{major}_{minor}.alert.avsc"
-    return fastavro.schema.load_schema(str(path))
+    schema = fastavro.schema.load_schema(str(path))
+    assert isinstance(schema, dict)  # an alert schema is a record
+    return schema
 
 
 def load_alert_schema(version: str | None = None) -> dict[str, Any]:
@@ -645,10 +647,10 @@ def build_ccd_alerts(
     n_obj = _n_rows(objects)
     if n_obj and objects is not None:
         recs = _records_from_columns(plan.records["diaObject"], objects, n_obj, "DiaObject", now)
-        oid = _int_ids(objects["diaObjectId"])
+        version_oids = _int_ids(objects["diaObjectId"])
         start = np.asarray(objects.get("validityStartMjdTai", np.zeros(n_obj)), float)
-        for j in np.lexsort((start, oid)):  # the latest version wins
-            obj_rows[int(oid[j])] = recs[j]
+        for j in np.lexsort((start, version_oids)):  # the latest version wins
+            obj_rows[int(version_oids[j])] = recs[j]
 
     def _history(
         cols: Mapping[str, np.ndarray] | None, short: str, what: str
@@ -787,7 +789,8 @@ def read_alerts(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return list(fastavro.reader(fh))
+            records: list[Any] = list(fastavro.reader(fh))  # alert files hold records (dicts)
+            return records
     except FileNotFoundError as exc:
         msg = f"alert file {path} does not exist; check the path (alerts/<visit>_<ccdnum>.avro in the output repo)"
         raise InputError(msg) from exc

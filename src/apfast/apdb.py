@@ -440,6 +440,7 @@ class Apdb:
         deadline = time.monotonic() + timeout
         delay = 0.005
         dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None  # an open connection
         # short busy wait per attempt; our loop does the (visible, logged) back-off
         dbapi.execute("PRAGMA busy_timeout = 20")
         try:
@@ -862,7 +863,9 @@ class ApdbCcdVisit:
             f"VALUES ({', '.join([self._ph] * len(names))})"
         )
         t0 = time.perf_counter()
-        dbapi_cursor = self.conn.connection.dbapi_connection.cursor()
+        dbapi_conn = self.conn.connection.dbapi_connection
+        assert dbapi_conn is not None  # an open connection
+        dbapi_cursor = dbapi_conn.cursor()
         try:
             dbapi_cursor.executemany(sql, list(zip(*values, strict=True)))
         except Exception as exc:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
-
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -314,10 +313,10 @@ def cast_kind(a: np.ndarray, kind: str) -> np.ndarray:
     return a.astype(str).astype(object)
 
 
-def to_column_set(table: str, names: list[str], rows: list) -> dict[str, np.ndarray]:
+def to_column_set(table: str, names: list[str], rows: Sequence[Any]) -> dict[str, np.ndarray]:
     """DB-API result rows -> column set (float64 with NaN; int64/bool, or object with None if NULLs)."""
     kinds = COLUMN_KINDS[table]
-    cols = list(zip(*rows)) if rows else [() for _ in names]
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out: dict[str, np.ndarray] = {}
     for name, values in zip(names, cols, strict=True):
         kind = kinds.get(name, ("s", True))[0]

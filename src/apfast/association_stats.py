@@ -76,7 +76,7 @@ def _float_array(values: Any, name: str) -> np.ndarray:
     """1-D float64 copy-free view where possible; ``None`` in object arrays becomes NaN."""
     a = np.asarray(values)
     if a.dtype.kind == "O":
-        a = np.where(a == None, np.nan, a)
+        a = np.where(a == None, np.nan, a)  # noqa: E711 - elementwise on an object array, not an identity test
     try:
         a = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -410,8 +410,8 @@ def compute_object_versions(object_ids: Any, history: Mapping[str, Any], *, band
     rb, gb = rows[inb], g[inb]
     stats = _band_stats(gb, n_groups, _column(history, "psfFlux", rb, len(rb)),
                         _column(history, "psfFluxErr", rb, len(rb)), t_all[inb])
-    for name, col in stats.items():
-        out[f"{band}_{name}"] = col
+    for name, stat in stats.items():
+        out[f"{band}_{name}"] = stat
     sm, se, _ = _weighted_mean(gb, _column(history, "scienceFlux", rb, len(rb)),
                                _column(history, "scienceFluxErr", rb, len(rb)),
                                n_groups)

@@ -80,10 +80,12 @@ class AstrometryConfig:
         default=60.0, metadata={"doc": "Largest shift of the initial WCS the matcher searches for (arcsec)."}
     )
     max_rotation_deg: float = field(default=1.0, metadata={"doc": "Largest rotation error of the initial WCS (deg)."})
-    max_scale_error: float = field(default=0.03, metadata={"doc": "Largest relative pixel-scale error of the initial WCS."})
+    max_scale_error: float = field(default=0.03,
+                                   metadata={"doc": "Largest relative pixel-scale error of the initial WCS."})
     min_triangle_side: float = field(default=40.0, metadata={"doc": "Shortest triangle side used (pixels)."})
     match_radius_px: float = field(default=3.0, metadata={"doc": "Final one-to-one matching radius (pixels)."})
-    min_matches: int = field(default=10, metadata={"doc": "Fewest matches accepted (Rubin: minMatchedPairs=30 at most)."})
+    min_matches: int = field(default=10,
+                             metadata={"doc": "Fewest matches accepted (Rubin: minMatchedPairs=30 at most)."})
     rej_sigma: float = field(default=3.0, metadata={"doc": "Outlier rejection threshold in robust RMS units."})
     n_rej_iter: int = field(default=3, metadata={"doc": "Fit/reject iterations."})
 
@@ -535,7 +537,8 @@ def solve_astrometry(
 
     # iterate: match with a shrinking radius, fit linear then full order, reject outliers
     crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    crval = tuple(float(c) for c in initial_wcs.all_pix2world([[crpix[0], crpix[1]]], 0)[0])
+    ra0, dec0 = initial_wcs.all_pix2world([[crpix[0], crpix[1]]], 0)[0]
+    crval = (float(ra0), float(dec0))
     radius = 3 * cfg.match_radius_px
     sol: SipSolution | None = None
     ia = ib = np.empty(0, np.int64)

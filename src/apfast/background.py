@@ -236,12 +236,15 @@ class BackgroundModel:
         """The :class:`apfast.exposure.Background` stored as ``calexpBackground`` (variance = stds^2)."""
         from apfast.exposure import Background
 
-        return Background(bin_size=self.bin_size, values=self.values, image_shape=tuple(self.image_shape),
+        return Background(bin_size=self.bin_size, values=self.values, image_shape=self.image_shape,
                           interpolation=self.interpolation.lower(), variance=self.stds.astype(np.float32) ** 2)
 
     @classmethod
     def from_container(cls, bk: Any) -> BackgroundModel:
-        """Rebuild an evaluable model from a stored :class:`apfast.exposure.Background` (cell stds from its variance)."""
+        """Rebuild an evaluable model from a stored :class:`apfast.exposure.Background`.
+
+        The cell standard deviations come from its variance.
+        """
         values = np.asarray(bk.values)
         stds = np.sqrt(np.asarray(bk.variance, np.float32)) if bk.variance is not None else np.zeros(values.shape)
         return cls(bin_size=bk.bin_size, image_shape=tuple(bk.image_shape), values=values, stds=stds,

@@ -616,7 +616,7 @@ class Butler:
         return rel
 
     def _fill_from_registry(self, did: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-        query = {k: did[k] for k in ("visit", "ccdnum") if k in did}
+        query: dict[str, Any] = {k: did[k] for k in ("visit", "ccdnum") if k in did}
         try:
             rows = self._raw_rows(query)
         except (ImportError, ApfastError):
@@ -692,7 +692,7 @@ class Butler:
         return _Location(Path(ref.path), [reg_file, Path(ref.path)], ref.hdu, ref)
 
     # ----------------------------------------------------------------- public API
-    def get(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:  # noqa: N803
+    def get(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
         """Read a dataset.
 
         Parameters
@@ -737,7 +737,7 @@ class Butler:
             return read_calib(extra) if camera is None else read_calib(extra, camera=camera)
         return STORAGES[dt.storage].read(found)
 
-    def put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:  # noqa: N803
+    def put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
         """Write a dataset into the first repository of the chain (atomically) and return its path.
 
         Exposures get the stored config's sha256 (``config/apfast.toml.sha256``) as ``CFGSHA``,
@@ -760,7 +760,7 @@ class Butler:
             raise output_error(f"{datasetType} {_merge_data_id(dataId, kwargs)} -> {path}", exc) from exc
         return path
 
-    def prepare_put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None,  # noqa: N803
+    def prepare_put(self, obj: Any, datasetType: str, dataId: Mapping[str, Any] | None = None,
                     **kwargs: Any) -> tuple[Path, Callable[[], Path]]:
         """Check a :meth:`put`; return ``(path, write)``.
 
@@ -819,13 +819,13 @@ class Butler:
 
         return path, write_other
 
-    def datasetExists(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> bool:  # noqa: N802, N803
+    def datasetExists(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> bool:
         """Whether :meth:`get` would find the dataset."""
         dt = self._dataset_type(datasetType)
         did = _merge_data_id(dataId, kwargs)
         return self._locate(dt, did).found is not None
 
-    def getUri(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> str:  # noqa: N802, N803
+    def getUri(self, datasetType: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
         """Path :meth:`get` would read; if the dataset does not exist yet, the path :meth:`put` would write.
 
         For raw and calib types this is the file named by the registry (its HDU is not part of the string).
@@ -842,7 +842,7 @@ class Butler:
     def queryMetadata(
         self,
         datasetType: str,
-        format: str | list[str] | tuple[str, ...],  # noqa: A002, N802, N803
+        format: str | list[str] | tuple[str, ...],
         dataId: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> list[Any]:
@@ -872,7 +872,7 @@ class Butler:
         self._dataset_type(datasetType)
         did = _merge_data_id(dataId, kwargs)
         single = isinstance(format, str)
-        keys = [format] if single else list(format)
+        keys = [format] if isinstance(format, str) else list(format)
         rows = self._raw_rows(did)
         if rows:
             unknown = [k for k in keys if k not in rows[0]]

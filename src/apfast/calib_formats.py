@@ -251,7 +251,8 @@ def _scan_fits(path: Path, camera: Any) -> list[CalibEntry]:
     date_iso, mjd = _file_date(primary, path, where0)
     filt = ""
     if calib_type == "flat":
-        raw_filter = str(_need(primary, "FILTER", path, where0, "a flat needs FILTER (e.g. 'g DECam SDSS c0001 4720.0 1520.0')"))
+        raw_filter = str(_need(primary, "FILTER", path, where0,
+                               "a flat needs FILTER (e.g. 'g DECam SDSS c0001 4720.0 1520.0')"))
         filt = raw_filter.split()[0] if raw_filter.split() else ""
         if not filt:
             msg = f"{path}: FILTER is blank in {where0}; a flat needs its filter"
@@ -317,7 +318,7 @@ def _construct_unknown(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) ->
         return loader.construct_mapping(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
         return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
+    return loader.construct_scalar(node)
 
 
 _TolerantLoader.add_multi_constructor("", _construct_unknown)
@@ -325,7 +326,7 @@ _TolerantLoader.add_multi_constructor("", _construct_unknown)
 
 def _yaml_load(text: str, path: Path) -> Any:
     try:
-        return yaml.load(text, Loader=_TolerantLoader)  # noqa: S506 - a safe loader subclass
+        return yaml.load(text, Loader=_TolerantLoader)  # a safe loader subclass
     except yaml.YAMLError as exc:
         msg = f"{path}: not valid YAML ({str(exc).splitlines()[0]}); the file is corrupt or not a calibration"
         raise IngestError(msg) from None

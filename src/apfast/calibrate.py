@@ -24,7 +24,14 @@ from apfast.characterize import clean_star_flags
 from apfast.detection import DetectionConfig, detect_sources
 from apfast.errors import ConfigError
 from apfast.measurement import MeasurementConfig, aperture_name, measure_sources
-from apfast.photocal import ApCorrModel, PhotoCalConfig, PhotoCalError, PhotoCalResult, fit_aperture_correction, fit_zero_point
+from apfast.photocal import (
+    ApCorrModel,
+    PhotoCalConfig,
+    PhotoCalError,
+    PhotoCalResult,
+    fit_aperture_correction,
+    fit_zero_point,
+)
 from apfast.psf import PsfModel
 
 __all__ = ["CalibrateConfig", "CalibrateResult", "RefCatalog", "mjd_to_epoch", "run_calibrate"]

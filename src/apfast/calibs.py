@@ -370,12 +370,13 @@ def ingest_calibs(
                 raise IngestError(msg)
             claims.setdefault(k, src)
 
+    conn: sqlite3.Connection | None  # None once closed
     existing: dict[tuple[str, int, str, str], sqlite3.Row] = {}
     if db.exists():
         conn = _connect(db)
         try:
             _check_camera(conn, db, camera)
-            for src, entries in scanned:
+            for _src, entries in scanned:
                 for e in entries:
                     row = conn.execute(
                         "SELECT * FROM calib WHERE calib_type=? AND ccdnum=? AND filter=? AND calib_date=?",
@@ -703,7 +704,8 @@ def read_calib(ref: CalibRef, *, camera: Camera | None = None) -> Any:
         (the message names the file, the HDU and the shape found).
     """
     if not ref.path.exists():
-        msg = f"{ref.path}: the calibration file registered for {ref.calib_type} ccdnum={ref.ccdnum} is missing; re-ingest it"
+        msg = (f"{ref.path}: the calibration file registered for {ref.calib_type} ccdnum={ref.ccdnum} is missing; "
+               "re-ingest it")
         raise CalibrationError(msg)
     cam = camera or get_camera("DECam")
     if ref.calib_type in ("bias", "flat"):

@@ -183,7 +183,7 @@ def run_characterize(
     psf: PsfModel | None = None
     psf_res: PsfResult | None = None
     cat: MeasurementResult | None = None
-    for it in range(cfg.psf_iterations):
+    for _ in range(cfg.psf_iterations):
         if det is None or cfg.redetect:
             t = time.perf_counter()
             det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)

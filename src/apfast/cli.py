@@ -186,7 +186,7 @@ def _config_files(names: Sequence[str]) -> list[Path]:
     return out
 
 
-def _load_cfg(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig, imported lazily
+def _load_cfg(args: argparse.Namespace):  # PipelineConfig, imported lazily
     from apfast.config import load_config
 
     overrides = list(args.config or ())
@@ -261,16 +261,17 @@ def _print_summary(args: argparse.Namespace, outcomes: list, out_repo: Path) -> 
 
     wide = format_summary(outcomes, wide=True)
     path = out_repo / SUMMARY_NAME
+    written = True
     try:
         path.write_text(wide + "\n", encoding="utf-8")
     except OSError as exc:  # the table is printed anyway; a full disk shows up in the outputs' errors
         log.warning("could not write %s: %s", path, exc)
-        path = None
+        written = False
     from apfast.report.summary import write_summary_json
 
     write_summary_json(out_repo, outcomes)  # OUT/summary.json: merged across runs, read by `apfast report`
     _out(wide if args.summary == "wide" else format_summary(outcomes))
-    if path is not None and args.summary != "wide":
+    if written and args.summary != "wide":
         _out(f"per-stage seconds and full messages: {path} (--summary wide prints them)")
 
 
@@ -288,7 +289,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # noqa: ANN001 - PipelineConfig
+def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # PipelineConfig
     from apfast.config import config_to_toml
     from apfast.dataid import format_table
 
@@ -377,7 +378,8 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
     ensure_kernel_cache()  # before any worker starts: workers then load every kernel, none compiles
     if cfg.process.n_threads:
-        numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))
+        # numba.config sets its settings at run time; its module has no declaration for them
+        numba.set_num_threads(min(cfg.process.n_threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     butler = Butler(out_repo, calib=args.calib, template=args.template, output=cfg.output)
     log.info("processing %d CCD(s) into %s", len(rows), out_repo)
     doraise = args.doraise or cfg.process.doraise
@@ -387,7 +389,8 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
         template_visit = _template_visit(args.templateId)
         if cfg.difference.template_source == "calexp" and template_visit is not None:
             # Gen 2 calexp-template mode: the template visit's CCDs are processed first if needed
-            tmpl_rows = _select_rows(args.repo, [{"visit": [template_visit], "ccdnum": sorted({r["ccdnum"] for r in rows})}])
+            tmpl_rows = _select_rows(args.repo,
+                                     [{"visit": [template_visit], "ccdnum": sorted({r["ccdnum"] for r in rows})}])
             run_process_ccd(butler, tmpl_rows, cfg, doraise=doraise, progress=_progress)
         if args.processes > 1 or args.executor == "dask":
             outcomes = _run_parallel(args, cfg, rows, out_repo, apdb, template_visit, doraise, clobber)
@@ -408,7 +411,7 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Path, apdb,  # noqa: ANN001
+def _run_parallel(args: argparse.Namespace, cfg, rows: list[dict], out_repo: Path, apdb,
                   template_visit: int | None, doraise: bool, clobber: bool) -> list:
     """``-j N`` (spawned local workers) or ``--executor dask`` (a Dask cluster), see apfast.executor."""
     from apfast.butler import Butler
@@ -505,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the table's column convention (default: guessed from the columns)")
     p.add_argument("--column-map", default=None, metavar="STD=COL,...",
                    help="map standard column names to the input's, e.g. id=SOURCE_ID,ra=RA_ICRS")
-    p.add_argument("--nside", type=int, default=None, help="HEALPix nside of new shards (default 32; a merge keeps the stored one)")
+    p.add_argument("--nside", type=int, default=None,
+                   help="HEALPix nside of new shards (default 32; a merge keeps the stored one)")
     p.set_defaults(func=_cmd_ingest_refcat)
 
     p = _sub(sub, "simulate", "write realistic simulated DECam data with truth",
@@ -633,11 +637,11 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (tests and notebooks replace it between calls)."""
 
     @property
-    def stream(self):  # noqa: ANN202
+    def stream(self):
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
+    def stream(self, _value) -> None:
         pass
 
 

@@ -171,7 +171,7 @@ def psf_from_grid(
 
 
 def coadd_psf(
-    psfs: Sequence[PsfModel], weights: Sequence[float], coverage: np.ndarray, *, step: int = 8
+    psfs: Sequence[PsfModel], weights: Sequence[float] | np.ndarray, coverage: np.ndarray, *, step: int = 8
 ) -> tuple[PolynomialPixelPsf, np.ndarray]:
     """Coadd PSF from the inputs' PSFs on the coadd grid (see the module docstring).
 
@@ -199,7 +199,7 @@ def coadd_psf(
     NoWorkFound
         If no input covers any pixel.
     """
-    any_cov = coverage.any(axis=0)
+    any_cov = np.asarray(coverage.any(axis=0))
     sub = any_cov[::step, ::step]
     iy, ix = np.nonzero(sub)
     if iy.size == 0:
@@ -327,7 +327,9 @@ def make_coadd(
     psfs: list[PsfModel] = []
     for j, i in enumerate(used):
         exp = calexps[i]
-        y0, y1, x0, x1 = boxes[i]
+        box = boxes[i]
+        assert box is not None and exp.photo_calib is not None and exp.psf is not None  # i in used; checked above
+        y0, y1, x0, x1 = box
         sub_wcs = pwcs.slice((slice(y0, y1), slice(x0, x1)))
         warped = _warp.warp_exposure(exp, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
         images[j, y0:y1, x0:x1] = warped.image

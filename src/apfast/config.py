@@ -530,9 +530,10 @@ def _apply(cfg: PipelineConfig, settings: Sequence[_Setting]) -> PipelineConfig:
         return _from_dict(PipelineConfig, data)
     except ConfigError as exc:
         # Range and cross-field checks run on the finished config: say which setting caused it.
-        if getattr(exc, "key", None) in last_source:
-            msg = f"{exc} ({last_source[exc.key]})"
-            raise _ConfigError(msg, exc.key) from None
+        key = getattr(exc, "key", None)
+        if key in last_source:
+            msg = f"{exc} ({last_source[key]})"
+            raise _ConfigError(msg, key) from None
         raise
 
 

@@ -96,6 +96,8 @@ class DataIdExpr(Mapping[str, tuple[Any, ...]]):
     """
 
     __slots__ = ("_data", "_hash")
+    _data: dict[str, tuple[Any, ...]]
+    _hash: int | None
 
     def __init__(self, values: Mapping[str, Sequence[Any]] = ()) -> None:  # type: ignore[assignment]
         data: dict[str, tuple[Any, ...]] = {}
@@ -124,9 +126,11 @@ class DataIdExpr(Mapping[str, tuple[Any, ...]]):
         return len(self._data)
 
     def __hash__(self) -> int:
-        if self._hash is None:
-            object.__setattr__(self, "_hash", hash(frozenset(self._data.items())))
-        return self._hash  # type: ignore[return-value]
+        h = self._hash
+        if h is None:
+            h = hash(frozenset(self._data.items()))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self._data.items())
@@ -141,7 +145,8 @@ class DataIdExpr(Mapping[str, tuple[Any, ...]]):
 
     def n_combinations(self) -> int:
         """Return how many dataIds :func:`expand` would give (the product of the value counts)."""
-        return math.prod(len(v) for v in self._data.values())
+        counts: list[int] = [len(v) for v in self._data.values()]
+        return math.prod(counts)
 
     def to_string(self) -> str:
         """Return the canonical ``--id`` text; parsing it gives back an equal expression.

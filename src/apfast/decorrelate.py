@@ -187,7 +187,8 @@ def _check_var(name: str, value: Any, *, positive: bool) -> float:
     ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
     if not ok:
         need = "> 0" if positive else ">= 0"
-        msg = f"{name} must be a finite variance {need}, got {value!r}; measure it with apfast.decorrelate.variance_mean"
+        msg = (f"{name} must be a finite variance {need}, got {value!r}; "
+               "measure it with apfast.decorrelate.variance_mean")
         raise InputError(msg)
     return v
 

@@ -50,8 +50,7 @@ def run_demo(
     from apfast.calibs import ingest_calibs
     from apfast.dataid import format_table
     from apfast.ingest import ingest_raws
-    from apfast.refcat import load_polygon
-    from apfast.refcat import ingest_refcat
+    from apfast.refcat import ingest_refcat, load_polygon
     from apfast.registry import Registry
     from apfast.simulate import simulate
 
@@ -59,7 +58,7 @@ def run_demo(
     sim_dir, repo = root / "sim", root / "repo"
     timings: list[tuple[str, float]] = []
 
-    def step(name: str) -> Callable[[float], None]:
+    def step(name: str) -> Callable[..., None]:
         t0 = time.perf_counter()
 
         def done(_: float = 0.0) -> None:
@@ -279,7 +278,7 @@ def _simulation_complete(sim_dir: Path) -> bool:
 
         truth = load_truth(sim_dir)
         raws = [sim_dir / "raw" / str(f) for f in truth.visits["filename"]]
-    except Exception:  # noqa: BLE001 - any unreadable truth means: simulate again
+    except Exception:  # any unreadable truth means: simulate again
         return False
     refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
     calib = sim_dir / "calib"

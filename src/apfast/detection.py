@@ -435,7 +435,7 @@ def detect_sources(
 def _stats(
     labels: np.ndarray, n: int, snr: np.ndarray, img: np.ndarray, codes: np.ndarray
 ) -> dict[str, np.ndarray]:
-    out = {
+    out: dict[str, np.ndarray] = {
         "bbox": np.empty((n, 4), dtype=np.int32),
         "npix": np.empty(n, dtype=np.int64),
         "peak": np.empty((n, 4), dtype=np.float64),

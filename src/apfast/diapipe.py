@@ -94,6 +94,7 @@ def ccd_region(exp: Exposure, margin_px: float) -> tuple[np.ndarray, np.ndarray]
     m = float(margin_px)
     xs = np.array([-m, nx - 1 + m, nx - 1 + m, -m])
     ys = np.array([-m, -m, ny - 1 + m, ny - 1 + m])
+    assert exp.wcs is not None  # a calexp
     ra, dec = exp.wcs.all_pix2world(xs, ys, 0)
     return np.asarray(ra, float) % 360.0, np.asarray(dec, float)
 
@@ -117,6 +118,7 @@ def _inside(exp: Exposure, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray,
     if len(ra) == 0:
         e = np.zeros(0)
         return e, e, np.zeros(0, bool)
+    assert exp.wcs is not None  # the difference carries the calexp's WCS
     x, y = exp.wcs.all_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
     ny, nx = exp.shape
     ok = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x <= nx - 0.5) & (y >= -0.5) & (y <= ny - 0.5)

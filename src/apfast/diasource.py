@@ -302,7 +302,8 @@ def _psf_basis(
         return np.array(lin.basis, dtype=np.float64), _poly_weights(lin, px, py), False
     gx, gy = _grid(shape, grid_spacing)
     if n <= gx.size * gy.size:
-        stamps = [np.asarray(psf.compute_image(float(a), float(b)), dtype=np.float64) for a, b in zip(px, py, strict=True)]
+        stamps = [np.asarray(psf.compute_image(float(a), float(b)), dtype=np.float64)
+                  for a, b in zip(px, py, strict=True)]
         if not stamps:
             k = psf.size
             return np.zeros((0, k, k)), np.zeros((0, 0)), True
@@ -480,7 +481,8 @@ def forced_photometry(
 
 
 # --------------------------------------------------------------------------- sky coordinates
-def _sky(wcs: Any, x: np.ndarray, y: np.ndarray, cxx: np.ndarray, cyy: np.ndarray, cxy: np.ndarray) -> dict[str, np.ndarray]:
+def _sky(wcs: Any, x: np.ndarray, y: np.ndarray, cxx: np.ndarray, cyy: np.ndarray,
+         cxy: np.ndarray) -> dict[str, np.ndarray]:
     """ra, dec (deg) and the covariance of (ra, dec) from the pixel covariance via the WCS Jacobian."""
     n = x.shape[0]
     xs = np.concatenate([x, x + 0.5, x - 0.5, x, x])
@@ -502,7 +504,8 @@ def _sky(wcs: Any, x: np.ndarray, y: np.ndarray, cxx: np.ndarray, cyy: np.ndarra
 
 
 def _separation_arcsec(wcs: Any, x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray) -> np.ndarray:
-    ra, dec = (np.radians(np.asarray(a, dtype=np.float64)) for a in wcs.pixel_to_world_values(np.concatenate([x1, x2]), np.concatenate([y1, y2])))
+    ra, dec = (np.radians(np.asarray(a, dtype=np.float64))
+               for a in wcs.pixel_to_world_values(np.concatenate([x1, x2]), np.concatenate([y1, y2])))
     n = x1.shape[0]
     sd = np.sin((dec[n:] - dec[:n]) / 2) ** 2 + np.cos(dec[:n]) * np.cos(dec[n:]) * np.sin((ra[n:] - ra[:n]) / 2) ** 2
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(sd, 0.0, 1.0)))) * 3600.0
@@ -542,7 +545,8 @@ def _fit_dipole_candidates(
     sx = det.pos_peak_x - det.neg_peak_x
     sy = det.pos_peak_y - det.neg_peak_y
     max_sep = cfg.dipole_max_separation_sigma * psf_sigma
-    cand = det.has_positive & det.has_negative & (np.hypot(sx, sy) <= max_sep) if cfg.do_dipole_fit else np.zeros(n, bool)
+    cand = (det.has_positive & det.has_negative & (np.hypot(sx, sy) <= max_sep) if cfg.do_dipole_fit
+            else np.zeros(n, bool))
     idx = np.flatnonzero(cand)
     m = idx.size
     params = np.full((n, _kd.NPAR), np.nan)
@@ -555,6 +559,7 @@ def _fit_dipole_candidates(
             np.stack([det.pos_peak_x[idx], det.pos_peak_y[idx], det.neg_peak_x[idx], det.neg_peak_y[idx]], axis=1),
             dtype=np.float64,
         )
+        assert difference.psf is not None  # run_dia_detection checked it
         if lin is _UNSET:
             lin = _linear_form(difference.psf)
         basis, weights, per = _psf_basis(
@@ -649,6 +654,7 @@ def run_dia_detection(
     """
     cfg = config if config is not None else DiaSourceConfig()
     _check_inputs(difference, science, template)
+    assert difference.psf is not None  # _check_inputs raised InputError otherwise
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # DETECTED / DETECTED_NEGATIVE of the input are ignored: detect_sources clears them in its output
@@ -758,7 +764,7 @@ def _median(z: np.ndarray, center: float | None) -> float:
     k0, k1 = (n - 1) // 2, n // 2
     pair = np.zeros(2)
     absolute = center is not None
-    c = float(center) if absolute else 0.0
+    c = float(center) if center is not None else 0.0
     lo = 0.0 if absolute else -_Z_RANGE
     if not _kn.select_ranks(z, c, absolute, k0, k1, lo, _Z_RANGE, 1 << 16, pair):
         u = np.abs(z.astype(np.float64) - c) if absolute else z.astype(np.float64)

@@ -69,6 +69,7 @@ def _residual_offset(diff: Exposure, science: Exposure) -> float:
     bad = bitmask(["BAD", "SAT", "NO_DATA", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP", "SUSPECT"])
     step = max(1, diff.image.size // 500_000)  # 500k samples: the mean to 0.2% of the noise
     img = diff.image.ravel()[::step]
+    assert diff.mask is not None  # subtract_images always makes the difference's mask
     ok = ((diff.mask.ravel()[::step] & bad) == 0) & np.isfinite(img)
     if science.mask is not None:
         ok &= (science.mask.ravel()[::step] & bad) == 0
@@ -127,6 +128,7 @@ def run_image_difference(
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
     if cfg.do_decorrelate:
         t = time.perf_counter()
+        assert science.variance is not None and template.variance is not None  # subtract_images checked both
         sv = variance_mean(science.variance, science.mask, ignore_mask_planes=dcfg.ignore_mask_planes)
         tv = variance_mean(template.variance, template.mask, ignore_mask_planes=dcfg.ignore_mask_planes)
         diff = decorrelate(diff, sub.kernel.evaluate(xc, yc), science_variance=sv,

@@ -105,7 +105,7 @@ def ccd_dependencies(rows: Sequence[dict[str, Any]], margin_deg: float) -> list[
 
 
 # --------------------------------------------------------------------------------------- worker side
-_STATE: dict[str, Any] = {}
+_STATE: dict[tuple[Any, ...], Any] = {}  # per-worker Butlers and Apdbs, by their arguments
 
 
 def _worker_init(threads: int, warm: bool = False) -> None:
@@ -115,13 +115,14 @@ def _worker_init(threads: int, warm: bool = False) -> None:
         # thread pool has started
         import numba
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        # numba.config sets its settings at run time; its module has no declaration for them
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if warm:
         from apfast.warmup import warmup
 
         try:
             warmup(fftw=False)  # FFTW plans come from the wisdom cache on first use
-        except Exception:  # noqa: BLE001 - a kernel that fails here fails again in its task, with the dataId
+        except Exception:  # a kernel that fails here fails again in its task, with the dataId
             log.warning("worker %d: kernel warm-up failed; kernels compile on first use", os.getpid(),
                         exc_info=True)
 

@@ -456,7 +456,7 @@ class Exposure:
     @property
     def shape(self) -> tuple[int, int]:
         """``(ny, nx)`` of the image."""
-        return self.image.shape  # type: ignore[return-value]
+        return self.image.shape
 
     def subimage(self, y0: int, y1: int, x0: int, x1: int) -> Exposure:
         """Return a cutout ``[y0:y1, x0:x1]`` sharing pixel memory with this exposure.

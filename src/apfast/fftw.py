@@ -225,7 +225,7 @@ def _import(wisdom: tuple[bytes, ...], path: Path) -> None:
 
     try:
         ok = pyfftw.import_wisdom(wisdom)
-    except Exception as exc:  # noqa: BLE001 - pyfftw/FFTW raise assorted types on bad input; never fatal
+    except Exception as exc:  # pyfftw/FFTW raise assorted types on bad input; never fatal
         logger.warning("FFTW rejected the wisdom in %s (%s); ignoring it", path, exc)
         return
     if any(w and not good for w, good in zip(wisdom, ok, strict=False)):

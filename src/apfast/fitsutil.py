@@ -194,7 +194,7 @@ def image_wcs(header: fits.Header, shape: tuple[int, int] | None = None) -> WCS 
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
             wcs = WCS(clean)
-        except Exception:  # noqa: BLE001 - astropy raises many types for bad WCS cards
+        except Exception:  # astropy raises many types for bad WCS cards
             return None
     return wcs if wcs.has_celestial else None
 

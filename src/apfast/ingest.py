@@ -78,7 +78,7 @@ def _as(kind: type, value: Any, *, path: Path, key: str | None, what: str) -> An
     try:
         if kind is int:
             if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-                f = int(value)  # exact, however long
+                f: int | float = int(value)  # exact, however long
             else:
                 f = float(value)
                 if not math.isfinite(f) or f != int(f):
@@ -131,7 +131,8 @@ def exposure_values(camera: Camera, header: Any, path: Path) -> dict[str, Any]:
     out["obstype"] = _as(str, get("obstype", False) or "", path=path, key=None, what="obstype")
     out["proposal"] = _as(str, get("proposal", False) or "", path=path, key=None, what="proposal")
     airmass = get("airmass", False)
-    out["airmass"] = _as(float, airmass, path=path, key=ek["airmass"].key, what="airmass") if airmass is not None else None
+    out["airmass"] = (_as(float, airmass, path=path, key=ek["airmass"].key, what="airmass")
+                      if airmass is not None else None)
     for k in ("ra", "dec"):
         v = get(k, False)
         out[k] = _parse_angle(v, ek[k].unit, path=path, key=ek[k].key) if v is not None and v != "" else None
@@ -141,7 +142,7 @@ def exposure_values(camera: Camera, header: Any, path: Path) -> dict[str, Any]:
 def _footprint(camera: Camera, header: Any, shape: tuple[int, ...], path: Path, hdu: int) -> dict[str, Any]:
     """Centre and corners of the trimmed area on the sky, from the header WCS (NULL if none)."""
     out: dict[str, Any] = {}
-    wcs = image_wcs(header, shape[-2:] if len(shape) >= 2 else None)
+    wcs = image_wcs(header, (shape[-2], shape[-1]) if len(shape) >= 2 else None)
     if wcs is None:
         return out
     xs0, xs1, ys0, ys1 = [], [], [], []
@@ -249,7 +250,8 @@ def inspect_raw(path: str | Path, camera: Camera) -> tuple[RawFile, list[str]]:
         row.update(
             ccdnum=ccdnum,
             ccd=ccdnum,
-            detector=str(info.header.get("EXTNAME", camera.detector_name(ccdnum))).strip() or camera.detector_name(ccdnum),
+            detector=(str(info.header.get("EXTNAME", camera.detector_name(ccdnum))).strip()
+                      or camera.detector_name(ccdnum)),
             hdu=info.index,
         )
         row.update(_footprint(camera, info.header if camera.multi_extension else merged, shape, path, info.index))

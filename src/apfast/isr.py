@@ -49,8 +49,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from apfast.camera import Camera, Section, parse_section
 from apfast._configbase import ConfigSection, opt, subsection
+from apfast.camera import Camera, Section, parse_section
 from apfast.errors import AlgorithmError, InputError
 from apfast.isr_inputs import (
     check_section,
@@ -266,7 +266,8 @@ def amp_params_from_header(camera: Camera, header: Mapping[str, Any]) -> tuple[A
             try:
                 return float(value)
             except (TypeError, ValueError):
-                msg = f"amp {amp_name} {what} ({spec.key or 'camera literal'}) = {value!r} is not a number; fix the header"
+                msg = (f"amp {amp_name} {what} ({spec.key or 'camera literal'}) = {value!r} is not a number; "
+                       "fix the header")
                 raise InputError(msg) from None
 
         data = section(amp.data_section, "data section")
@@ -279,7 +280,8 @@ def amp_params_from_header(camera: Camera, header: Mapping[str, Any]) -> tuple[A
             raise InputError(msg)
         gain = number(amp.gain, "gain")
         if not (math.isfinite(gain) and gain > 0):
-            msg = f"amp {amp.name} gain ({amp.gain.key or 'camera literal'}) = {gain} must be > 0 e-/ADU; fix the header"
+            msg = (f"amp {amp.name} gain ({amp.gain.key or 'camera literal'}) = {gain} must be > 0 e-/ADU; "
+                   "fix the header")
             raise InputError(msg)
         out.append(
             AmpParams(
@@ -545,7 +547,7 @@ def run_isr(
     n_defect = 0
     if boxes.shape[0]:
         n_defect = int(km.mask_boxes(mask, boxes, bitmask("BAD")))
-        for x0, y0, w, h in boxes:
+        for _x0, y0, w, h in boxes:
             if w > 0 and h > 0:
                 row_bad[max(y0, 0) : max(min(y0 + h, tshape[0]), 0)] = True
     n_sat_raw = int(counts[:, :, 0].sum())

@@ -207,8 +207,11 @@ def psf_stamps(
     if isinstance(psf, PolynomialPixelPsf):
         xn = (x - psf.x_center) / psf.x_scale
         yn = (y - psf.y_center) / psf.y_scale
-        terms = np.stack([poly_terms(a, b, psf.order) for a, b in zip(xn, yn, strict=True)]) if n else None
-        weights = terms @ psf.coeffs.T if n else np.zeros((0, psf.basis.shape[0]))
+        if n:
+            terms = np.stack([poly_terms(a, b, psf.order) for a, b in zip(xn, yn, strict=True)])
+            weights = terms @ psf.coeffs.T
+        else:
+            weights = np.zeros((0, psf.basis.shape[0]))
         # a writeable copy: numba compiles read-only arrays as a separate signature (~10 s per process)
         return np.array(psf.basis, dtype=np.float64), np.ascontiguousarray(weights), False
     func = psf.compute_image if isinstance(psf, PsfModel) else psf

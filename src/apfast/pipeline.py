@@ -109,9 +109,11 @@ def _refs(root: Path, name: str, corners_ra: list[float], corners_dec: list[floa
         msg = f"visit={did['visit']} ccdnum={did['ccdnum']}: {exc}"
         raise RefcatError(msg) from None
     src = region.sources
-    if mag_col not in src.dtype.names:
+    columns = src.dtype.names
+    assert columns is not None  # a structured array
+    if mag_col not in columns:
         msg = (
-            f"reference catalogue {name!r} has no column {mag_col!r} (columns: {', '.join(src.dtype.names)}); "
+            f"reference catalogue {name!r} has no column {mag_col!r} (columns: {', '.join(columns)}); "
             "set calibrate.astrometry_mag or use a catalogue with this band"
         )
         raise RefcatError(msg)
@@ -120,9 +122,9 @@ def _refs(root: Path, name: str, corners_ra: list[float], corners_dec: list[floa
     else:
         ra, dec = np.asarray(src["ra"], float), np.asarray(src["dec"], float)
     err_col = mag_col.replace("_mag", "_magErr")
-    mag_err = np.asarray(src[err_col], float) if err_col in src.dtype.names else np.zeros(len(src))
+    mag_err = np.asarray(src[err_col], float) if err_col in columns else np.zeros(len(src))
     col = None
-    if colour is not None and all(f"{b}_mag" in src.dtype.names for b in colour):
+    if colour is not None and all(f"{b}_mag" in columns for b in colour):
         col = np.asarray(src[f"{colour[0]}_mag"], float) - np.asarray(src[f"{colour[1]}_mag"], float)
     return RefCatalog(np.asarray(ra, float), np.asarray(dec, float), np.asarray(src[mag_col], float), mag_err,
                       name=name, colour=col)
@@ -302,7 +304,7 @@ def _guarded(outcome: CcdOutcome, tag: str, what: str, fn: Callable[[], Any], *,
             raise
         outcome.status, outcome.message = "failed", f"{what}: {type(exc).__name__}: {exc}"
         log.error("%s %s failed: %s", tag, what, exc)
-    except Exception as exc:  # noqa: BLE001 - one CCD's bug must not stop the night; the traceback is logged
+    except Exception as exc:  # one CCD's bug must not stop the night; the traceback is logged
         if doraise:
             raise
         outcome.status, outcome.message = "failed", f"{what}: {type(exc).__name__}: {exc}"
@@ -579,7 +581,8 @@ def run_process_ccd(
             continue
         t = time.perf_counter()
         res = CcdOutcome(did["visit"], did["ccdnum"], "ok")
-        r = _guarded(res, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)
+        # _guarded calls the stage at once, so the lambda sees this iteration's row
+        r = _guarded(res, tag, "processCcd", lambda: process_ccd(butler, row, cfg), doraise=doraise)  # noqa: B023
         if r is not None:
             res = r
             res.products.clear()  # outcomes are kept for the summary: never hold the images

@@ -214,7 +214,7 @@ class GaussianPsf(PsfModel, psftype="GAUSSIAN"):
         self._size = int(size)
 
     @property
-    def size(self) -> int:  # noqa: D102
+    def size(self) -> int:
         return self._size
 
     def __repr__(self) -> str:
@@ -245,7 +245,7 @@ class GaussianPsf(PsfModel, psftype="GAUSSIAN"):
         return [fits.ImageHDU(self.compute_image(0.0, 0.0), header=hdr, name="PSF_GAUSSIAN")]
 
     @classmethod
-    def from_hdus(cls, hdus: Sequence[Any]) -> GaussianPsf:  # noqa: D102
+    def from_hdus(cls, hdus: Sequence[Any]) -> GaussianPsf:
         hdr = hdus[0].header
         return cls(float(hdr["PSFSIGMA"]), int(hdr["PSFSIZE"]))
 
@@ -269,7 +269,7 @@ class ImagePsf(PsfModel, psftype="IMAGE"):
         self.image.flags.writeable = False
 
     @property
-    def size(self) -> int:  # noqa: D102
+    def size(self) -> int:
         return int(self.image.shape[0])
 
     def __repr__(self) -> str:
@@ -289,7 +289,7 @@ class ImagePsf(PsfModel, psftype="IMAGE"):
         return [fits.ImageHDU(self.image, header=self._header(), name="PSF_IMAGE")]
 
     @classmethod
-    def from_hdus(cls, hdus: Sequence[Any]) -> ImagePsf:  # noqa: D102
+    def from_hdus(cls, hdus: Sequence[Any]) -> ImagePsf:
         psf = cls(np.asarray(hdus[0].data, dtype=np.float64))
         # the stored stamp is already normalised: keep its exact bits (re-dividing by a sum
         # of 1 +- 1 ulp would change them)
@@ -370,7 +370,7 @@ class PolynomialPixelPsf(PsfModel, psftype="POLYPIX"):
         self.x_scale, self.y_scale = float(x_scale), float(y_scale)
 
     @property
-    def size(self) -> int:  # noqa: D102
+    def size(self) -> int:
         return int(self.basis.shape[1])
 
     def __repr__(self) -> str:
@@ -427,7 +427,7 @@ class PolynomialPixelPsf(PsfModel, psftype="POLYPIX"):
         ]
 
     @classmethod
-    def from_hdus(cls, hdus: Sequence[Any]) -> PolynomialPixelPsf:  # noqa: D102
+    def from_hdus(cls, hdus: Sequence[Any]) -> PolynomialPixelPsf:
         by_name = {h.name: h for h in hdus}
         if "PSF_BASIS" not in by_name or "PSF_COEFFS" not in by_name:
             msg = f"POLYPIX PSF needs extensions PSF_BASIS and PSF_COEFFS, found {sorted(by_name)}"

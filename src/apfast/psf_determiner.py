@@ -435,8 +435,8 @@ def determine_psf(
         w = np.minimum(snr_star[keep], 1000.0) ** 2
         basis, coeffs = _fit_model(st[keep], w, xn[keep], yn[keep], n_eigen, order, cfg.spatial_reject)
         # chi^2 of every star against the model at its position
-        model = np.einsum("nb,bij->nij", np.array([coeffs @ poly_terms(a, b, order) for a, b in zip(xn, yn, strict=True)]),
-                          basis)
+        model = np.einsum("nb,bij->nij",
+                          np.array([coeffs @ poly_terms(a, b, order) for a, b in zip(xn, yn, strict=True)]), basis)
         model /= model.sum(axis=(1, 2), keepdims=True)
         chi2 = ((st - model) ** 2 / vs).sum(axis=(1, 2)) / (k * k)
         med = np.median(chi2[keep])

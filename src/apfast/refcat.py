@@ -144,7 +144,9 @@ class RefcatRegion:
     @property
     def bands(self) -> tuple[str, ...]:
         """Bands present, from the ``<band>_mag`` columns."""
-        return tuple(n[:-4] for n in self.sources.dtype.names if n.endswith("_mag"))
+        names = self.sources.dtype.names
+        assert names is not None  # a structured array
+        return tuple(n[:-4] for n in names if n.endswith("_mag"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def _read_config(repo: str | Path, name: str) -> dict[str, Any]:
         raise RefcatError(msg) from exc
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -332,6 +334,7 @@ def ingest_refcat(
                                   path=catdir, files_ingested=(), files_skipped=tuple(skipped),
                                   n_added=0, n_total=total, shards_written=(),
                                   elapsed_s=time.perf_counter() - t0)
+    assert used_kind is not None and used_bands is not None  # set by every input read
     new_rows = np.concatenate([x.rows for x in inputs])
     new_pix = np.concatenate([x.pix for x in inputs])
     ids = np.sort(new_rows["id"])
@@ -393,13 +396,13 @@ def ingest_refcat(
         ingested = (old["files"] if old else []) + [
             {"path": str(x.path.resolve()), "sha256": x.sha256, "n_sources": len(x.rows), "ingested": now}
             for x in inputs]
-        config = {
+        config: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "name": name, "kind": used_kind, "nside": nside,
             "ordering": "nested", "frame": "icrs", "bands": list(used_bands),
             "column_map": used_map,
             "column_map_override": dict(column_map) if column_map is not None else
             (old["column_map_override"] if old else None),
-            "columns": [{"name": n, "dtype": dtype[n].str, "unit": _unit(n)} for n in dtype.names],
+            "columns": [{"name": n, "dtype": dtype[n].str, "unit": _unit(n)} for n in dtype.names or ()],
             "files": ingested, "n_sources": int(sum(s["n"] for s in shard_info.values())),
             "n_shards": len(shard_info),
             "shards": {k: shard_info[k] for k in sorted(shard_info, key=int)},

@@ -213,7 +213,8 @@ class Registry:
             if not self.find(trial):
                 avail = self.distinct(key, partial)
                 shown = ", ".join(str(a) for a in avail[:30]) + (" ..." if len(avail) > 30 else "")
-                given = "given " + ", ".join(f"{k}={_fmt(v)}" for k, v in partial.items()) if partial else "in the registry"
+                given = ("given " + ", ".join(f"{k}={_fmt(v)}" for k, v in partial.items()) if partial
+                         else "in the registry")
                 return f"no value of {key}={_fmt(value)} exists {given}; available {key}: {shown or 'none'}"
             partial = trial
         return "the registry is empty" if self.count() == 0 else "no row matches every key together"

@@ -405,7 +405,8 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
             return sha
         diffs = _differing_keys(old, toml_text)
         product = None if diffs is None else [d for d in diffs if is_product_key(d[0])]
-        if product == []:  # only keys that cannot change a product (apfast.config.NON_PRODUCT_KEYS)
+        # only keys that cannot change a product (apfast.config.NON_PRODUCT_KEYS)
+        if diffs is not None and product == []:
             log.info("%s: updating run settings that do not change products: %s", path, _describe(diffs))
         elif not clobber:
             what = _line_difference(old, toml_text) if product is None else _describe(product)

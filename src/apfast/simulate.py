@@ -221,9 +221,11 @@ def simulate(
             meta["bleed_trails"] = masks["bleed_trails"]
             stem = truth_dir / f"ccd_{v['visit']}_{c}"
             tmp = truth_dir / f".ccd_{v['visit']}_{c}.tmp.npz"
-            np.savez(tmp, **{f"static_{k}": a for k, a in static.items()},
-                     **{f"trans_{k}": a for k, a in trans.items()},
-                     cr_index=masks["cr_index"], sat_index=masks["sat_index"], bias_rows=masks["bias_rows"])
+            arrays: dict[str, Any] = {**{f"static_{k}": a for k, a in static.items()},
+                                      **{f"trans_{k}": a for k, a in trans.items()},
+                                      "cr_index": masks["cr_index"], "sat_index": masks["sat_index"],
+                                      "bias_rows": masks["bias_rows"]}
+            np.savez(tmp, **arrays)
             tmp.replace(f"{stem}.npz")
             write_json(Path(f"{stem}.json"), meta)
             sat_flags.update(int(i) for i in static["id"][masks["saturated_sources"]])
@@ -236,7 +238,8 @@ def simulate(
 
     in_gaia, in_ps1, gaia_path, ps1_path = write_refcats(out / "refcat", rng_ref, cat)
     write_csv(truth_dir / "sources.csv", {
-        "id": cat["id"], "type": cat["type"], "ra": cat["ra"], "dec": cat["dec"], "ref_epoch": np.full(cat["id"].size, 2016.0),
+        "id": cat["id"], "type": cat["type"], "ra": cat["ra"], "dec": cat["dec"],
+        "ref_epoch": np.full(cat["id"].size, 2016.0),
         "pmra": cat["pmra"], "pmdec": cat["pmdec"], "g_mag": cat["g"], "r_mag": cat["r"], "i_mag": cat["i"],
         "z_mag": cat["z"], "re_arcsec": cat["re_arcsec"], "q": cat["q"], "pa_deg": cat["pa_deg"],
         "in_gaia": in_gaia, "in_ps1": in_ps1, "saturated": np.isin(cat["id"], sorted(sat_flags)),

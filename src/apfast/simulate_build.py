@@ -139,7 +139,8 @@ def write_calibs(calib_dir: Path, inst: Mapping[int, Mapping[str, Any]], camera:
 # ---------------------------------------------------------------------------------------------- visits
 
 
-def build_visits(rng: np.random.Generator, filters: Sequence[str], n_template: int, n_science: int) -> list[dict[str, Any]]:
+def build_visits(rng: np.random.Generator, filters: Sequence[str], n_template: int,
+                 n_science: int) -> list[dict[str, Any]]:
     """Visit list: templates in March 2019 (seeing 0.9-1.0"), science in March 2020 (1.0-1.6")."""
     from astropy.time import Time
 
@@ -174,7 +175,8 @@ def build_visits(rng: np.random.Generator, filters: Sequence[str], n_template: i
                     "cv": float(rng.choice([-1, 1]) * rng.uniform(0.06, 0.14)),
                     "cr": float(rng.uniform(0.0, 0.05)),
                     **{k: float(rng.normal(0, 0.03)) for k in ("e1_0", "e1_u", "e1_v", "e2_0", "e2_u", "e2_v")},
-                    "formula": "fwhm0_px*(1+cu*u/1e4+cv*v/1e4+cr*(u^2+v^2)/1e8); e1=e1_0+e1_u*u/1e4+e1_v*v/1e4 (e2 alike)",
+                    "formula": ("fwhm0_px*(1+cu*u/1e4+cv*v/1e4+cr*(u^2+v^2)/1e8); "
+                                "e1=e1_0+e1_u*u/1e4+e1_v*v/1e4 (e2 alike)"),
                 }
                 visits.append({
                     "visit": expnum, "filter": f, "epoch": epoch, "date_obs": date_obs, "mjd": mjd,
@@ -221,7 +223,8 @@ def transient_render_list(entries: Sequence[Mapping[str, Any]]) -> dict[str, np.
     return out
 
 
-def static_render_list(cat: Mapping[str, np.ndarray], v: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def static_render_list(cat: Mapping[str, np.ndarray], v: Mapping[str, Any],
+                       meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Catalogue sources on (or near) the CCD at the visit epoch: pixel positions and electrons."""
     ra, dec = positions_at_epoch(cat, v["year"])
     x, y = make_wcs(meta["true_wcs"]).all_world2pix(ra, dec, 0)
@@ -259,7 +262,7 @@ def choose_transients(rng: np.random.Generator, cat: Mapping[str, np.ndarray], v
     sy = np.array([s[3] for s in sites])
     sra, sdec = wcs.all_pix2world(sx, sy, 0) if sites else (np.zeros(0), np.zeros(0))
     fixed = [{"kind": s[0], "id": s[1], "ra": float(r), "dec": float(d), "host_id": s[4]}
-             for s, r, d in zip(sites, sra, sdec)]
+             for s, r, d in zip(sites, sra, sdec, strict=True)]
     stars = np.flatnonzero(inside & (cat["kind"] == KIND_STAR) & (cat["g"] > 17.0) & (cat["g"] < 21.0))
     var = rng.choice(stars, size=min(n_variable, stars.size), replace=False) if stars.size else np.zeros(0, int)
     variables = [{"kind": "variable_brighten" if k % 2 == 0 else "variable_fade", "id": int(cat["id"][s])}
@@ -278,15 +281,18 @@ def science_transients(rng: np.random.Generator, d: Mapping[str, Any], v: Mappin
     amps = meta["amps"]
     zp = v["zero_point_e"]
     njy_per_e = 10 ** (-0.4 * (zp - 31.4))
-    todo = []  # (kind, id, x, y, host_id, base_adu_or_nan, trail)
+    todo: list[tuple[str, int, float, float, int, float, tuple[float, float] | None]] = []
+    # (kind, id, x, y, host_id, base_adu_or_nan, trail)
     if d["fixed"]:
-        fx_, fy_ = wcs.all_world2pix(np.array([s["ra"] for s in d["fixed"]]), np.array([s["dec"] for s in d["fixed"]]), 0)
-        for s, x, y in zip(d["fixed"], fx_, fy_):
+        fx_, fy_ = wcs.all_world2pix(np.array([s["ra"] for s in d["fixed"]]),
+                                     np.array([s["dec"] for s in d["fixed"]]), 0)
+        for s, x, y in zip(d["fixed"], fx_, fy_, strict=True):
             todo.append((s["kind"], s["id"], float(x), float(y), s["host_id"], math.nan, None))
     pos = {int(i): k for k, i in enumerate(static["id"])}
     for s in d["variables"]:
         k = pos[s["id"]]
-        todo.append((s["kind"], s["id"], float(static["x"][k]), float(static["y"][k]), -1, float(static["flux"][k]), None))
+        todo.append((s["kind"], s["id"], float(static["x"][k]), float(static["y"][k]), -1,
+                     float(static["flux"][k]), None))
     for n in range(d["n_moving"]):
         rate = rng.uniform(0.2, 0.8) * v["exptime"] / 60.0 / PIXEL_SCALE  # trail length in px
         todo.append(("moving", d["moving_base"] + n, rng.uniform(100, NX - 100), rng.uniform(100, NY - 100), -1,
@@ -311,7 +317,8 @@ def science_transients(rng: np.random.Generator, d: Mapping[str, Any], v: Mappin
             snr = flux_snr(stamp, var, gain, f_adu, n_template)
         f_e = f_adu * gain
         if trail is None:
-            entries.append({"id": tid, "x": x, "y": y, "flux": f_e, "kind": KIND_STAR, "re_px": 0.0, "q": 1.0, "pa": 0.0})
+            entries.append({"id": tid, "x": x, "y": y, "flux": f_e, "kind": KIND_STAR,
+                            "re_px": 0.0, "q": 1.0, "pa": 0.0})
             tlen = 0.0
         else:
             tlen, ang = trail
@@ -379,7 +386,8 @@ def expose_ccd(rng: np.random.Generator, meta: Mapping[str, Any], ins: Mapping[s
     xt = meta["crosstalk"]
     assemble_raw(sig_b, sig_a, bias_rows["B"], bias_rows["A"], ins["bias2d"], noise,
                  amps["B"]["read_noise_e"] / amps["B"]["gain"], amps["A"]["read_noise_e"] / amps["A"]["gain"],
-                 xt["B<-A"], xt["A<-B"], amps["B"]["saturation_adu"], amps["A"]["saturation_adu"], DATA_X0, DATA_Y0, raw)
+                 xt["B<-A"], xt["A<-B"], amps["B"]["saturation_adu"], amps["A"]["saturation_adu"],
+                 DATA_X0, DATA_Y0, raw)
     data = raw[DATA_Y0:, DATA_X0:DATA_X0 + NX]
     sat = np.empty((NY, NX), bool)
     sat[:, :NAMP] = data[:, :NAMP] >= amps["B"]["saturation_adu"]
@@ -388,7 +396,7 @@ def expose_ccd(rng: np.random.Generator, meta: Mapping[str, Any], ins: Mapping[s
     for x in np.flatnonzero(sat.any(axis=0)):
         col = np.concatenate([[0], sat[:, x].astype(np.int8), [0]])
         dcol = np.diff(col)
-        for y0, y1 in zip(np.flatnonzero(dcol == 1), np.flatnonzero(dcol == -1) - 1):
+        for y0, y1 in zip(np.flatnonzero(dcol == 1), np.flatnonzero(dcol == -1) - 1, strict=True):
             if y1 - y0 >= 4:
                 trails.append([int(x), int(y0), int(y1)])
     xi = np.clip(np.floor(static["x"] + 0.5).astype(int), 0, NX - 1)

@@ -87,7 +87,8 @@ def primary_header(visit: Mapping[str, Any], nccd: int) -> fits.Header:
     return h
 
 
-def ccd_header(ccdnum: int, detpos: str, amps: Mapping[str, Mapping[str, float]], wcs: Mapping[str, Any]) -> fits.Header:
+def ccd_header(ccdnum: int, detpos: str, amps: Mapping[str, Mapping[str, float]],
+               wcs: Mapping[str, Any]) -> fits.Header:
     """Extension header of one raw CCD: sections, electronics and the approximate WCS (raw grid)."""
     h = fits.Header()
     cards: list[tuple[str, Any]] = [
@@ -171,7 +172,8 @@ def write_master(path: Path, obstype: str, date_obs: str, mjd: float, ccds: Sequ
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
 
 
-def write_defects(path: Path, date_obs: str, mjd: float, ccds: Sequence[tuple[int, str, np.ndarray]]) -> None:
+def write_defects(path: Path, date_obs: str, mjd: float,
+                  ccds: Sequence[tuple[int, str, np.ndarray | Sequence[Sequence[int]]]]) -> None:
     """Write the defects FITS: one binary table (x0, y0, width, height; int32, 0-based trimmed) per CCD."""
     hdus: list[Any] = [fits.PrimaryHDU(header=_calib_primary("defects", date_obs, mjd, None))]
     for ccdnum, name, boxes in ccds:

@@ -127,9 +127,10 @@ def true_wcs_header(
     return hdr
 
 
-def approx_wcs_header(true_hdr: Mapping[str, Any], dra_arcsec: float, ddec_arcsec: float, *, raw: bool) -> dict[str, Any]:
+def approx_wcs_header(true_hdr: Mapping[str, Any], dra_arcsec: float, ddec_arcsec: float, *,
+                      raw: bool) -> dict[str, Any]:
     """The header WCS: the true one without distortion (linear TAN), tangent point offset by a few arcsec/10."""
-    hdr = {k: v for k, v in true_hdr.items() if not (k[:2] in ("A_", "B_"))}
+    hdr = {k: v for k, v in true_hdr.items() if k[:2] not in ("A_", "B_")}
     hdr["CTYPE1"], hdr["CTYPE2"] = "RA---TAN", "DEC--TAN"
     dec0 = float(true_hdr["CRVAL2"])
     hdr["CRVAL1"] = float(true_hdr["CRVAL1"]) + dra_arcsec / 3600.0 / math.cos(math.radians(dec0))
@@ -231,7 +232,8 @@ def build_components(
     return radius, start, count, w, ixx, ixy, iyy, norm
 
 
-def render_sources(image: np.ndarray, src: Mapping[str, np.ndarray], psf: Mapping[str, Any], fx: float, fy: float) -> None:
+def render_sources(image: np.ndarray, src: Mapping[str, np.ndarray], psf: Mapping[str, Any], fx: float,
+                   fy: float) -> None:
     """Add the sources of a render list (electrons) to ``image`` in place."""
     if len(src["x"]) == 0:
         return
@@ -350,7 +352,8 @@ def make_sky_catalogue(rng: np.random.Generator, centres: list[tuple[float, floa
     }
 
 
-def positions_at_epoch(cat: Mapping[str, np.ndarray], year: float, ref_year: float = 2016.0) -> tuple[np.ndarray, np.ndarray]:
+def positions_at_epoch(cat: Mapping[str, np.ndarray], year: float,
+                       ref_year: float = 2016.0) -> tuple[np.ndarray, np.ndarray]:
     """RA, Dec (deg) at Julian ``year`` from ``ref_year`` positions and proper motions (mas/yr, pmra = mu_a cos d)."""
     dt = year - ref_year
     dec = cat["dec"] + cat["pmdec"] * dt / 3.6e6

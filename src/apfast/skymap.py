@@ -461,7 +461,7 @@ def skymap_for_calexps(
     corners_sky = []
     centres_sky = []
     for wcs, shape in zip(wcs_list, shapes, strict=True):
-        pix = _boundary_pixels(tuple(shape), 0.0, 1)
+        pix = _boundary_pixels(shape, 0.0, 1)
         ra, dec = wcs.all_pix2world(pix[:, 0], pix[:, 1], 0)
         corners_sky.append(_unit(ra, dec))
         cra, cdec = wcs.all_pix2world([(shape[1] - 1) / 2.0], [(shape[0] - 1) / 2.0], 0)
@@ -506,7 +506,7 @@ def overlap_bbox(
     destination; warping only into this box saves the work on pixels the
     source cannot reach.
     """
-    pix = _boundary_pixels(tuple(src_shape), 0.0)
+    pix = _boundary_pixels(src_shape, 0.0)
     ra, dec = src_wcs.all_pix2world(pix[:, 0], pix[:, 1], 0)
     x, y = dest_wcs.all_world2pix(ra, dec, 0)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):

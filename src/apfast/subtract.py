@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.fft
@@ -110,7 +110,7 @@ class SubtractionResult:
     matched: Exposure
     kernel: SpatialKernel
     background: BackgroundPolynomial
-    mode: str
+    mode: Literal["convolveTemplate", "convolveScience"]
     n_stamps_used: int
     solution: KernelSolution
     metadata: dict[str, Any]
@@ -288,8 +288,9 @@ def subtract_images(
         raise InputError(msg)
     ny, nx = s_img.shape
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
-    fwhm_s = float(science.psf.fwhm(science.xy0[0] + xc, science.xy0[1] + yc))  # type: ignore[union-attr]
-    fwhm_t = float(template.psf.fwhm(template.xy0[0] + xc, template.xy0[1] + yc))  # type: ignore[union-attr]
+    assert science.psf is not None and template.psf is not None  # _planes checked both
+    fwhm_s = float(science.psf.fwhm(science.xy0[0] + xc, science.xy0[1] + yc))
+    fwhm_t = float(template.psf.fwhm(template.xy0[0] + xc, template.xy0[1] + yc))
     mode = cfg.mode
     if mode == "auto":
         mode = "convolveTemplate" if fwhm_s >= fwhm_t else "convolveScience"
@@ -340,9 +341,9 @@ def subtract_images(
     t_conv = time.perf_counter()
 
     if mode == "convolveTemplate":
-        psf: PsfModel = science.psf  # type: ignore[assignment]
+        psf: PsfModel = science.psf
     else:
-        psf = _convolved_psf(science.psf, science.xy0[0] + xc, science.xy0[1] + yc, k_c)  # type: ignore[arg-type]
+        psf = _convolved_psf(science.psf, science.xy0[0] + xc, science.xy0[1] + yc, k_c)
     meta: dict[str, Any] = {
         "mode": mode, "fwhm_science": fwhm_s, "fwhm_template": fwhm_t, "kernel_size": ksize,
         "basis_sigmas": sigmas, "stamp_half_size": half, "n_candidates": int(cx.size),

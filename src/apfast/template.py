@@ -44,12 +44,12 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.kernels import coadd as _kcoadd
 from apfast._configbase import ConfigSection, opt
 from apfast.butler import DATASET_TYPES
 from apfast.coadd import CoaddConfig, make_coadd
 from apfast.errors import InputError, MissingTemplateError, NoWorkFound
 from apfast.exposure import Exposure, VisitInfo, read_exposure, wcs_from_header, write_exposure
+from apfast.kernels import coadd as _kcoadd
 from apfast.skymap import SKYMAP_RELPATH, SkyMap, overlap_bbox, read_skymap, skymap_for_calexps, write_skymap
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class TemplateConfig(ConfigSection):
             self._fail("min_coverage", self.min_coverage, "use a fraction in [0, 1], e.g. 0.02")
 
 
-def patch_path(template_root: str | Path, filter: str, tract: int, patch: str, *, coadd_name: str = "deep") -> Path:  # noqa: A002
+def patch_path(template_root: str | Path, filter: str, tract: int, patch: str, *, coadd_name: str = "deep") -> Path:
     """Path of a coadd patch, laid out as the Butler's ``deepCoadd`` dataset type.
 
     Examples
@@ -213,7 +213,7 @@ def get_template(
     template_root: str | Path,
     science: Exposure,
     *,
-    filter: str,  # noqa: A002
+    filter: str,
     config: TemplateConfig | None = None,
     warp_config: WarpConfig | None = None,
 ) -> Exposure:
@@ -332,6 +332,7 @@ def get_template(
     ra, dec = science.wcs.all_pix2world([cx], [cy], 0)
     chosen = max(used, key=lambda u: u[3])
     for u in used:
+        assert u[2].wcs is not None  # patches without a WCS were skipped
         px, py = u[2].wcs.all_world2pix(ra, dec, 0)
         if 0 <= px[0] <= u[2].shape[1] - 1 and 0 <= py[0] <= u[2].shape[0] - 1:
             chosen = u

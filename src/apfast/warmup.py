@@ -152,7 +152,8 @@ def compile_counts() -> dict[str, int]:
     """Signatures each kernel of this process compiled (numba's cache misses) instead of loading, if any."""
     out = {}
     for name, disp in kernel_dispatchers().items():
-        n = sum(getattr(disp, "stats", None).cache_misses.values()) if hasattr(disp, "stats") else 0
+        stats = getattr(disp, "stats", None)
+        n = sum(stats.cache_misses.values()) if stats is not None else 0
         if n:
             out[name] = int(n)
     return out
@@ -337,7 +338,7 @@ def ensure_kernel_cache() -> bool:
                  _estimate_build_seconds(), kernel_cache_dir())
         try:
             _build_locked(None, None)
-        except Exception:  # noqa: BLE001 - kernels then compile on first use, with the dataId in any error
+        except Exception:  # kernels then compile on first use, with the dataId in any error
             log.warning("building the kernel cache failed; kernels compile on first use", exc_info=True)
             return False
     return True

@@ -105,7 +105,7 @@ class OutputWriter:
         self._pending: list[tuple[Future[Path], str, frozenset[tuple[str, Any]]]] = []
         self._lock = threading.Lock()
 
-    def put(self, obj: Any, dataset: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:  # noqa: N803
+    def put(self, obj: Any, dataset: str, dataId: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
         """Hand a dataset over for writing; return the path it will have.
 
         Raises
@@ -121,7 +121,7 @@ class OutputWriter:
         if not self.background:
             try:
                 write()
-            except Exception as exc:  # noqa: BLE001 - reported as OutputError naming the file
+            except Exception as exc:  # reported as OutputError naming the file
                 raise output_error(what, exc) from exc
             return path
         with self._lock:
@@ -130,7 +130,7 @@ class OutputWriter:
             self._pending.append((self._pool.submit(write), what, _group(did)))
         return path
 
-    def wait(self, dataId: Mapping[str, Any] | None = None) -> float:  # noqa: N803
+    def wait(self, dataId: Mapping[str, Any] | None = None) -> float:
         """Block until the writes handed over so far are done; return the seconds waited.
 
         Parameters

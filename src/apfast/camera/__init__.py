@@ -289,7 +289,8 @@ def load_camera(path: str | Path) -> Camera:
         text = path.read_text()
         data = tomllib.loads(text)
     except FileNotFoundError:
-        msg = f"camera description {path} does not exist; give a TOML file or a built-in name ({', '.join(builtin_cameras())})"
+        msg = (f"camera description {path} does not exist; "
+               f"give a TOML file or a built-in name ({', '.join(builtin_cameras())})")
         raise ConfigError(msg) from None
     except tomllib.TOMLDecodeError as exc:
         msg = f"camera description {path} is not valid TOML: {exc}"

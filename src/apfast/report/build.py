@@ -106,7 +106,7 @@ def _pixel_scale_arcsec(wcs: Any) -> float | None:
         from astropy.wcs.utils import proj_plane_pixel_scales
 
         return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
-    except Exception:  # noqa: BLE001 - a WCS without a scale just leaves the FWHM out
+    except Exception:
         return None
 
 
@@ -371,7 +371,7 @@ def build_report(
         msg = f"--max-objects {max_objects}: give a number >= 1 (or --all)"
         raise ConfigError(msg)
     butler = open_output_repo(out)
-    out = butler.repo.write_root
+    out = Path(butler.repo.write_root)
     exprs = []
     if ids:
         from apfast.dataid import parse_ids

@@ -191,7 +191,7 @@ class ApdbReader:
         try:
             self.engine = sa.create_engine(engine_url)
             tables = set(sa.inspect(self.engine).get_table_names())
-        except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear line
+        except Exception as exc:
             msg = f"cannot open the APDB at {url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             raise ConfigError(msg) from None
         missing = {"DiaObject", "DiaSource", "DiaForcedSource"} - tables

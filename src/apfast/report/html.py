@@ -172,10 +172,10 @@ def light_curve_svg(points: Sequence[dict[str, Any]], *, width: int = 720, heigh
     pad = 0.08 * (v1 - v0 or 1.0)
     v0, v1 = v0 - pad, v1 + pad
 
-    def X(x: float) -> float:  # noqa: N802
+    def X(x: float) -> float:
         return left + (x - t0) / (t1 - t0) * pw
 
-    def Y(y: float) -> float:  # noqa: N802
+    def Y(y: float) -> float:
         return top + (v1 - y) / (v1 - v0) * ph
 
     out = [

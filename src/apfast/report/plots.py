@@ -86,7 +86,7 @@ def save_thumbnail(path: Path, image: np.ndarray, *, factor: int, kind: str) -> 
     b = bin_image(image, factor)
     g = stretch(b, kind)[::-1]
     imsave(path, g, cmap="gray", vmin=0.0, vmax=1.0)
-    return g.shape  # type: ignore[return-value]
+    return g.shape
 
 
 def save_cutout_triplet(
