@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from astropy.wcs import WCS
 
-from apfast import alerts as A
-from apfast.apdb_schema import COLUMN_KINDS
+from apfast.dia import alerts as A
+from apfast.dia.apdb_schema import COLUMN_KINDS
 from apfast.exposure import Exposure, PhotoCalib
 
 N_ALERTS = 200

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apfast.apdb import Apdb, make_apdb
-from apfast.config import ApdbConfig
+from apfast.dia.apdb import Apdb, make_apdb
+from apfast.run.config import ApdbConfig
 
 N_BULK = 20_000
 T0 = 60000.0

@@ -5,11 +5,11 @@ present (generated in bulk) on SQLite and PostgreSQL, with the region query
 using the pixelId index."
 
 The fill (:func:`fill_apdb`) writes straight into an APDB made by
-:func:`apfast.apdb.make_apdb`: DiaObjects spread uniformly over a square field
+:func:`apfast.dia.apdb.make_apdb`: DiaObjects spread uniformly over a square field
 of ``n_obj / 1e4`` deg^2 (so a CCD region plus margin holds ~650 of them), each
 with ``SOURCES_PER_OBJECT`` DiaSources from earlier "epochs" and
 ``FORCED_PER_OBJECT`` DiaForcedSources, every ``pixelId`` the HTM level-20 index
-from :func:`apfast.htm.htm_index` exactly as ``ApdbCcdVisit._insert`` computes it,
+from :func:`apfast.dia.htm.htm_index` exactly as ``ApdbCcdVisit._insert`` computes it,
 every object one open version (``validityEndMjdTai`` NULL). Bulk paths: SQLite
 ``executemany`` in one transaction with ``synchronous``/``journal_mode`` OFF
 (restored to NORMAL/WAL afterwards) and the secondary indexes dropped and
@@ -18,7 +18,7 @@ psycopg 3 with the secondary indexes re-created from ``pg_indexes`` afterwards,
 then ``ANALYZE``.
 
 The measured operation (:func:`ccd_visit_round`) is what
-``apfast.diapipe`` does for one CCD-visit inside ``apdb.ccd_visit``: undo, the
+``apfast.dia.diapipe`` does for one CCD-visit inside ``apdb.ccd_visit``: undo, the
 region load over the 4 CCD corners grown by ``association.pixel_margin`` pixels
 (``diapipe.ccd_region`` on a DECam-CCD-sized TAN WCS), the DiaSource and
 DiaForcedSource history of 80 matched objects, then 100 DiaSources (80 matched,
@@ -48,12 +48,12 @@ import sqlalchemy as sa
 from astropy.wcs import WCS
 from sqlalchemy import event
 
-from apfast.apdb import Apdb, ApdbCcdVisit, make_apdb
-from apfast.apdb_schema import make_metadata
-from apfast.association import AssociationConfig
-from apfast.config import ApdbConfig
-from apfast.diapipe import ccd_region
-from apfast.htm import htm_index
+from apfast.dia.apdb import Apdb, ApdbCcdVisit, make_apdb
+from apfast.dia.apdb_schema import make_metadata
+from apfast.dia.association import AssociationConfig
+from apfast.dia.diapipe import ccd_region
+from apfast.dia.htm import htm_index
+from apfast.run.config import ApdbConfig
 from pgserver import create_database
 
 # ---------------------------------------------------------------- the synthetic survey

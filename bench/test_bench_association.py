@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 
-from apfast.association import (
+from apfast.dia.association import (
     _greedy_one_to_one,
     associate,
     compute_object_versions,

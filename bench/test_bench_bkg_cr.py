@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import interpolate, ndimage
 
-from apfast.background import BackgroundConfig, measure_background
-from apfast.cosmicray import CosmicRayConfig, find_cosmic_rays
+from apfast.ccd.background import BackgroundConfig, measure_background
+from apfast.ccd.cosmicray import CosmicRayConfig, find_cosmic_rays
 
 SHAPE = (4096, 2048)
 SKY = 1000.0

@@ -1,7 +1,7 @@
 """Coadd of 5 full 2048x4096 DECam-like calexps onto one 4200x2400 patch, steady state.
 
 apfast: warp (Lanczos-3) + zero-point scaling + per-pixel 3-sigma clipped weighted mean + coadd PSF
-(:func:`apfast.coadd.make_coadd`). Baseline in the same group: the combine step alone done with numpy masked
+(:func:`apfast.diffim.coadd.make_coadd`). Baseline in the same group: the combine step alone done with numpy masked
 arrays (median, then one 3-sigma clip against each input's noise, then the weighted mean) on the already
 aligned stack, i.e. without warping; compare the apfast combine kernel alone (``test_apfast_combine``) with it.
 """
@@ -13,11 +13,11 @@ import pytest
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.coadd import make_coadd
+from apfast.ccd.psf import GaussianPsf
+from apfast.diffim.coadd import make_coadd
+from apfast.diffim.skymap import make_skymap
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
 from apfast.kernels.coadd import combine_clipped
-from apfast.psf import GaussianPsf
-from apfast.skymap import make_skymap
 
 SHAPE = (4096, 2048)
 N = 5

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from apfast.detection import DetectionConfig, detect_sources
-from apfast.measurement import measure_sources
-from apfast.psf import GaussianPsf
+from apfast.ccd.detection import DetectionConfig, detect_sources
+from apfast.ccd.measurement import measure_sources
+from apfast.ccd.psf import GaussianPsf
 
 SHAPE = (4096, 2048)
 SIGMA = 1.8

@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from apfast.decorrelate import DecorrelationConfig
-from apfast.diffim import DifferenceConfig, run_image_difference
-from apfast.psfmatch import PsfMatchConfig
+from apfast.diffim.decorrelate import DecorrelationConfig
+from apfast.diffim.psfmatch import PsfMatchConfig
+from apfast.diffim.stage import DifferenceConfig, run_image_difference
 
 # the pair and its truth come from the psfmatch bench (same module-scoped fixture, same seed)
 from test_bench_psfmatch import SHAPE, SIG_SCI, pair  # noqa: F401  (pair is a fixture)

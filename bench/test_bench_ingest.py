@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from apfast.ingest import ingest_raws
-from apfast.testing import write_decam_raw
+from apfast.repo.ingest import ingest_raws
+from apfast.sim.testing import write_decam_raw
 
 N_FILES = 20
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from apfast.camera import get_camera
-from apfast.isr import IsrConfig, amp_params_from_header, run_isr
+from apfast.ccd.isr import IsrConfig, amp_params_from_header, run_isr
 from apfast.masks import bitmask
 
 GROUP = "isr-full-decam-ccd"

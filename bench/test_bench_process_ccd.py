@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apfast.butler import Butler
-from apfast.calibrate import mjd_to_epoch, run_calibrate
-from apfast.characterize import run_characterize
-from apfast.config import load_config
-from apfast.isr import amp_params_from_header, run_isr
-from apfast.pipeline import _refs, _trim_offset, _trimmed_wcs
+from apfast.ccd.calibrate import mjd_to_epoch, run_calibrate
+from apfast.ccd.characterize import run_characterize
+from apfast.ccd.isr import amp_params_from_header, run_isr
+from apfast.repo.butler import Butler
+from apfast.run.config import load_config
+from apfast.run.pipeline import _refs, _trim_offset, _trimmed_wcs
 from simrepo import build_sim_repo
 
 

@@ -16,7 +16,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from apfast.refcat import ingest_refcat, load_polygon, load_region
+from apfast.repo.refcat import ingest_refcat, load_polygon, load_region
 
 N_SOURCES = 1_000_000
 RA, DEC, RADIUS = 150.3, 0.7, 0.3  # a DECam CCD is 0.15 x 0.30 deg; 0.3 deg circumscribes it

@@ -22,8 +22,8 @@ from numba import prange
 from scipy import signal
 
 from apfast._jit import pjit
+from apfast.diffim.psfmatch import make_basis
 from apfast.kernels.psfmatch import stamp_normal_equations
-from apfast.psfmatch import make_basis
 
 SHAPE = (4096, 2048)
 NS, HALF, K = 145, 28, 21

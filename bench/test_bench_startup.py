@@ -40,9 +40,9 @@ _DONE = re.compile(r"\[(\d+)/(\d+)\] visit=(\d+) ccdnum=(\d+): (?!FAILED).* in (
 _STARTUP = r"""
 import time
 t0 = time.perf_counter()
-import apfast.cli, apfast.pipeline, apfast.diapipe, apfast.alerts, apfast.apdb, apfast.executor
+import apfast.run.cli, apfast.run.pipeline, apfast.dia.diapipe, apfast.dia.alerts, apfast.dia.apdb, apfast.run.executor
 t1 = time.perf_counter()
-from apfast.warmup import compile_counts, warmup_cases, warmup_fftw
+from apfast.run.warmup import compile_counts, warmup_cases, warmup_fftw
 for _name, kernel, args in warmup_cases():
     kernel(*args)
 t2 = time.perf_counter()
@@ -55,7 +55,7 @@ print(json.dumps({"imports": t1 - t0, "kernels": t2 - t1, "fftw": t3 - t2, "comp
 
 def _apfast() -> list[str]:
     exe = shutil.which("apfast")
-    return [exe] if exe else [sys.executable, "-m", "apfast.cli"]
+    return [exe] if exe else [sys.executable, "-m", "apfast.run.cli"]
 
 
 def _walls(cmd: list[str], n: int = 5, env: dict[str, str] | None = None) -> list[float]:
@@ -110,7 +110,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _process(dataset: dict, out: Path, visits: list[int], *extra: str, env: dict[str, str] | None = None
              ) -> tuple[float, list[float], str]:
     """One ``apfast process`` in a new interpreter: wall, per-CCD totals in run order, stderr."""
-    from apfast.cli import main
+    from apfast.run.cli import main
 
     db = out.with_suffix(".db")
     assert main(["-q", "make-apdb", "-c", f"apdb.db_url=sqlite:///{db}", "--drop"]) == 0
@@ -132,7 +132,7 @@ def _reports(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_one_ccd_in_a_new_process_runs_at_steady_state_speed(dataset: dict, tmp_path: Path) -> None:
-    from apfast.warmup import ensure_kernel_cache, warmup_fftw
+    from apfast.run.warmup import ensure_kernel_cache, warmup_fftw
 
     ensure_kernel_cache()
     warmup_fftw()  # the FFTW wisdom of a full CCD, as `apfast warmup` leaves it

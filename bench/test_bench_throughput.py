@@ -3,7 +3,7 @@
 Data: 2 full-size (2048x4096) simulated CCDs (35 and 36), 2 template visits coadded into
 ``deepCoadd`` templates, 5 science visits: 10 CCD-visits, each run end to end (ISR,
 characterize, calibrate, template, PSF matching, subtraction, decorrelation, DIA sources,
-association, APDB, alerts) through the real command line (``python -m apfast.cli process``) into
+association, APDB, alerts) through the real command line (``python -m apfast.run.cli process``) into
 its own rerun and its own SQLite APDB:
 
 * **serial**: one process, ``process.n_threads`` = all cores (2 numba threads here);
@@ -15,7 +15,7 @@ Kernels load from the on-disk kernel cache (built once, before the first run, by
 every new process still spawns, imports and loads its kernels and FFTW plans. The rate is the
 *marginal* (steady-state) rate from the wall clock of two runs per worker count: a short one
 (the first science visit: ``n_s`` = 2 CCD-visits) and a long one (all 5 visits: ``n_l`` = 10),
-each a fresh ``python -m apfast.cli process`` into its own rerun and APDB, so both pay the same
+each a fresh ``python -m apfast.run.cli process`` into its own rerun and APDB, so both pay the same
 start-up and
 
     rate = (n_l - n_s) / (wall_l - wall_s)  CCD-visits per second,
@@ -60,7 +60,7 @@ from pathlib import Path
 
 import pytest
 
-from apfast.cli import main
+from apfast.run.cli import main
 from simrepo import build_sim_repo
 
 CCDS = (35, 36)
@@ -123,7 +123,7 @@ def _measure(dataset: dict, name: str, workers: int, visits: tuple[int, ...]) ->
     assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}"]) == 0
     sv = "^".join(str(v) for v in visits)
     extra = ["-j", str(workers)] if workers > 1 else ["-c", f"process.n_threads={os.cpu_count() or 1}"]
-    cmd = [sys.executable, "-m", "apfast.cli", "process", str(dataset["repo"]), "--rerun", name,
+    cmd = [sys.executable, "-m", "apfast.run.cli", "process", str(dataset["repo"]), "--rerun", name,
            "--id", f"visit={sv}", "--template", str(dataset["templates"]), "-c", f"apdb.db_url={url}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)

@@ -15,8 +15,8 @@ import pytest
 from astropy.wcs import WCS, Sip
 from scipy import ndimage
 
+from apfast.diffim.warp import WarpConfig, pixel_map, warp_exposure
 from apfast.exposure import Exposure
-from apfast.warp import WarpConfig, pixel_map, warp_exposure
 
 SHAPE = (4096, 2048)
 

@@ -1,6 +1,6 @@
 """Numba kernels for applying a spatially varying PSF-matching kernel.
 
-The matching kernel of :mod:`apfast.psfmatch` is ``K(x, y) = sum_t P_t(x, y) K_t``
+The matching kernel of :mod:`apfast.diffim.psfmatch` is ``K(x, y) = sum_t P_t(x, y) K_t``
 with ``P_t`` the monomials of the normalised position (``1, x, y, x^2, x y, y^2``)
 and ``K_t`` fixed images. Convolution is linear, so the image convolved with the
 varying kernel is exactly ``sum_t P_t(x, y) (I (x) K_t)(x, y)`` (the kernel is
@@ -29,7 +29,7 @@ def combine_spatial_terms(convs, order, bg_coef, bg_order, xc, yc, xs, ys, targe
     ``matched[y, x] = sum_t P_t(xn, yn) convs[t, y, x]`` and
     ``diff[y, x] = scale * (target[y, x] - matched[y, x] - sum_u bg_coef[u] P_u(xn, yn))``
     with ``xn = (x - xc) / xs``, ``yn = (y - yc) / ys`` and ``P`` ordered as
-    :func:`apfast.psf.poly_terms` (total degree, then decreasing power of x).
+    :func:`apfast.ccd.psf.poly_terms` (total degree, then decreasing power of x).
 
     Parameters
     ----------

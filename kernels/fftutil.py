@@ -3,7 +3,7 @@
 An FFT convolution with a ``(2r+1, 2r+1)`` kernel spreads every pixel into its
 ``r``-neighbourhood, so output pixels closer than ``r`` (Chebyshev distance) to a
 pixel that held no data, or to the image boundary, are unreliable. The driver
-(:mod:`apfast.decorrelate`) flags them ``EDGE`` with :func:`grow_mask_box`.
+(:mod:`apfast.diffim.decorrelate`) flags them ``EDGE`` with :func:`grow_mask_box`.
 
 The FFTs themselves stay in the driver (FFTW via pyfftw is not callable from
 numba).

@@ -1,6 +1,6 @@
 """Instrument signature removal (ISR) kernels: overscan, the fused per-pixel chain, masks, interpolation.
 
-The stage driver is :func:`apfast.isr.run_isr`; it validates the inputs, computes
+The stage driver is :func:`apfast.ccd.isr.run_isr`; it validates the inputs, computes
 the overscan levels with the small kernels here, then calls :func:`isr_fused`,
 which makes **one pass** over the raw pixels of every amplifier (Rubin's
 ``IsrTask`` makes roughly one pass per step):

@@ -1,6 +1,6 @@
 """ISR mask kernels: defect boxes, saturation growth and bleed-trail widening, interpolation.
 
-Called by :func:`apfast.isr.run_isr` after :func:`apfast.kernels.isr.isr_fused`,
+Called by :func:`apfast.ccd.isr.run_isr` after :func:`apfast.kernels.isr.isr_fused`,
 each only over the rows that need it. Same contract as every kernel module:
 native-endian C-contiguous arrays, outputs written in place, no globals.
 """

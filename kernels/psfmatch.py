@@ -13,7 +13,7 @@ appended when asked. The driver maps raw basis columns to the zero-sum basis
 with a linear transform afterwards (``M' = T^T M T``), so the kernels never need
 the non-separable zero-sum functions.
 
-Convolution convention (everywhere in apfast.psfmatch / subtract):
+Convolution convention (everywhere in apfast.diffim.psfmatch / subtract):
 ``(R (x) B)[y, x] = sum_{v,u} B[v + r, u + r] R[y - v, x - u]`` for offsets
 ``-r <= u, v <= r`` (true convolution, as ``scipy.signal.convolve``).
 """

@@ -1,4 +1,4 @@
-"""Rendering kernels for the DECam data simulator (:mod:`apfast.simulate`).
+"""Rendering kernels for the DECam data simulator (:mod:`apfast.sim.simulate`).
 
 Every source (star, galaxy, transient, trailed asteroid) is a mixture of
 elliptical Gaussians already convolved with the PSF (a double Gaussian), so a

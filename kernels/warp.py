@@ -1,6 +1,6 @@
 """Resampling of an image, its variance and its mask onto another pixel grid.
 
-The driver (:mod:`apfast.warp`) computes, for every destination pixel, the
+The driver (:mod:`apfast.diffim.warp`) computes, for every destination pixel, the
 0-based source position ``(xmap, ymap)`` it samples; these kernels interpolate
 there. Two pieces:
 

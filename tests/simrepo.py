@@ -13,11 +13,11 @@ def build_sim_repo(d: Path, *, ccdnums: Sequence[int], n_template: int, n_scienc
     With ``templates`` the template visits are coadded into ``d/templates`` (``apfast make-templates``).
     Returns ``dir``, ``repo``, ``summary``, ``visits`` (the science visits) and, with templates, ``templates``.
     """
-    from apfast.calibs import ingest_calibs
-    from apfast.cli import main
-    from apfast.ingest import ingest_raws
-    from apfast.refcat import ingest_refcat
-    from apfast.simulate import simulate
+    from apfast.repo.calibs import ingest_calibs
+    from apfast.repo.ingest import ingest_raws
+    from apfast.repo.refcat import ingest_refcat
+    from apfast.run.cli import main
+    from apfast.sim.simulate import simulate
 
     d = Path(d)
     summary = simulate(d / "sim", ccdnums=tuple(ccdnums), n_template=n_template, n_science=n_science, seed=seed)

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # Lazy: ``import apfast.kernels.detect`` (other codes using the compiled core) and ``apfast --help`` must not
 # pay for astropy, SQLAlchemy and the Butler; the names below load their module on first use.
 _LAZY = {
-    "Butler": "apfast.butler",
+    "Butler": "apfast.repo.butler",
     "Exposure": "apfast.exposure",
     "PhotoCalib": "apfast.exposure",
     "VisitInfo": "apfast.exposure",
@@ -30,8 +30,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from apfast.butler import Butler
     from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
+    from apfast.repo.butler import Butler
 
 __all__ = ["Butler", "Exposure", "PhotoCalib", "VisitInfo", "__version__", "read_exposure", "write_exposure"]
 

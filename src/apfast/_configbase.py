@@ -1,7 +1,7 @@
 """Shared base of every config section: field helpers, type checking, the ``ConfigSection`` class.
 
 Stage modules (``isr.py``, ``background.py`` ...) define their config classes on
-this base; :mod:`apfast.config` nests them in ``PipelineConfig``. Keeping the base
+this base; :mod:`apfast.run.config` nests them in ``PipelineConfig``. Keeping the base
 here lets ``config.py`` import the stage modules without an import cycle.
 """
 

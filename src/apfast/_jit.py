@@ -24,7 +24,7 @@ A serial and a parallel dispatcher of one Python function (``jit(f.py_func)``
 beside ``@pjit f``) get separate index files, since numba's index key does not
 tell them apart. ``APFAST_NUMBA_CACHE=0`` turns the disk cache off. Building the
 whole cache once (``apfast warmup``, or the first CLI process that finds it
-incomplete, under :func:`build_lock`) is :mod:`apfast.warmup`'s job.
+incomplete, under :func:`build_lock`) is :mod:`apfast.run.warmup`'s job.
 """
 
 from __future__ import annotations

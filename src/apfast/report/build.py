@@ -374,7 +374,7 @@ def build_report(
     out = Path(butler.repo.write_root)
     exprs = []
     if ids:
-        from apfast.dataid import parse_ids
+        from apfast.repo.dataid import parse_ids
 
         exprs = parse_ids([list(t) for t in ids])
     records = read_summary_json(out)

@@ -84,8 +84,8 @@ def open_output_repo(out: str | Path) -> Any:
     InputError
         If ``out`` is not a folder, or holds neither a stored config, a summary nor any calexp.
     """
-    from apfast.butler import Butler
-    from apfast.repository import CONFIG_RELPATH, REPO_CFG_NAME
+    from apfast.repo.butler import Butler
+    from apfast.repo.repository import CONFIG_RELPATH, REPO_CFG_NAME
 
     p = Path(out).expanduser()
     if not p.is_dir():
@@ -107,8 +107,8 @@ def resolve_db_url(out: Path, overrides: Sequence[str]) -> str | None:
 
     Other ``-c`` keys are validated as config overrides (an unknown key is a ConfigError) and ignored.
     """
-    from apfast.config import load_config
-    from apfast.repository import CONFIG_RELPATH
+    from apfast.repo.repository import CONFIG_RELPATH
+    from apfast.run.config import load_config
 
     if overrides:
         cfg = load_config((), list(overrides))
@@ -131,7 +131,7 @@ def find_ccd_visits(
 ) -> list[CcdVisit]:
     """CCD-visits of the output repository: those of ``summary.json`` plus every calexp/difference found.
 
-    ``ids`` are parsed ``--id`` expressions (:func:`apfast.dataid.parse_ids`); a CCD-visit is kept if
+    ``ids`` are parsed ``--id`` expressions (:func:`apfast.repo.dataid.parse_ids`); a CCD-visit is kept if
     any expression matches its ``visit`` and ``ccdnum`` (other keys are matched later, on the band).
     """
     root = butler.repo.write_root

@@ -41,7 +41,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def summary_record(outcome: Any, *, now: str | None = None) -> dict[str, Any]:
-    """One JSON record of a :class:`apfast.pipeline.CcdOutcome`.
+    """One JSON record of a :class:`apfast.run.pipeline.CcdOutcome`.
 
     Parameters
     ----------

@@ -1,0 +1,151 @@
+"""``apfast report``: a static HTML report of a real processed run, checked on disk and in a browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+
+from apfast.run.cli import main
+
+CCD = 35
+
+
+@pytest.fixture(scope="module")
+def run(dia_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``apfast process`` on 2 science visits into a rerun with an SQLite APDB, then ``apfast report``."""
+    d = tmp_path_factory.mktemp("report")
+    repo, summary = dia_dataset["repo"], dia_dataset["summary"]
+    url = f"sqlite:///{d / 'apdb' / 'association.db'}"
+    assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}"]) == 0
+    visits = list(summary.science_visits)[:2]
+    args = ["-q", "process", str(repo), "--rerun", "rep", "--id", f"visit={'^'.join(map(str, visits))}",
+            f"ccdnum={CCD}", "filter=g", "--template", str(dia_dataset["templates"]),
+            "-c", f"apdb.db_url={url}"]
+    assert main(args) == 0
+    out = repo / "rerun" / "rep"
+    assert main(["-q", "report", str(out)]) == 0  # the APDB URL comes from the stored config
+    return {"out": out, "url": url, "db": d / "apdb" / "association.db", "visits": visits, "tmp": d}
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for k, v in attrs:
+            if k in ("href", "src") and v:
+                self.links.append(v)
+
+
+def _links(page: Path) -> list[str]:
+    p = _Links()
+    p.feed(page.read_text(encoding="utf-8"))
+    return p.links
+
+
+def test_summary_json_has_one_record_per_ccd_visit(run: dict) -> None:
+    doc = json.loads((run["out"] / "summary.json").read_text())
+    recs = {(r["visit"], r["ccdnum"]): r for r in doc["ccd_visits"]}
+    assert set(recs) == {(v, CCD) for v in run["visits"]}
+    for r in recs.values():
+        assert r["status"] == "ok" and r["timings"]["total"] > 0
+        assert 0.5 < r["fwhm_arcsec"] < 3 and 25 < r["zero_point"] < 35
+        assert r["n_src"] > 50 and r["n_dia"] >= 0
+
+
+def test_report_pages_links_and_pngs(run: dict) -> None:
+    rdir = run["out"] / "report"
+    index = rdir / "index.html"
+    text = index.read_text(encoding="utf-8")
+    for v in run["visits"]:  # every CCD-visit in the summary table, with its own page
+        assert f"ccd/v{v}_c{CCD:02d}.html" in text
+        assert (rdir / "ccd" / f"v{v}_c{CCD:02d}.html").is_file()
+    with sqlite3.connect(run["db"]) as con:
+        n_obj = con.execute('SELECT COUNT(DISTINCT "diaObjectId") FROM "DiaSource"').fetchone()[0]
+    shown = sorted(p.stem for p in (rdir / "obj").glob("*.html"))
+    assert n_obj > 0 and len(shown) == min(n_obj, 200)
+    for oid in shown:  # every shown DiaObject is linked from the overview
+        assert f'href="obj/{oid}.html"' in text
+    pages = [index, *(rdir / "ccd").glob("*.html"), *(rdir / "obj").glob("*.html")]
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        no_ns = html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert "<script" not in html and "http://" not in no_ns
+        assert "https://" not in html
+        for link in _links(page):
+            target = (page.parent / unquote(urlparse(link).path)).resolve()
+            assert target.is_file(), f"{page.name}: broken link {link}"
+    from matplotlib.image import imread
+
+    pngs = list((rdir / "img").glob("*.png"))
+    assert len(pngs) >= 2 + 3 * len(run["visits"])
+    for p in pngs:
+        a = imread(p)
+        assert a.ndim == 3 and min(a.shape[:2]) >= 10 and p.stat().st_size > 300, p.name
+    assert imread(rdir / "img" / "overview.png").shape[1] > 600
+    assert np.std(imread(rdir / "img" / f"v{run['visits'][0]}_c{CCD:02d}_diag.png")) > 0.05
+
+
+def test_report_options_and_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run["out"]
+    assert main(["-q", "report", str(out), "--max-objects", "3", "--id", f"visit={run['visits'][0]}",
+                 "-c", f"apdb.db_url={run['url']}"]) == 0
+    assert len(list((out / "report" / "obj").glob("*.html"))) == 3
+    assert len(list((out / "report" / "ccd").glob("*.html"))) == 1
+    capsys.readouterr()
+    assert main(["-q", "report", str(tmp_path / "nowhere")]) == 2
+    assert main(["-q", "report", str(out), "-c", f"apdb.db_url=sqlite:///{tmp_path / 'none.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no APDB at" in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("apfast report: error:")]) == 2
+    # the full report again for the browser tests
+    assert main(["-q", "report", str(out)]) == 0
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
+
+
+def _browse(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium on PATH or at /usr/bin/chromium: install Debian's chromium to render pages")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1280,900", *extra, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("which", ["index", "object"])
+def test_report_renders_in_headless_chromium(run: dict, which: str, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    rdir = run["out"] / "report"
+    page = rdir / "index.html" if which == "index" else sorted((rdir / "obj").glob("*.html"))[0]
+    shot = tmp_path / "shot.png"
+    r = _browse(page, tmp_path, f"--screenshot={shot}")
+    assert shot.is_file(), r.stderr[-2000:]
+    a = imread(shot)
+    assert a.shape[:2] == (900, 1280)
+    grey = a[..., :3].mean(axis=2)
+    assert grey.std() > 0.05 and len(np.unique(a[..., :3].reshape(-1, 3), axis=0)) > 50  # not blank
+    dom = _browse(page, tmp_path, "--dump-dom").stdout
+    if which == "index":
+        assert "Run summary" in dom and "FWHM" in dom and "n_dia" in dom
+        assert all(str(v) in dom for v in run["visits"])
+    else:
+        assert re.search(r"DiaObject \d+", dom) and "Light curve" in dom and "nDiaSources" in dom
