@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from naive import bkg_cr as naive
 from apfast.ccd.background import (
     BackgroundConfig,
     BackgroundModel,
@@ -17,6 +16,7 @@ from apfast.ccd.background import (
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import background as kb
 from apfast.masks import bitmask
+from naive import bkg_cr as naive
 
 IGNORE = bitmask(BackgroundConfig().ignored_mask_planes)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from naive import bkg_cr as naive
 from apfast.ccd.cosmicray import CosmicRayConfig, TooManyCosmicRaysError, find_cosmic_rays
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import cosmicray as kc
 from apfast.masks import bitmask
+from naive import bkg_cr as naive
 
 CR = bitmask("CR")
 INTRP = bitmask("INTRP")

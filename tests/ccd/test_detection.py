@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from naive import detect as naive
 from apfast.ccd.detection import DetectionConfig, detect_sources, gaussian_kernel_1d
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import detect as kd
 from apfast.masks import bitmask
+from naive import detect as naive
 
 SIGMA = 1.8
 

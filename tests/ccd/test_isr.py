@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import yaml
 
-from naive import isr as naive
 from apfast.camera import Section, get_camera
 from apfast.ccd.isr import AmpParams, IsrConfig, OverscanConfig, amp_params_from_header, run_isr
 from apfast.errors import CalibrationError, ConfigError, InputError
 from apfast.kernels import isr as k
 from apfast.kernels import isr_masks as km
 from apfast.masks import bitmask
+from naive import isr as naive
 
 BITS = {n: bitmask(n) for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT", "INTRP")}
 BITS_ARR = np.array([BITS[n] for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT")], dtype=np.int64)

@@ -6,15 +6,15 @@ import math
 
 import numpy as np
 import pytest
+from test_detection import flux_for_snr, gaussian_stars
 
-from naive import detect as naive
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
 from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import measure as km
 from apfast.masks import bitmask
-from test_detection import flux_for_snr, gaussian_stars
+from naive import detect as naive
 
 SIGMA = 2.0
 

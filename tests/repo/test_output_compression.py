@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
+from test_exposure import full_exposure, poly_psf
 
 from apfast.ccd.psf import GaussianPsf
 from apfast.errors import ConfigError, InputError
@@ -12,7 +13,6 @@ from apfast.exposure import COMPRESSIONS, Exposure, read_exposure, write_exposur
 from apfast.repo.butler import Butler
 from apfast.repo.writer import OutputConfig, OutputWriter
 from apfast.run.config import load_config
-from test_exposure import full_exposure, poly_psf
 
 SIGMA = 10.0  # sky noise of the synthetic image
 
