@@ -196,12 +196,16 @@ def _as_psf_stamp(psf: Any, name: str) -> np.ndarray:
 
 
 def _as_positions(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``x, y`` as 1-D float64 arrays of one length (a scalar is one position)."""
     xa = np.atleast_1d(np.asarray(x))
     ya = np.atleast_1d(np.asarray(y))
     for arr, name in ((xa, "x"), (ya, "y")):
-        if arr.dtype.kind not in "fiu" or arr.ndim != 1:
-            msg = f"{name} must be a 1-D array of pixel coordinates, got dtype {arr.dtype} shape {arr.shape}"
-            raise TypeError(msg) if arr.dtype.kind not in "fiu" else ValueError(msg)
+        if arr.dtype.kind not in "fiu":
+            msg = f"{name} must hold real pixel coordinates, got dtype {arr.dtype}; pass floats"
+            raise TypeError(msg)
+        if arr.ndim != 1:
+            msg = f"{name} must be a 1-D array of pixel coordinates, got shape {arr.shape}; use .ravel()"
+            raise ValueError(msg)
     if xa.shape != ya.shape:
         msg = f"x and y have different lengths ({xa.size} and {ya.size}); pass one (x, y) per position"
         raise ValueError(msg)
@@ -655,8 +659,10 @@ class SubtractionResult:
     Attributes
     ----------
     difference : ndarray, float32, shape (ny, nx)
-        ``science - kernel (x) template`` (convolveTemplate) or ``template ... `` rescaled
-        (convolveScience), decorrelated when asked; in science units.
+        ``science - kernel (x) template`` (convolveTemplate); with convolveScience the
+        science image is the one convolved and the difference is rescaled by
+        ``1 / sum(kernel)``, so either way it is in science units and a new source in
+        the science image is positive. Decorrelated when asked.
     variance : ndarray, float32, shape (ny, nx)
         Its per-pixel variance.
     mask : ndarray, int32, shape (ny, nx)

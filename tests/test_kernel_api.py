@@ -290,6 +290,23 @@ def test_subtract_synthetic_pair(rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(d["tmp"], tmp_in)
 
 
+def test_subtract_convolve_science_keeps_sign_and_units(rng: np.random.Generator) -> None:
+    """Science sharper than template: the science is convolved; the transient stays positive at its flux."""
+    d = _pair(rng, transient=4000.0)
+    res = api.subtract(
+        d["tmp"] + _stars((256, 256), [144.3], [111.6], [4000.0], 1.5),
+        d["sci"] - _stars((256, 256), [144.3], [111.6], [4000.0], 2.2),
+        science_variance=d["var"],
+        template_variance=d["var"],
+        science_psf=1.5 * FWHM_PER_SIGMA,
+        template_psf=2.2 * FWHM_PER_SIGMA,
+        size_cell=64,
+    )
+    assert res.mode == "convolveScience"
+    f, e, _ = api.forced_photometry(res.difference, res.variance, [144.3], [111.6], res.psf)
+    assert abs(f[0] - 4000.0) < 5 * e[0]
+
+
 def test_subtract_measures_psfs_and_takes_big_endian(rng: np.random.Generator) -> None:
     d = _pair(rng, transient=0.0)
     be = {k: v.astype(">f4") for k, v in d.items()}
