@@ -294,7 +294,7 @@ def background(
     >>> bool(np.abs(res.background - sky).max() < 1e-3)
     True
     """
-    from apfast.background import BackgroundConfig, BackgroundModel, measure_background
+    from apfast.ccd.background import BackgroundConfig, BackgroundModel, measure_background
     from apfast.errors import ApfastError
 
     img = _as_image(image, "image")
@@ -399,7 +399,7 @@ def detect(
     >>> len(cat), round(float(cat["x"][0])), round(float(cat["y"][0]))
     (1, 30, 20)
     """
-    from apfast.detection import DetectionConfig, detect_sources
+    from apfast.ccd.detection import DetectionConfig, detect_sources
     from apfast.errors import ApfastError
     from apfast.kernels import measure as km
 
@@ -511,7 +511,7 @@ def convolve(image: Any, kernel: Any, *, normalize: bool = False) -> np.ndarray:
     >>> float(out[5, 8]), float(out.sum())
     (2.0, 2.0)
     """
-    from apfast.subtract import fft_convolve_terms
+    from apfast.diffim.subtract import fft_convolve_terms
 
     img = _as_image(image, "image", finite=True)
     kern = _as_array(kernel, "kernel", ndim=2, dtype=np.float64)
@@ -712,7 +712,7 @@ def _measure_fwhm(img: np.ndarray, var: np.ndarray, msk: np.ndarray, name: str) 
 
 
 def _psf_model(psf: Any, img: np.ndarray, var: np.ndarray, msk: np.ndarray, name: str) -> Any:
-    from apfast.psf import GaussianPsf, ImagePsf
+    from apfast.ccd.psf import GaussianPsf, ImagePsf
 
     if psf is None:
         psf = _measure_fwhm(img, var, msk, name)
@@ -809,11 +809,11 @@ def subtract(
     >>> res.mode, bool(0.8 < np.std(pull) < 1.2)
     ('convolveTemplate', True)
     """
-    from apfast.decorrelate import DecorrelationConfig
-    from apfast.diffim import DifferenceConfig, run_image_difference
+    from apfast.diffim.decorrelate import DecorrelationConfig
+    from apfast.diffim.psfmatch import PsfMatchConfig
+    from apfast.diffim.stage import DifferenceConfig, run_image_difference
     from apfast.errors import ApfastError
     from apfast.exposure import Exposure
-    from apfast.psfmatch import PsfMatchConfig
 
     sci = _as_image(science, "science")
     tmp = _as_image(template, "template", shape=sci.shape)

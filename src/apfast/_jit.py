@@ -69,7 +69,9 @@ def _kernel_sources() -> list[Path]:
 
     spec = importlib.util.find_spec("apfast.kernels")  # kernels/ in a checkout, apfast/kernels/ in a wheel
     dirs = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    return [*sorted(p for d in dirs for p in d.glob("*.py")), Path(__file__).resolve()]
+    # api.py (the array-level wrappers for other codes) defines no kernels: editing it keeps the cache
+    kernel_files = sorted(p for d in dirs for p in d.glob("*.py") if p.name != "api.py")
+    return [*kernel_files, Path(__file__).resolve()]
 
 
 _KEY: str | None = None

@@ -360,7 +360,8 @@ def test_dask_executor_without_distributed(tmp_path: Path) -> None:
 def _cli(dia_dataset: dict, rerun: str, url: str, *extra: str) -> list[str]:
     sv = "^".join(str(v) for v in dia_dataset["summary"].science_visits)
     return ["process", str(dia_dataset["repo"]), "--rerun", rerun, "--id", f"visit={sv}",
-            "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}", *extra]
+            "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}",
+            "--summary", "wide", *extra]  # FAILED lines unwrapped: the tests read whole messages
 
 
 def _snapshot(url: str) -> dict[str, list[tuple]]:

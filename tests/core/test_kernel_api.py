@@ -488,3 +488,10 @@ def test_real_decam_static_star_residuals(decam: dict) -> None:
     assert len(checked) >= 2
     assert np.median([c[2] for c in checked]) < 3.0
     assert max(c[2] for c in checked) < 6.0
+
+
+def test_api_module_defines_no_kernels() -> None:
+    # the kernel cache key leaves kernels/api.py out (apfast._jit._kernel_sources): it must stay kernel-free
+    from numba.core.registry import CPUDispatcher
+
+    assert not [n for n, v in vars(api).items() if isinstance(v, CPUDispatcher) and v.__module__ == api.__name__]
