@@ -148,15 +148,20 @@ def warmup_cases() -> list[tuple[str, Any, tuple[Any, ...]]]:
     return out
 
 
-def compile_counts() -> dict[str, int]:
-    """Signatures each kernel of this process compiled (numba's cache misses) instead of loading, if any."""
+def _cache_stats(kind: str) -> dict[str, int]:
+    """Per kernel of this process, numba's cache ``hits`` or ``misses`` (a miss is a compilation), if any."""
     out = {}
     for name, disp in kernel_dispatchers().items():
-        stats = getattr(disp, "stats", None)
-        n = sum(stats.cache_misses.values()) if stats is not None else 0
+        stats = getattr(disp, "stats", None)  # absent with NUMBA_DISABLE_JIT=1
+        n = sum(getattr(stats, f"cache_{kind}").values()) if stats is not None else 0
         if n:
             out[name] = int(n)
     return out
+
+
+def compile_counts() -> dict[str, int]:
+    """Signatures each kernel of this process compiled (numba's cache misses) instead of loading, if any."""
+    return _cache_stats("misses")
 
 
 def write_compile_report() -> None:
@@ -169,16 +174,7 @@ def write_compile_report() -> None:
     folder = os.environ.get("APFAST_COMPILE_REPORT")
     if not folder:
         return
-    hits: dict[str, int] = {}
-    misses: dict[str, int] = {}
-    for name, disp in kernel_dispatchers().items():
-        stats = getattr(disp, "stats", None)
-        if stats is None:
-            continue
-        if stats.cache_hits:
-            hits[name] = int(sum(stats.cache_hits.values()))
-        if stats.cache_misses:
-            misses[name] = int(sum(stats.cache_misses.values()))
+    hits, misses = _cache_stats("hits"), _cache_stats("misses")
     path = Path(folder) / f"{os.getpid()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
