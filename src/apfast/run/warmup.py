@@ -219,14 +219,57 @@ def _estimate_build_seconds() -> float:
     return max(times)[1] if times else DEFAULT_BUILD_SECONDS
 
 
-_CHILD = "import sys; from apfast.run.warmup import _compile_share; _compile_share(int(sys.argv[1]), int(sys.argv[2]))"
+_CHILD = "import sys; from apfast.run.warmup import _compile_queue; _compile_queue(sys.argv[1])"
+#: Per warm-up case, the compile seconds of the last build on this machine (orders the next build's queue).
+TIMES = "build-times.json"
 
 
-def _compile_share(index: int, jobs: int) -> None:
-    """In a build's child process: compile every ``jobs``-th warm-up case starting at ``index``."""
-    for i, (_name, kernel, args) in enumerate(warmup_cases()):
-        if i % jobs == index:
+def _queue_order() -> list[int]:
+    """Warm-up case indices, slowest to compile first (the last build's times, else parallel kernels first)."""
+    from apfast._jit import cache_root
+
+    try:
+        last = json.loads((cache_root() / "kernels" / TIMES).read_text())
+    except (OSError, ValueError):
+        last = {}
+    keys = []
+    for i, (name, kernel, _args) in enumerate(warmup_cases()):
+        parallel = bool(getattr(kernel, "targetoptions", {}).get("parallel"))
+        keys.append((-float(last.get(name, 4.0 if parallel else 1.0)) if isinstance(last, dict) else 0.0, i))
+    return [i for _, i in sorted(keys)]
+
+
+def _compile_queue(queue: str) -> None:
+    """In a build's child process: take the next case off the shared queue file until it is empty.
+
+    ``queue`` holds one JSON object ``{"order": [...], "next": k}``; each claim happens under a
+    file lock, so every case is compiled by exactly one child and a child that finishes early
+    takes more (a fixed split leaves one core idle while the other compiles the slow kernels).
+    Each child appends ``name seconds`` lines to ``queue + ".times"``.
+    """
+    import fcntl
+
+    cases = warmup_cases()
+    with open(queue, "r+") as fq, open(queue + ".times", "a") as ft:
+        while True:
+            fcntl.flock(fq, fcntl.LOCK_EX)
+            try:
+                fq.seek(0)
+                state = json.loads(fq.read())
+                k = state["next"]
+                if k >= len(state["order"]):
+                    return
+                fq.seek(0)
+                fq.truncate()
+                fq.write(json.dumps({**state, "next": k + 1}))
+                fq.flush()
+            finally:
+                fcntl.flock(fq, fcntl.LOCK_UN)
+            name, kernel, args = cases[state["order"][k]]
+            t0 = time.perf_counter()
             kernel(*args)
+            ft.write(f"{name} {time.perf_counter() - t0:.3f}\n")
+            ft.flush()
 
 
 def build_kernel_cache(
@@ -273,12 +316,17 @@ def _build_locked(progress: Callable[[str], None] | None, jobs: int | None) -> N
     t0 = time.perf_counter()
     if jobs > 1:
         env = {**os.environ, "APFAST_COMPILE_REPORT": ""}
-        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(i), str(jobs)], env=env)
-                 for i in range(jobs)]
+        queue = kernel_cache_dir() / ".build-queue.json"
+        queue.write_text(json.dumps({"order": _queue_order(), "next": 0}))
+        times = Path(str(queue) + ".times")
+        times.unlink(missing_ok=True)
+        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(queue)], env=env) for _ in range(jobs)]
         codes = [p.wait() for p in procs]
         if any(codes):
             log.warning("kernel cache build: %d of %d compile processes failed (exit %s); this process "
                         "compiles what is missing", sum(c != 0 for c in codes), jobs, codes)
+        _save_times(times)
+        queue.unlink(missing_ok=True)
     n = len(warmup(progress, fftw=False))  # loads what the children saved; compiles anything they missed
     marker = {
         "build_seconds": round(time.perf_counter() - t0, 2), "signatures": n, "jobs": jobs,
@@ -288,6 +336,24 @@ def _build_locked(progress: Callable[[str], None] | None, jobs: int | None) -> N
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(marker, indent=1) + "\n")
     tmp.replace(path)
+
+
+def _save_times(times: Path) -> None:
+    """Merge the children's per-case compile seconds into the machine's ``build-times.json``."""
+    from apfast._jit import cache_root
+
+    path = cache_root() / "kernels" / TIMES
+    try:
+        seen: dict[str, float] = {}
+        for line in times.read_text().splitlines():
+            name, sec = line.rsplit(" ", 1)
+            seen[name] = max(seen.get(name, 0.0), float(sec))  # a kernel with two signatures: its slower one
+        times.unlink()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seen, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except (OSError, ValueError):  # only the next build's order depends on it
+        pass
 
 
 def _versions() -> dict[str, str]:
