@@ -170,7 +170,13 @@ def test_alerts_written_and_valid(run: dict) -> None:
     v = run["visits"][-1]
     alerts = read_alerts(run["out"] / "alerts" / f"{v}_{CCD}.avro")
     n = _rows(run["db"], f'SELECT COUNT(*) FROM "DiaSource" WHERE visit = {v}')[0][0]
-    assert len(alerts) == n > 0
+    rel = [r[0] for r in _rows(run["db"], f'SELECT reliability FROM "DiaSource" WHERE visit = {v}')]
+    assert all(r is not None and 0.0 <= r <= 1.0 for r in rel), rel
+    assert {r[0] for r in _rows(run["db"], 'SELECT "reliabilityVersion" FROM "DiaSource"')} == {"gbt-1"}
+    # alerts only for sources at or above alerts.min_reliability (0.5); the rest stay in the APDB
+    assert len(alerts) == sum(r >= 0.5 for r in rel) > 0.8 * n > 0
+    sql = f'SELECT "diaSourceId" FROM "DiaSource" WHERE visit = {v} AND reliability >= 0.5'
+    assert {a["diaSource"]["diaSourceId"] for a in alerts} == {r[0] for r in _rows(run["db"], sql)}
     for a in alerts:
         assert fastavro.validation.validate(a, schema, raise_errors=True)
     # the last visit's alerts of a 3-visit object carry its 2 earlier sources

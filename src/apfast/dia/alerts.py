@@ -139,6 +139,11 @@ class AlertsConfig(ConfigSection):
         "Rubin alert schema version from lsst-alert-packet, e.g. '11.1'; none uses the latest installed.",
     )
     cutout_size: int = opt(30, "Side of the square cutouts in pixels (Rubin: 30).")
+    min_reliability: float = opt(
+        0.5,
+        "Send an alert only for a DIA source whose reliability is at least this (0..1; Rubin: 0.5); sources "
+        "below it are still stored in the APDB. Sources without a score (reliability.model = none) always alert.",
+    )
     cutout_mask: bool = opt(
         False, "Add the mask plane as a MASK HDU to each cutout (Rubin's cutouts have none)."
     )
@@ -152,6 +157,8 @@ class AlertsConfig(ConfigSection):
     )
 
     def _validate(self) -> None:
+        if not 0.0 <= self.min_reliability <= 1.0:
+            self._fail("min_reliability", self.min_reliability, "use a number between 0 and 1, e.g. 0.5 (0 = all)")
         if not 1 <= self.cutout_size <= 1000:
             self._fail("cutout_size", self.cutout_size, "use a side between 1 and 1000 pixels, e.g. 30")
         if self.schema_version is not None and self.schema_version not in available_schema_versions():

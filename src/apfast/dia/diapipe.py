@@ -69,6 +69,7 @@ class DiaOutcome:
     n_updated_objects: int = 0
     n_forced: int = 0
     n_alerts: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -222,8 +223,17 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
     vi = calexp.visit_info
     if vi is not None and getattr(vi, "exposure_time", None):
         src["exposureTime"] = np.full(n, float(vi.exposure_time))
-    out.n_sources, out.n_positive, out.n_negative, out.n_dipole = n, res.n_positive, res.n_negative, res.n_dipole
     tm["dia_detect"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    src, rejected = _filter(src, diff, calexp, cfg, butler, band=band, out=out)
+    _score(src, rejected, diff, cfg)
+    n = _n_rows(src)
+    out.n_sources = n
+    neg = np.asarray(src["isNegative"], bool) if "isNegative" in src else np.zeros(n, bool)
+    dip = np.asarray(src["isDipole"], bool) if "isDipole" in src else np.zeros(n, bool)
+    out.n_positive, out.n_negative, out.n_dipole = int((~dip & ~neg).sum()), int((~dip & neg).sum()), int(dip.sum())
+    tm["dia_filter"] = time.perf_counter() - t
 
     if writer is not None:
         tm["write_wait"] = writer.wait(did)
@@ -265,9 +275,17 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
         t = time.perf_counter()
         out_put = writer.put if writer is not None else butler.put
         out_put(Table({k: _fits_column(v) for k, v in src.items()}), "deepDiff_diaSrc", did)
+        if rejected is not None:
+            out_put(Table({k: _fits_column(v) for k, v in rejected.items()}), "deepDiff_diaSrcRejected", did)
         if cfg.dia_pipe.do_alerts:
             acfg = cfg.alerts
-            alerts = build_ccd_alerts(src, versions, hist_old, forced_old, difference=diff, science=calexp,
+            alert_src = src
+            rel = np.asarray(src.get("reliability", np.full(_n_rows(src), np.nan)), float)
+            low = rel < acfg.min_reliability  # NaN (no score) alerts
+            if low.any():
+                alert_src = take_rows(src, ~low)
+                out.filtered["alert_reliability"] = int(low.sum())
+            alerts = build_ccd_alerts(alert_src, versions, hist_old, forced_old, difference=diff, science=calexp,
                                       template=matched, cutout_size=acfg.cutout_size, cutout_mask=acfg.cutout_mask,
                                       schema_version=acfg.schema_version)
             batch = AlertBatch(alerts)
@@ -281,6 +299,64 @@ def process_dia(butler: Butler, row: dict[str, Any], cfg: Any, apdb: Any, *,
     out.n_forced = _n_rows(forced)
     tm["alerts"] = time.perf_counter() - t
     return out
+
+
+def _bright_stars(butler: Butler, calexp: Exposure, cfg: Any, band: str) -> Columns | None:
+    """Reference stars bright enough for the spike rule on this CCD (pixel positions), or None."""
+    from apfast.errors import RefcatError
+    from apfast.repo.refcat import load_polygon
+
+    fcfg = cfg.dia_filter
+    if fcfg.spike_length_px <= 0 or calexp.wcs is None:
+        return None
+    ra, dec = ccd_region(calexp, 0.0)
+    try:
+        region = load_polygon(butler.repo.root, cfg.calibrate.photometry_refcat, corners_ra=list(ra),
+                              corners_dec=list(dec), margin=0.01)
+    except (RefcatError, OSError) as exc:
+        log.debug("spike rule off for this CCD: %s", exc)
+        return None
+    refs = region.sources
+    col = f"{band}_mag"
+    if refs.dtype.names is None or col not in refs.dtype.names:
+        return None
+    mag = np.asarray(refs[col], float)
+    bright = np.isfinite(mag) & (mag < fcfg.spike_mag_limit)
+    if not bright.any():
+        return {"x": np.zeros(0), "y": np.zeros(0), "mag": np.zeros(0)}
+    x, y = calexp.wcs.all_world2pix(np.asarray(refs["ra"], float)[bright], np.asarray(refs["dec"], float)[bright], 0)
+    return {"x": np.asarray(x, float), "y": np.asarray(y, float), "mag": mag[bright]}
+
+
+def _filter(src: Columns, diff: Exposure, calexp: Exposure, cfg: Any, butler: Butler, *, band: str,
+            out: DiaOutcome) -> tuple[Columns, Columns | None]:
+    """Apply :mod:`apfast.dia.filtering`: the kept sources, and the rejected ones with ``filterReason``."""
+    from apfast.dia.filtering import filter_dia_sources
+
+    fcfg = cfg.dia_filter
+    if not fcfg.do_filter:
+        return src, None
+    stars = _bright_stars(butler, calexp, cfg, band) if _n_rows(src) else None
+    res = filter_dia_sources(src, diff, calexp, config=fcfg, stars=stars)
+    out.filtered = dict(res.counts)
+    rejected = take_rows(src, ~res.keep)
+    rejected["filterReason"] = res.reason[~res.keep]
+    return take_rows(src, res.keep), rejected
+
+
+def _score(src: Columns, rejected: Columns | None, diff: Exposure, cfg: Any) -> None:
+    """Fill ``reliability`` and ``reliabilityVersion`` of the kept (and rejected) sources in place."""
+    from apfast.dia.reliability import load_model, score_sources
+
+    if cfg.reliability.model == "none":
+        return
+    model = load_model(cfg.reliability.model)
+    for cols in (src, rejected):
+        if cols is None:
+            continue
+        n = _n_rows(cols)
+        cols["reliability"] = score_sources(cols, diff, model) if n else np.zeros(0)
+        cols["reliabilityVersion"] = np.full(n, model.version, dtype=object)
 
 
 def _fits_column(v: np.ndarray) -> np.ndarray:

@@ -427,6 +427,7 @@ for _name, _tmpl, _storage in (
     ("deepDiff_differenceExp", "deepDiff/v{visit}/diffexp-{ccdnum:02d}.fits", "Exposure"),
     ("deepDiff_matchedExp", "deepDiff/v{visit}/matchexp-{ccdnum:02d}.fits", "Exposure"),
     ("deepDiff_diaSrc", "deepDiff/v{visit}/diaSrc-{ccdnum:02d}.fits", "SourceCatalog"),
+    ("deepDiff_diaSrcRejected", "deepDiff/v{visit}/diaSrcRejected-{ccdnum:02d}.fits", "SourceCatalog"),
     ("deepDiff_kernelSrc", "deepDiff/v{visit}/kernelSrc-{ccdnum:02d}.fits", "SourceCatalog"),
     ("apdb_marker", "apdb_marker/" + _VC + ".json", "Json"),
     ("alerts", "alerts/{visit}_{ccdnum}.avro", "Avro"),

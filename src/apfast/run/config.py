@@ -218,6 +218,8 @@ from apfast.dia.alerts import AlertsConfig  # noqa: E402
 from apfast.dia.association import AssociationConfig  # noqa: E402
 from apfast.dia.diapipe import DiaPipeConfig  # noqa: E402
 from apfast.dia.diasource import DiaSourceConfig  # noqa: E402
+from apfast.dia.filtering import DiaFilterConfig  # noqa: E402
+from apfast.dia.reliability import ReliabilityConfig  # noqa: E402
 from apfast.diffim.coadd import CoaddConfig  # noqa: E402
 from apfast.diffim.decorrelate import DecorrelationConfig  # noqa: E402
 from apfast.diffim.psfmatch import PsfMatchConfig  # noqa: E402
@@ -247,6 +249,8 @@ class PipelineConfig(ConfigSection):
     diffim: PsfMatchConfig = subsection(PsfMatchConfig)
     decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
     dia: DiaSourceConfig = subsection(DiaSourceConfig)
+    dia_filter: DiaFilterConfig = subsection(DiaFilterConfig)
+    reliability: ReliabilityConfig = subsection(ReliabilityConfig)
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)

@@ -520,9 +520,11 @@ def process_dia_stage(
     o.timings.update(r.timings)
     o.timings["dia"] = time.perf_counter() - t
     o.stats.update(N_DIA=r.n_sources, N_DIPOLE=r.n_dipole, N_NEW_OBJ=r.n_new_objects,
-                   N_UPD_OBJ=r.n_updated_objects, N_FORCED=r.n_forced, N_ALERTS=r.n_alerts)
+                   N_UPD_OBJ=r.n_updated_objects, N_FORCED=r.n_forced, N_ALERTS=r.n_alerts,
+                   **{f"N_FILT_{k.upper()}": v for k, v in r.filtered.items()})
     o.stats.setdefault("_ran", []).append(
-        f"{r.n_sources} DIA sources ({r.n_positive}+ {r.n_negative}- {r.n_dipole} dipoles), "
+        f"{r.n_sources} DIA sources ({r.n_positive}+ {r.n_negative}- {r.n_dipole} dipoles"
+        + (f"; {sum(r.filtered.values())} filtered" if r.filtered else "") + "), "
         f"{r.n_new_objects} new / {r.n_updated_objects} updated DiaObjects, {r.n_alerts} alerts")
 
 
