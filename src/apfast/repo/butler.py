@@ -54,12 +54,12 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.utils.exceptions import AstropyUserWarning
 
+from apfast._fileio import atomic_path
 from apfast.errors import ApfastError, DataIdError, InputError, NoLocationsError
 from apfast.exposure import (
     Background,
     Exposure,
     VisitInfo,
-    atomic_output,
     exposure_hdulist,
     read_background,
     read_exposure,
@@ -147,7 +147,7 @@ def write_catalog(table: Table, path: str | Path) -> Path:
             )
             raise InputError(msg) from None
     hdu.header["APFTYPE"] = "SOURCECAT"
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp)
     return path
 
@@ -271,7 +271,7 @@ class Storage:
 
 def _write_json(obj: Any, path: Path) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -287,7 +287,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _write_text(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(str(obj), encoding="utf-8")
 
 

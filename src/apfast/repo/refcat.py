@@ -39,6 +39,7 @@ import astropy.units as u
 import numpy as np
 from astropy_healpix import HEALPix
 
+from apfast._fileio import atomic_path
 from apfast.errors import InputError, RefcatError
 from apfast.repo.refcat_io import (
     _KINDS,
@@ -194,15 +195,6 @@ def _read_config(repo: str | Path, name: str) -> dict[str, Any]:
         raise RefcatError(msg) from exc
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _rmax(rows: np.ndarray, hp: HEALPix, pix: int) -> float:
     lon, lat = hp.healpix_to_lonlat(pix)
     d = _separation(float(lon.to_value(u.deg)), float(lat.to_value(u.deg)), rows["ra"], rows["dec"])
@@ -309,7 +301,8 @@ def ingest_refcat(
         upix = _write_shards(catdir, new_rows, new_pix, shard_info, dtype, name=name, kind=read.kind, nside=nside,
                              hp=hp, progress=progress)  # fmt: skip
         config = _catalogue_config(name, read, inputs, old, shard_info, dtype, nside=nside, column_map=column_map)
-        _write_atomic(catdir / _CONFIG, lambda t: t.write_text(json.dumps(config, indent=1)))
+        with atomic_path(catdir / _CONFIG, mkdir=False, reserve=False) as tmp:
+            tmp.write_text(json.dumps(config, indent=1))
     elapsed = time.perf_counter() - t0
     _LOG.info("refcat %s: ingested %d sources from %d files into %d shards in %.2f s",
               name, len(new_rows), len(inputs), len(upix), elapsed)

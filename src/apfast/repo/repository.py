@@ -37,6 +37,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from apfast._fileio import atomic_path
 from apfast.errors import ConfigError, InputError
 
 __all__ = [
@@ -57,9 +58,7 @@ _CFG_FORMAT = "apfast-repository-1"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    from apfast.exposure import atomic_output
-
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
