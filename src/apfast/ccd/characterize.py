@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from apfast._constants import FWHM_PER_SIGMA
 from apfast.ccd.background import BackgroundConfig, BackgroundModel, measure_background, subtract_background
 from apfast.ccd.cosmicray import CosmicRayConfig, find_cosmic_rays
 from apfast.ccd.detection import DetectionConfig, detect_sources
@@ -37,8 +38,6 @@ from apfast.masks import bitmask
 __all__ = ["CharacterizeConfig", "CharacterizeResult", "clean_star_flags", "run_characterize"]
 
 log = logging.getLogger(__name__)
-
-FWHM_PER_SIGMA = 2.354820045
 
 
 def _bright_detection() -> DetectionConfig:

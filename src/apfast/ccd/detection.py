@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from apfast._constants import MAD_TO_SIGMA
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import detect as _k
 from apfast.masks import MASK_PLANES, bitmask
@@ -297,7 +298,7 @@ def _robust_std(values: np.ndarray, good: np.ndarray) -> float:
     v = values.ravel()[::step][good.ravel()[::step].view(bool)].astype(np.float64)
     if v.size == 0:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+    return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
 def detect_sources(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from apfast._configbase import check_ranges
+from apfast._constants import MAD_TO_SIGMA
 from apfast.ccd.psf import poly_terms
 from apfast.errors import AlgorithmError, ConfigError
 from apfast.exposure import PhotoCalib
@@ -189,7 +190,7 @@ def fit_aperture_correction(
     for _ in range(5):
         coeffs, *_ = np.linalg.lstsq(terms[use], ratio[use], rcond=None)
         r = ratio - terms @ coeffs
-        sig = 1.4826 * float(np.median(np.abs(r[use])))
+        sig = MAD_TO_SIGMA * float(np.median(np.abs(r[use])))
         new = ok & (np.abs(r) < 3 * max(sig, 1e-6))
         if new.sum() < cfg.apcorr_min_stars or np.array_equal(new, use):
             break
@@ -241,7 +242,7 @@ def fit_zero_point(
     sig = 0.0
     for _ in range(cfg.n_iter):
         resid = zp_i - zp
-        sig = 1.4826 * float(np.median(np.abs(resid[use])))
+        sig = MAD_TO_SIGMA * float(np.median(np.abs(resid[use])))
         new = ok & (np.abs(resid) <= cfg.n_sigma * max(sig, 1e-4))
         if new.sum() < cfg.min_stars:
             break

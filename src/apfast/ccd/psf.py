@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 from astropy.io import fits
 
+from apfast._constants import FWHM_PER_SIGMA
 from apfast.errors import AlgorithmError, InputError
 
 __all__ = [
@@ -59,8 +60,6 @@ __all__ = [
     "poly_terms",
     "psf_from_hdus",
 ]
-
-FWHM_PER_SIGMA: float = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 #: Modules defining PsfModel subclasses (WarpedPsf, ConvolvedPsf), imported when a file needs them.
 _STAGE_PSF_MODULES = ("apfast.diffim.warp", "apfast.diffim.decorrelate")

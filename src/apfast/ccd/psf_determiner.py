@@ -31,6 +31,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from apfast._configbase import check_ranges
+from apfast._constants import MAD_TO_SIGMA
 from apfast.ccd.psf import PolynomialPixelPsf, PsfModel, poly_terms
 from apfast.errors import AlgorithmError
 from apfast.kernels.stamps import extract_stamps_lanczos3
@@ -219,7 +220,7 @@ def _locus(s: np.ndarray, config: PsfDeterminerConfig) -> tuple[float, float]:
         if near.sum() < 3:
             break
         centre = float(np.median(s[near]))
-        mad = 1.4826 * float(np.median(np.abs(s[near] - centre)))
+        mad = MAD_TO_SIGMA * float(np.median(np.abs(s[near] - centre)))
         width = max(config.n_sigma_clip * mad, config.width_std_allowed / 2, 0.02 * centre)
     return float(centre), float(width)
 
@@ -354,7 +355,7 @@ def _fit_model(stamps: np.ndarray, weights: np.ndarray, xn: np.ndarray, yn: np.n
                     break
                 c, *_ = np.linalg.lstsq(terms[use] * np.sqrt(w[use])[:, None], amp[use] * np.sqrt(w[use]), rcond=None)
                 r = amp - terms @ c
-                sig = 1.4826 * np.median(np.abs(r[use])) + 1e-12
+                sig = MAD_TO_SIGMA * np.median(np.abs(r[use])) + 1e-12
                 new = np.abs(r) < reject * sig
                 if np.array_equal(new, use):
                     break
@@ -440,7 +441,7 @@ def determine_psf(
         model /= model.sum(axis=(1, 2), keepdims=True)
         chi2 = ((st - model) ** 2 / vs).sum(axis=(1, 2)) / (k * k)
         med = np.median(chi2[keep])
-        mad = 1.4826 * np.median(np.abs(chi2[keep] - med)) + 1e-12
+        mad = MAD_TO_SIGMA * np.median(np.abs(chi2[keep] - med)) + 1e-12
         new_keep = chi2 < med + cfg.spatial_reject * mad
         if new_keep.sum() < cfg.min_stars or np.array_equal(new_keep, keep):
             break

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from apfast._configbase import ConfigSection, opt
+from apfast._constants import FWHM_PER_SIGMA, MAD_TO_SIGMA
 from apfast.ccd.detection import DetectionConfig, check_planes, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
 from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel
@@ -67,7 +68,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Sentinel: "not computed yet" (None is a valid linear form: the PSF has none).
 _UNSET: Any = object()
 #: Histogram range of the smoothed S/N samples for the exact median (values outside fall back to a partition).
@@ -755,7 +755,7 @@ def noise_scale_factor(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     if zz.size < 1000:
         return 1.0
     med = _median(zz, None)
-    return float(1.4826 * _median(zz, med))
+    return float(MAD_TO_SIGMA * _median(zz, med))
 
 
 def _median(z: np.ndarray, center: float | None) -> float:

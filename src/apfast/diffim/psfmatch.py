@@ -58,6 +58,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from apfast._configbase import ConfigSection, opt
+from apfast._constants import FWHM_PER_SIGMA
 from apfast.errors import AlgorithmError, InputError
 from apfast.kernels.psfmatch import solve_symmetric_batch, stamp_normal_equations
 from apfast.masks import MASK_BITS, MASK_PLANES
@@ -77,7 +78,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+SIGMA_PER_FWHM = 1.0 / FWHM_PER_SIGMA
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from apfast._constants import MAD_TO_SIGMA
 from apfast.diffim.decorrelate import DecorrelationConfig, decorrelate, variance_mean
 from apfast.diffim.psfmatch import PsfMatchConfig
 from apfast.diffim.subtract import SubtractionResult, subtract_images
@@ -77,7 +78,7 @@ def _residual_offset(diff: Exposure, science: Exposure) -> float:
     if v.size < 100:
         return 0.0
     centre = float(np.median(v))
-    sig = 1.4826 * float(np.median(np.abs(v - centre)))
+    sig = MAD_TO_SIGMA * float(np.median(np.abs(v - centre)))
     for _ in range(3):
         keep = np.abs(v - centre) < 3 * sig
         centre = float(v[keep].mean())
