@@ -2,7 +2,7 @@
 
 An :class:`Exposure` is what every stage passes on: a float32 image with an
 optional int32 mask (bits from :mod:`apfast.masks`), a float32 variance, an
-astropy WCS (SIP supported), a :class:`apfast.ccd.psf.PsfModel`, a :class:`PhotoCalib`
+astropy WCS (SIP supported), a :class:`apfast.psf.PsfModel`, a :class:`PhotoCalib`
 and a :class:`VisitInfo`, plus free-form header ``metadata``.
 
 File layout written by :func:`write_exposure` (astropy and ds9 open it):
@@ -53,8 +53,8 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from apfast import masks
 from apfast._fileio import atomic_path
-from apfast.ccd.psf import PsfModel, psf_from_hdus
 from apfast.errors import InputError
+from apfast.psf import PsfModel, psf_from_hdus
 
 __all__ = [
     "COMPRESSIONS",
@@ -414,7 +414,7 @@ class Exposure:
         self.mask = _as_plane(self.mask, np.int32, "mask", self.image.shape)
         self.variance = _as_plane(self.variance, np.float32, "variance", self.image.shape)
         if self.psf is not None and not isinstance(self.psf, PsfModel):
-            msg = f"Exposure.psf must be an apfast.ccd.psf.PsfModel, got {type(self.psf).__name__}"
+            msg = f"Exposure.psf must be an apfast.psf.PsfModel, got {type(self.psf).__name__}"
             raise InputError(msg)
         if self.metadata is None:
             self.metadata = fits.Header()

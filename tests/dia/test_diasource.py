@@ -14,7 +14,6 @@ import pytest
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from apfast.ccd.psf import GaussianPsf, PolynomialPixelPsf, PsfModel
 from apfast.dia.diasource import (
     DiaSourceConfig,
     fast_psf,
@@ -29,6 +28,7 @@ from apfast.kernels import dipole as kd
 from apfast.kernels import forced as kf
 from apfast.kernels.measure import lanczos_shift
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, PolynomialPixelPsf, PsfModel
 
 SIGMA = 2.0  # PSF sigma, pixels
 # the unit tests check errors against the exact injected noise: no variance rescaling, no template floor

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apfast.ccd.psf import GaussianPsf, ImagePsf
 from apfast.diffim.psfmatch import (
     InsufficientKernelSourcesError,
     PsfMatchConfig,
@@ -24,6 +23,7 @@ from apfast.exposure import Exposure
 from apfast.kernels.convolve import combine_spatial_terms, grow_mask_bits
 from apfast.kernels.psfmatch import stamp_normal_equations
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, ImagePsf
 from naive import psfmatch as naive
 
 FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))

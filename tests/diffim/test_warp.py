@@ -9,12 +9,12 @@ import pytest
 from astropy.wcs import WCS, Sip
 
 from apfast import masks
-from apfast.ccd.psf import GaussianPsf, ImagePsf
 from apfast.diffim.warp import WarpConfig, WarpedPsf, _exact_map, pixel_map, warp_exposure
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
 from apfast.kernels import warp as kw
 from apfast.kernels.stamps import lanczos3_weights
+from apfast.psf import GaussianPsf, ImagePsf
 
 NO_DATA = masks.bitmask("NO_DATA")
 INTRP = masks.bitmask("INTRP")

@@ -11,9 +11,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.errors import ConfigError, DataIdError, InputError, NoLocationsError
 from apfast.exposure import Background, Exposure, PhotoCalib, read_exposure
+from apfast.psf import GaussianPsf
 from apfast.repo.butler import DATASET_TYPES, Butler, register_dataset_type
 from apfast.repo.repository import Repository, create_output_repo, write_config
 

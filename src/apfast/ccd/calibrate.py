@@ -31,8 +31,8 @@ from apfast.ccd.photocal import (
     fit_aperture_correction,
     fit_zero_point,
 )
-from apfast.ccd.psf import PsfModel
 from apfast.errors import ConfigError
+from apfast.psf import PsfModel
 
 __all__ = ["CalibrateConfig", "CalibrateResult", "RefCatalog", "mjd_to_epoch", "run_calibrate"]
 

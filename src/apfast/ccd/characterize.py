@@ -30,10 +30,10 @@ from apfast.ccd.background import BackgroundConfig, BackgroundModel, measure_bac
 from apfast.ccd.cosmicray import CosmicRayConfig, find_cosmic_rays
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, MeasurementResult, measure_sources
-from apfast.ccd.psf import PsfModel
 from apfast.ccd.psf_determiner import PsfDeterminerConfig, PsfResult, determine_psf, stellar_locus_size
 from apfast.errors import ConfigError
 from apfast.masks import bitmask
+from apfast.psf import PsfModel
 
 __all__ = ["CharacterizeConfig", "CharacterizeResult", "clean_star_flags", "run_characterize"]
 

@@ -72,10 +72,10 @@ from typing import Any
 import numpy as np
 
 from apfast.ccd.detection import DetectionResult, check_planes, validate_planes
-from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel, poly_terms
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import measure as _k
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel, poly_terms
 
 __all__ = ["MeasurementConfig", "MeasurementResult", "aperture_name", "measure_sources", "psf_stamps"]
 

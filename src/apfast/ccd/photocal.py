@@ -22,9 +22,9 @@ import numpy as np
 
 from apfast._configbase import check_ranges
 from apfast._constants import MAD_TO_SIGMA
-from apfast.ccd.psf import poly_terms
 from apfast.errors import AlgorithmError, ConfigError
 from apfast.exposure import PhotoCalib
+from apfast.psf import poly_terms
 
 __all__ = [
     "ApCorrModel",
@@ -108,7 +108,7 @@ class PhotoCalResult:
 
 @dataclass(frozen=True, slots=True)
 class ApCorrModel:
-    """Aperture correction ``c(x, y)`` as a polynomial of normalised position (:func:`apfast.ccd.psf.poly_terms`)."""
+    """Aperture correction ``c(x, y)`` as a polynomial of normalised position (:func:`apfast.psf.poly_terms`)."""
 
     coeffs: np.ndarray
     order: int

@@ -18,7 +18,7 @@ Rubin's ``objectSizeStarSelector`` + ``pcaPsfDeterminer`` in spirit
    ``spatial_reject``-sigma clipping. Stars whose stamps disagree with the model
    (chi^2 outliers) are dropped and the fit repeated ``n_iter`` times.
 
-The result is an :class:`apfast.ccd.psf.PolynomialPixelPsf`.
+The result is an :class:`apfast.psf.PolynomialPixelPsf`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from scipy.spatial import cKDTree
 
 from apfast._configbase import check_ranges
 from apfast._constants import MAD_TO_SIGMA
-from apfast.ccd.psf import PolynomialPixelPsf, PsfModel, poly_terms
 from apfast.errors import AlgorithmError
 from apfast.kernels.stamps import extract_stamps_lanczos3
+from apfast.psf import PolynomialPixelPsf, PsfModel, poly_terms
 
 __all__ = [
     "NoPsfStarsError",
@@ -369,7 +369,7 @@ def determine_psf(
     image: np.ndarray, variance: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
     snr: np.ndarray, size: np.ndarray, usable: np.ndarray, *, config: PsfDeterminerConfig | None = None,
 ) -> PsfResult:
-    """Select PSF stars and fit a :class:`~apfast.ccd.psf.PolynomialPixelPsf`.
+    """Select PSF stars and fit a :class:`~apfast.psf.PolynomialPixelPsf`.
 
     Parameters
     ----------

@@ -49,13 +49,13 @@ from apfast._configbase import ConfigSection, opt
 from apfast._constants import FWHM_PER_SIGMA, MAD_TO_SIGMA
 from apfast.ccd.detection import DetectionConfig, check_planes, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
-from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel
 from apfast.errors import InputError
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.kernels import dia_noise as _kn
 from apfast.kernels import dipole as _kd
 from apfast.kernels import forced as _kf
 from apfast.masks import MASK_PLANES, bitmask
+from apfast.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel
 
 __all__ = [
     "DiaSourceConfig",

@@ -228,7 +228,7 @@ def n_poly_terms(order: int) -> int:
 
 
 def _poly(xn: np.ndarray | float, yn: np.ndarray | float, order: int) -> np.ndarray:
-    """Monomials (ordered as :func:`apfast.ccd.psf.poly_terms`) at arrays of positions -> ``(n, nterms)``."""
+    """Monomials (ordered as :func:`apfast.psf.poly_terms`) at arrays of positions -> ``(n, nterms)``."""
     xn = np.atleast_1d(np.asarray(xn, dtype=np.float64))
     yn = np.atleast_1d(np.asarray(yn, dtype=np.float64))
     cols = [xn ** (deg - j) * yn**j for deg in range(order + 1) for j in range(deg + 1)]
