@@ -316,13 +316,13 @@ register_storage("Raw", lambda p: read_raw(p, 0), None)
 
 
 def _read_avro(path: Path) -> Any:
-    from apfast.dia.alerts import read_alerts
+    from apfast.repo.avro import read_alerts
 
     return read_alerts(path)
 
 
 def _write_avro(obj: Any, path: Path) -> None:
-    from apfast.dia.alerts import write_alerts
+    from apfast.repo.avro import write_alerts
 
     write_alerts(path, obj, codec=getattr(obj, "codec", "null"))
 
