@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import sqlalchemy as sa
@@ -65,7 +65,9 @@ from apfast.dia.apdb_schema import (
     to_python,
 )
 from apfast.dia.htm import htm_index, htm_ranges, polygon_contains
-from apfast.run.config import ApdbConfig
+
+if TYPE_CHECKING:  # a type only: stages never import apfast.run at run time
+    from apfast.run.config import ApdbConfig
 
 __all__ = ["Apdb", "ApdbCcdVisit", "ApdbError", "ApdbMissingError", "ApdbUrlError", "make_apdb"]
 

@@ -42,10 +42,12 @@ from apfast.errors import ConfigError, InputError
 
 __all__ = [
     "CONFIG_RELPATH",
+    "NON_PRODUCT_KEYS",
     "REGISTRY_NAME",
     "REPO_CFG_NAME",
     "Repository",
     "create_output_repo",
+    "is_product_key",
     "write_config",
 ]
 
@@ -55,6 +57,29 @@ REGISTRY_NAME = "registry.sqlite3"
 REPO_CFG_NAME = "repositoryCfg.json"
 CONFIG_RELPATH = Path("config") / "apfast.toml"
 _CFG_FORMAT = "apfast-repository-1"
+
+
+#: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
+#: of a run: where the APDB lives and how it is reached, threads, error handling and overwriting. A
+#: rerun's stored config (``config/apfast.toml``) that differs from a new run's only in these keys is
+#: not a configuration change: the new run's config replaces it without ``--clobber-config``. The
+#: command-line options ``-j``, ``--executor`` and the log level are not config keys, so never compared.
+NON_PRODUCT_KEYS: tuple[str, ...] = (
+    "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
+    "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
+    "ingest.mode",  # link/copy/move of raws: the same pixels either way
+)
+
+
+def is_product_key(key: str) -> bool:
+    """Whether dotted config ``key`` can change a product (it is not covered by :data:`NON_PRODUCT_KEYS`).
+
+    Examples
+    --------
+    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
+    (True, False)
+    """
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -383,14 +408,12 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
 
     Notes
     -----
-    Keys of :data:`apfast.run.config.NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
+    Keys of :data:`NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
     sections, ``ingest.mode``) are left out of the comparison: a run that differs
     from the stored config only there replaces it (the full config is stored
     either way), so ``process-ccd`` then ``process -c apdb.db_url=...`` into one
     rerun works.
     """
-    from apfast.run.config import is_product_key
-
     base = repo.write_root if isinstance(repo, Repository) else Path(repo)
     sha = hashlib.sha256(toml_text.encode("utf-8")).hexdigest()
     path = base / CONFIG_RELPATH
@@ -404,7 +427,7 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
             return sha
         diffs = _differing_keys(old, toml_text)
         product = None if diffs is None else [d for d in diffs if is_product_key(d[0])]
-        # only keys that cannot change a product (apfast.run.config.NON_PRODUCT_KEYS)
+        # only keys that cannot change a product (NON_PRODUCT_KEYS)
         if diffs is not None and product == []:
             log.info("%s: updating run settings that do not change products: %s", path, _describe(diffs))
         elif not clobber:

@@ -63,6 +63,7 @@ from apfast._configbase import (
     subsection,
 )
 from apfast.errors import ConfigError
+from apfast.repo.repository import NON_PRODUCT_KEYS, is_product_key
 
 __all__ = [
     "ApdbConfig",
@@ -250,29 +251,6 @@ class PipelineConfig(ConfigSection):
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
-
-
-#: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
-#: of a run: where the APDB lives and how it is reached, threads, error handling and overwriting. A
-#: rerun's stored config (``config/apfast.toml``) that differs from a new run's only in these keys is
-#: not a configuration change: the new run's config replaces it without ``--clobber-config``. The
-#: command-line options ``-j``, ``--executor`` and the log level are not config keys, so never compared.
-NON_PRODUCT_KEYS: tuple[str, ...] = (
-    "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
-    "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
-    "ingest.mode",  # link/copy/move of raws: the same pixels either way
-)
-
-
-def is_product_key(key: str) -> bool:
-    """Whether dotted config ``key`` can change a product (it is not covered by :data:`NON_PRODUCT_KEYS`).
-
-    Examples
-    --------
-    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
-    (True, False)
-    """
-    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
 
 
 class FieldInfo(NamedTuple):
