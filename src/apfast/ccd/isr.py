@@ -3,8 +3,8 @@
 :func:`run_isr` turns one raw CCD (all amplifiers, overscans included) into a
 calibrated exposure: image (float32, calibrated ADU: electrons / gain / flat),
 mask (int32, :mod:`apfast.masks` planes) and variance (float32, ADU^2). It does
-no I/O. The step order follows Rubin's ``IsrTask.run`` with the DECam overrides
-(Rubin ip_isr, as summarised in the project notes on Rubin's AP pipeline):
+no I/O. The step order follows Rubin's ``IsrTask.run`` (ip_isr) with the DECam
+overrides of obs_decam:
 
 1. serial overscan per amp (``MEDIAN_PER_ROW``, ``MEDIAN``, ``MEAN_CLIP`` or
    ``POLY``), then optionally the parallel-overscan rows per column;

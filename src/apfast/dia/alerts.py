@@ -1,9 +1,10 @@
 """Rubin-format Avro alerts: one record per DIA source, with history, DiaObject and FITS cutouts.
 
 This is apfast's version of Rubin's ``PackageAlertsTask`` (ap_association). Inputs are
-APDB rows (schema 10.0.0, ``rubin_apdb_schema_sqlite.sql``); outputs are records of
-Rubin's Avro alert schema as shipped by the ``lsst-alert-packet`` package (latest: 11.1),
-written with ``fastavro`` into one Avro container file per CCD-visit.
+APDB rows (schema 10.0.0; its SQLite DDL is ``tests/data/rubin_apdb_schema_sqlite.sql`` in the
+source tree); outputs are records of Rubin's Avro alert schema as shipped by the
+``lsst-alert-packet`` package (latest: 11.1), written with ``fastavro`` into one Avro container
+file per CCD-visit.
 
 Field mapping (APDB column -> alert field)
 ------------------------------------------

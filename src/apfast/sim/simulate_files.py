@@ -1,8 +1,8 @@
 """File writers of the DECam simulator: raw MEF headers, master calibrations, refcats, truth tables.
 
 Every writer goes through :func:`apfast._fileio.atomic_path` (files end up mode 0644), so a
-reader never sees a half-written file. Formats follow the project contract (raw files exactly
-as NOIRLab serves them, masters like the DECam Community Pipeline).
+reader never sees a half-written file. Formats are those of the real files: raws exactly as
+NOIRLab serves them, masters like the DECam Community Pipeline's.
 """
 
 from __future__ import annotations
