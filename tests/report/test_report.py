@@ -96,6 +96,28 @@ def test_report_pages_links_and_pngs(run: dict) -> None:
     assert np.std(imread(rdir / "img" / f"v{run['visits'][0]}_c{CCD:02d}_diag.png")) > 0.05
 
 
+def test_psfmatch_record_written_by_process(run: dict) -> None:
+    """``process`` writes deepDiff_psfMatch beside each difference; it reads back through the Butler."""
+    from astropy.io import fits
+
+    from apfast import Butler
+    from apfast.psfmatch_diag import PsfMatchDiagnostics
+
+    butler = Butler(run["out"])
+    for v in run["visits"]:
+        d = butler.get("deepDiff_psfMatch", visit=v, ccdnum=CCD)
+        assert isinstance(d, PsfMatchDiagnostics)
+        path = Path(butler.getUri("deepDiff_psfMatch", visit=v, ccdnum=CCD))
+        assert path.name == f"psfMatch-{CCD:02d}.fits" and path.stat().st_size < 400_000
+        head = fits.getheader(butler.getUri("deepDiff_differenceExp", visit=v, ccdnum=CCD), 0)
+        assert d.mode == head["DIFFMODE"] and d.n_used == head["DIFFNSTP"]
+        assert d.kernel_sums[4] == pytest.approx(head["DIFFKSUM"], abs=2e-6)
+        assert d.shape == (4096, 2048) and d.kernels.shape[0] == 5
+        np.testing.assert_allclose(d.kernels.sum(axis=(1, 2)), d.kernel_sums, rtol=1e-4)
+        assert 0 < d.residuals.shape[0] <= 50 and (d.stamp_residual_index >= 0).sum() == d.residuals.shape[0]
+        assert np.median(d.stamp_residual_std[d.kept]) < 1.5
+
+
 def test_report_options_and_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = run["out"]
     assert main(["-q", "report", str(out), "--max-objects", "3", "--id", f"visit={run['visits'][0]}",
@@ -149,3 +171,4 @@ def test_report_renders_in_headless_chromium(run: dict, which: str, tmp_path: Pa
         assert all(str(v) in dom for v in run["visits"])
     else:
         assert re.search(r"DiaObject \d+", dom) and "Light curve" in dom and "nDiaSources" in dom
+
