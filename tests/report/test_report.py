@@ -88,7 +88,7 @@ def test_report_pages_links_and_pngs(run: dict) -> None:
     from matplotlib.image import imread
 
     pngs = list((rdir / "img").glob("*.png"))
-    assert len(pngs) >= 2 + 3 * len(run["visits"])
+    assert len(pngs) >= 2 + 5 * len(run["visits"])
     for p in pngs:
         a = imread(p)
         assert a.ndim == 3 and min(a.shape[:2]) >= 10 and p.stat().st_size > 300, p.name
@@ -116,6 +116,35 @@ def test_psfmatch_record_written_by_process(run: dict) -> None:
         np.testing.assert_allclose(d.kernels.sum(axis=(1, 2)), d.kernel_sums, rtol=1e-4)
         assert 0 < d.residuals.shape[0] <= 50 and (d.stamp_residual_index >= 0).sum() == d.residuals.shape[0]
         assert np.median(d.stamp_residual_std[d.kept]) < 1.5
+
+
+def test_ccd_pages_show_the_kernel_and_the_stamp_residuals(run: dict) -> None:
+    from matplotlib.image import imread
+
+    rdir = run["out"] / "report"
+    for v in run["visits"]:
+        html = (rdir / "ccd" / f"v{v}_c{CCD:02d}.html").read_text(encoding="utf-8")
+        assert "PSF-matching kernel and stamps" in html and "not available" not in html
+        for kind, min_width in (("kernel", 700), ("stamps", 300)):
+            name = f"v{v}_c{CCD:02d}_{kind}.png"
+            assert f'src="../img/{name}"' in html
+            a = imread(rdir / "img" / name)  # a valid PNG, not blank
+            assert a.ndim == 3 and a.shape[1] >= min_width and np.std(a[..., :3]) > 0.05, name
+
+
+def test_report_of_a_run_without_psfmatch_records(run: dict, tmp_path: Path) -> None:
+    """An output repository written before deepDiff_psfMatch existed still gets its report, with a note."""
+    import os
+
+    old = tmp_path / "old"  # hard links: no copy of the images
+    shutil.copytree(run["out"], old, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("psfMatch-*.fits", "report"))
+    v = run["visits"][0]
+    assert main(["-q", "report", str(old), "--id", f"visit={v}", "--max-objects", "1"]) == 0
+    html = (old / "report" / "ccd" / f"v{v}_c{CCD:02d}.html").read_text(encoding="utf-8")
+    assert "Kernel and stamp residuals not available: no deepDiff_psfMatch" in html
+    assert "_kernel.png" not in html and "_diag.png" in html  # the rest of the diagnostics are there
+    assert not list((old / "report" / "img").glob("*_kernel.png"))
 
 
 def test_report_options_and_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
