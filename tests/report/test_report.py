@@ -171,13 +171,13 @@ def _chromium() -> str | None:
     return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
 
 
-def _browse(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+def _browse(page: Path, tmp: Path, *extra: str, size: tuple[int, int] = (1280, 900)) -> subprocess.CompletedProcess:
     exe = _chromium()
     if exe is None:
         pytest.skip("no chromium on PATH or at /usr/bin/chromium: install Debian's chromium to render pages")
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1280,900", *extra, page.as_uri()]
+           f"--user-data-dir={tmp / 'chromium-profile'}", f"--window-size={size[0]},{size[1]}", *extra, page.as_uri()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -201,3 +201,37 @@ def test_report_renders_in_headless_chromium(run: dict, which: str, tmp_path: Pa
     else:
         assert re.search(r"DiaObject \d+", dom) and "Light curve" in dom and "nDiaSources" in dom
 
+
+def _page_widths(page: Path, tmp: Path, width: int) -> dict[str, int]:
+    """``scrollWidth`` and ``clientWidth`` of the document and the widest table, in a ``width``-px chromium window.
+
+    The report has no JavaScript, so a copy of the page with a measuring script (and a ``<base>``
+    pointing at the original folder, for the images) is rendered with ``--dump-dom``.
+    """
+    probe = (
+        "<script>window.addEventListener('load', () => {const d = document.documentElement;"
+        "const t = Math.max(0, ...[...document.querySelectorAll('table')].map(e => e.scrollWidth));"
+        "const p = document.createElement('pre'); p.id = 'probe';"
+        "p.textContent = JSON.stringify({scroll: d.scrollWidth, client: d.clientWidth, table: t});"
+        "document.body.appendChild(p);});</script>"
+    )
+    html = page.read_text(encoding="utf-8")
+    html = html.replace("<head>", f'<head><base href="{page.parent.as_uri()}/">', 1)
+    html = html.replace("</body>", probe + "</body>")
+    copy = tmp / f"probe-{page.name}"
+    copy.write_text(html, encoding="utf-8")
+    dom = _browse(copy, tmp, "--dump-dom", "--virtual-time-budget=5000", size=(width, 768)).stdout
+    m = re.search(r'<pre id="probe">(\{.*?\})</pre>', dom)
+    assert m, f"no probe output from chromium: {dom[-500:]}"
+    return json.loads(m.group(1).replace("&quot;", '"'))
+
+
+@pytest.mark.parametrize("which", ["index", "ccd"])
+def test_report_pages_do_not_scroll_sideways_on_a_laptop(run: dict, which: str, tmp_path: Path) -> None:
+    """At 1366 px the page itself never scrolls sideways: a wide table scrolls inside its own container."""
+    rdir = run["out"] / "report"
+    page = rdir / "index.html" if which == "index" else sorted((rdir / "ccd").glob("*.html"))[0]
+    for width in (1366, 1024):
+        w = _page_widths(page, tmp_path, width)
+        assert w["client"] > 0.8 * width
+        assert w["scroll"] <= w["client"], f"{page.name} at {width} px: {w}"
