@@ -88,8 +88,8 @@ def stamp_mosaic(path: Path, diag: PsfMatchDiagnostics, *, columns: int = 10) ->
     n = order.size
     cols = max(1, min(columns, n))
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(0.95 * cols + 0.6, 1.05 * rows + 0.5), dpi=90, squeeze=False,
-                             gridspec_kw={"wspace": 0.05, "hspace": 0.35})
+    fig, axes = plt.subplots(rows, cols, figsize=(0.95 * cols + 0.6, 1.15 * rows + 0.5), dpi=90, squeeze=False,
+                             gridspec_kw={"wspace": 0.05, "hspace": 0.5})
     im = None
     for a in axes.ravel():
         a.set_xticks([])
