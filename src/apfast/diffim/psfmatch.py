@@ -68,6 +68,7 @@ __all__ = [
     "InsufficientKernelSourcesError",
     "KernelBasis",
     "KernelSolution",
+    "STAMP_STATUS",
     "PsfMatchConfig",
     "SpatialKernel",
     "make_basis",
@@ -79,6 +80,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SIGMA_PER_FWHM = 1.0 / FWHM_PER_SIGMA
+#: ``KernelSolution.candidate_status`` codes: what became of each stamp offered to the fit.
+STAMP_STATUS = ("kept", "residual", "kernel_sum", "spatial")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -449,6 +452,16 @@ class KernelSolution:
         Per-stamp kernel sums of the single-stamp fits (for the used stamps).
     residual_std : ndarray float64
         Normalised residual std of each used stamp under the spatial model.
+    candidate_x, candidate_y : ndarray (n_candidates,) int64
+        Centres of every stamp offered to the fit (``stamp_x``/``stamp_y`` are the kept ones).
+    candidate_status : ndarray (n_candidates,) int8
+        What became of each candidate: one of :data:`STAMP_STATUS` (0 kept, 1 rejected by its own
+        fit's residual, 2 kernel-sum outlier, 3 rejected by the spatial fit).
+    candidate_kernel_sums : ndarray (n_candidates,) float64
+        Kernel sum of each candidate's single-stamp fit.
+    candidate_residual_std : ndarray (n_candidates,) float64
+        Normalised residual std of each candidate under the final spatial model (of the kept
+        ones, ``residual_std``).
     """
 
     kernel: SpatialKernel
@@ -459,6 +472,11 @@ class KernelSolution:
     n_candidates: int
     kernel_sums: np.ndarray
     residual_std: np.ndarray
+    candidate_x: np.ndarray
+    candidate_y: np.ndarray
+    candidate_status: np.ndarray
+    candidate_kernel_sums: np.ndarray
+    candidate_residual_std: np.ndarray
 
 
 # ---------------------------------------------------------------------------- stamps
@@ -643,6 +661,7 @@ def solve_kernel(
     ksum = c_single[:, 0]
     keep = np.ones(ns, dtype=bool)
     keep &= resid_std(c_single, np.arange(ns)) <= config.candidate_residual_std_max
+    status = np.where(keep, 0, 1).astype(np.int8)  # STAMP_STATUS codes
     for _ in range(5):
         if keep.sum() < 3:
             break
@@ -650,6 +669,7 @@ def solve_kernel(
         new = keep & (np.abs(ksum - med) <= config.max_ksum_sigma * max(sig, 1e-12 * abs(med)))
         if new.sum() == keep.sum():
             break
+        status[keep & ~new] = 2
         keep = new
     _require(int(keep.sum()), config, "stamps after kernel-sum and residual clipping", n_candidates=ns)
 
@@ -679,6 +699,7 @@ def solve_kernel(
         if new.sum() == keep.sum():
             break
         _require(int(new.sum()), config, "stamps after spatial-fit rejection", n_candidates=ns)
+        status[keep & ~new] = 3
         keep = new
     sel = np.nonzero(keep)[0]
     coeffs = theta[: nb * nk].reshape(nb, nk)
@@ -688,7 +709,9 @@ def solve_kernel(
     background = BackgroundPolynomial(coeffs=bg, order=bord, x_center=xc, y_center=yc, x_scale=xsc, y_scale=ysc)
     logger.debug("kernel solved from %d of %d stamps; kernel sum at centre %.5f", sel.size, ns, kernel.sum(xc, yc))
     return KernelSolution(kernel=kernel, background=background, basis=basis, stamp_x=cx[sel], stamp_y=cy[sel],
-                          n_candidates=n_candidates, kernel_sums=ksum[sel], residual_std=rstd[sel])
+                          n_candidates=n_candidates, kernel_sums=ksum[sel], residual_std=rstd[sel],
+                          candidate_x=np.asarray(cx, dtype=np.int64), candidate_y=np.asarray(cy, dtype=np.int64),
+                          candidate_status=status, candidate_kernel_sums=ksum, candidate_residual_std=rstd)
 
 
 def _require(n: int, config: PsfMatchConfig, what: str, **meta: object) -> None:

@@ -14,7 +14,9 @@ of repository it lives in:
 - ``"raw"``: the raw registry (``registry.sqlite3`` of the root repository).
 
 Storage classes: ``Exposure``, ``SourceCatalog`` (astropy Table <-> FITS binary
-table, metadata kept), ``Background``, ``Json``, ``Text``, ``Raw`` and ``Calib``.
+table, metadata kept), ``Background``, ``PsfMatch`` (the PSF-matching record of a
+difference, :class:`apfast.psfmatch_diag.PsfMatchDiagnostics`; file layout in
+:mod:`apfast.psfmatch_diag`), ``Json``, ``Text``, ``Raw`` and ``Calib``.
 Later stages add dataset types with :func:`register_dataset_type` and storage
 classes with :func:`register_storage`.
 
@@ -67,6 +69,7 @@ from apfast.exposure import (
     write_background,
     write_hdulist,
 )
+from apfast.psfmatch_diag import PsfMatchDiagnostics, read_psfmatch_diagnostics, write_psfmatch_diagnostics
 from apfast.repo.repository import CONFIG_RELPATH, REGISTRY_NAME, Repository
 
 if TYPE_CHECKING:
@@ -310,6 +313,10 @@ register_storage("SourceCatalog", read_catalog, lambda obj, p: write_catalog(obj
 register_storage(
     "Background", read_background, lambda obj, p: write_background(p, obj), python_type=Background
 )
+register_storage(
+    "PsfMatch", read_psfmatch_diagnostics, lambda obj, p: write_psfmatch_diagnostics(p, obj),
+    python_type=PsfMatchDiagnostics,
+)
 register_storage("Json", lambda p: json.loads(Path(p).read_text(encoding="utf-8")), _write_json)
 register_storage("Text", lambda p: Path(p).read_text(encoding="utf-8"), _write_text, python_type=str)
 register_storage("Raw", lambda p: read_raw(p, 0), None)
@@ -428,6 +435,7 @@ for _name, _tmpl, _storage in (
     ("deepDiff_matchedExp", "deepDiff/v{visit}/matchexp-{ccdnum:02d}.fits", "Exposure"),
     ("deepDiff_diaSrc", "deepDiff/v{visit}/diaSrc-{ccdnum:02d}.fits", "SourceCatalog"),
     ("deepDiff_kernelSrc", "deepDiff/v{visit}/kernelSrc-{ccdnum:02d}.fits", "SourceCatalog"),
+    ("deepDiff_psfMatch", "deepDiff/v{visit}/psfMatch-{ccdnum:02d}.fits", "PsfMatch"),
     ("apdb_marker", "apdb_marker/" + _VC + ".json", "Json"),
     ("alerts", "alerts/{visit}_{ccdnum}.avro", "Avro"),
     ("config", CONFIG_RELPATH.as_posix(), "Text"),

@@ -287,9 +287,22 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
     out.put(res.difference, "deepDiff_differenceExp", did)
     if cfg.output.write_matched:  # the DIA stage of this CCD gets it in memory (products) either way
         out.put(res.matched, "deepDiff_matchedExp", did)
+    _put_psfmatch_record(out, res, did)
     timings["diff_write"] = time.perf_counter() - t
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats),
                       products={"calexp": calexp, "difference": res.difference, "matched": res.matched})
+
+
+def _put_psfmatch_record(out: Butler | OutputWriter, res: Any, did: dict[str, Any]) -> None:
+    """Hand over ``deepDiff_psfMatch``, the PSF-matching record of the difference (always: ~0.2 MB, ~1 ms).
+
+    It is a diagnostic (``apfast report`` draws it), not an input of a later stage, so it is not
+    among :data:`DIFFIM_OUTPUTS`: an output repository without it (written before it existed) is
+    complete and is not redone.
+    """
+    from apfast.diffim.diagnostics import psfmatch_diagnostics
+
+    out.put(psfmatch_diagnostics(res.subtraction), "deepDiff_psfMatch", did)
 
 
 def _guarded(outcome: CcdOutcome, tag: str, what: str, fn: Callable[[], Any], *, doraise: bool) -> Any:
