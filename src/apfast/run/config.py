@@ -59,6 +59,7 @@ from apfast._configbase import (
     _is_text,
     _union_args,
     describe_type,
+    key_prefix,
     opt,
     subsection,
 )
@@ -288,12 +289,25 @@ class FieldInfo(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-def _register_prefixes(cls: type, prefix: str) -> None:
-    """Tell every nested section class its dotted prefix, so its messages name full keys."""
-    cls._key_prefix = prefix  # type: ignore[attr-defined]
+def _section_places(cls: type, prefix: str, out: dict[type, list[str]]) -> dict[type, list[str]]:
+    """Every dotted prefix at which each section class sits below ``cls``."""
+    out.setdefault(cls, []).append(prefix)
     for name, tp in _hints(cls).items():
         if _is_section(tp):
-            _register_prefixes(tp, f"{prefix}{name}.")
+            _section_places(tp, f"{prefix}{name}.", out)
+    return out
+
+
+def _register_prefixes(cls: type, prefix: str) -> None:
+    """Tell every section class used in one place its dotted prefix, so its messages name full keys.
+
+    A class used in several places (``DetectionConfig``, ``MeasurementConfig``, ``BackgroundConfig``)
+    keeps its own short prefix for direct construction; the loader names the full key of the place
+    it builds (:func:`apfast._configbase.key_prefix`).
+    """
+    for section, places in _section_places(cls, prefix, {}).items():
+        if len(places) == 1:
+            section._key_prefix = places[0]  # type: ignore[attr-defined]
 
 
 _register_prefixes(PipelineConfig, "")
@@ -517,10 +531,11 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
+def _from_dict(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = _hints(cls)
-    kwargs = {k: (_from_dict(hints[k], v) if _is_section(hints[k]) else v) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {k: (_from_dict(hints[k], v, f"{prefix}{k}.") if _is_section(hints[k]) else v) for k, v in data.items()}
+    with key_prefix(prefix):  # a shared section class names the key where it sits
+        return cls(**kwargs)
 
 
 def _apply(cfg: PipelineConfig, settings: Sequence[_Setting]) -> PipelineConfig:
