@@ -113,13 +113,15 @@ class ConfigSection:
     nested sub-config), whose ``_validate`` calls ``self._fail(name, value, fix)``
     for range and cross-field rules, plus one line in :class:`PipelineConfig`::
 
-        diffim: DiffimConfig = subsection(DiffimConfig)
+        warp: WarpConfig = subsection(WarpConfig)
 
     Supported annotations: ``bool``, ``int``, ``float`` (ints are accepted and
     stored as float), ``str``, ``Literal[...]``, ``tuple[T, ...]`` (lists become
     tuples), ``X | None`` and nested sections. ``_key_prefix`` is filled in from
     where the class sits in :class:`PipelineConfig`, so messages name the full
-    dotted key.
+    dotted key; a class nested in several places keeps its own short prefix and the
+    loader names the place it builds (:func:`key_prefix`). A stage section lives in
+    its stage's module and imports only this module, never :mod:`apfast.run`.
     """
 
     __slots__ = ()

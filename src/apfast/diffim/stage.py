@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from apfast._configbase import ConfigSection, opt
+from apfast._configbase import ConfigSection, opt, subsection
 from apfast.diffim.decorrelate import DecorrelationConfig, decorrelate, variance_mean
 from apfast.diffim.psfmatch import PsfMatchConfig
 from apfast.diffim.subtract import SubtractionResult, subtract_images
@@ -27,7 +27,7 @@ __all__ = ["DiffimResult", "DifferenceConfig", "calexp_template", "run_image_dif
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DifferenceConfig(ConfigSection):
-    """Which template to use and whether to decorrelate (``difference``)."""
+    """Image differencing: the template, PSF matching and decorrelation (``difference``)."""
 
     _key_prefix: ClassVar[str] = "difference."
 
@@ -49,6 +49,8 @@ class DifferenceConfig(ConfigSection):
         "unflagged, undetected pixels: the Alard-Lupton background term is partly degenerate with "
         "the kernel wings and was ~1 e- off on simulated DECam CCDs.",
     )
+    psfmatch: PsfMatchConfig = subsection(PsfMatchConfig)
+    decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +113,21 @@ def run_image_difference(
         The template on the science grid (NO_DATA where uncovered).
     sources : table, optional
         The science ``src`` catalogue: kernel-star candidates.
+    psfmatch, decorrelation : PsfMatchConfig, DecorrelationConfig, optional
+        Replace ``config.psfmatch`` / ``config.decorrelation`` (``difference.psfmatch`` and
+        ``difference.decorrelation`` of the pipeline config).
+    config : DifferenceConfig, optional
+        The ``difference`` section; default: the defaults.
+
+    Returns
+    -------
+    DiffimResult
     """
     cfg = config or DifferenceConfig()
-    dcfg = decorrelation or DecorrelationConfig()
+    dcfg = decorrelation or cfg.decorrelation
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    sub = subtract_images(science, template, sources=sources, config=psfmatch or PsfMatchConfig())
+    sub = subtract_images(science, template, sources=sources, config=psfmatch or cfg.psfmatch)
     timings["psfmatch"] = time.perf_counter() - t
     diff = sub.difference
     ny, nx = science.image.shape

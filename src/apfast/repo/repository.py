@@ -333,9 +333,16 @@ def _fmt(value: Any) -> str:
 
 
 def _differing_keys(old: str, new: str) -> list[tuple[str, Any, Any]] | None:
-    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML."""
+    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML.
+
+    Both sides are read under the current keys (:func:`apfast.run.config.comparable_settings`), so a
+    config stored with keys that have since moved (``diffim.*``) equals the same settings written now.
+    """
+    from apfast.run.config import comparable_settings
+
     try:
-        a, b = _flatten(tomllib.loads(old)), _flatten(tomllib.loads(new))
+        a = comparable_settings(_flatten(tomllib.loads(old)))
+        b = comparable_settings(_flatten(tomllib.loads(new)))
     except tomllib.TOMLDecodeError:
         return None
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, _UNSET) != b.get(k, _UNSET))

@@ -73,9 +73,14 @@ __all__ = [
     "IngestConfig",
     "NON_PRODUCT_KEYS",
     "PipelineConfig",
+    "MOVED_KEYS",
     "ProcessConfig",
+    "RUBIN_KEYS",
     "RefcatConfig",
+    "alias_lines",
     "apply_overrides",
+    "canonical_key",
+    "comparable_settings",
     "config_fields",
     "config_sha256",
     "config_to_toml",
@@ -220,8 +225,6 @@ from apfast.dia.association import AssociationConfig  # noqa: E402
 from apfast.dia.diapipe import DiaPipeConfig  # noqa: E402
 from apfast.dia.diasource import DiaSourceConfig  # noqa: E402
 from apfast.diffim.coadd import CoaddConfig  # noqa: E402
-from apfast.diffim.decorrelate import DecorrelationConfig  # noqa: E402
-from apfast.diffim.psfmatch import PsfMatchConfig  # noqa: E402
 from apfast.diffim.stage import DifferenceConfig  # noqa: E402
 from apfast.diffim.template import TemplateConfig  # noqa: E402
 from apfast.diffim.warp import WarpConfig  # noqa: E402
@@ -245,8 +248,6 @@ class PipelineConfig(ConfigSection):
     coadd: CoaddConfig = subsection(CoaddConfig)
     template: TemplateConfig = subsection(TemplateConfig)
     difference: DifferenceConfig = subsection(DifferenceConfig)
-    diffim: PsfMatchConfig = subsection(PsfMatchConfig)
-    decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
     dia: DiaSourceConfig = subsection(DiaSourceConfig)
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
@@ -265,12 +266,47 @@ NON_PRODUCT_KEYS: tuple[str, ...] = (
 )
 
 
+#: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
+#: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
+ADDED_SECTIONS: tuple[str, ...] = ()
+
+
+def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings of a stored config under the current keys, so an old rerun's config compares fairly.
+
+    Old spellings (:data:`MOVED_KEYS`, :data:`RUBIN_KEYS`) become the keys they mean, and the keys of
+    :data:`ADDED_SECTIONS` a config lacks get their defaults as TOML would read them back (tuples as
+    lists). Keys this version does not know are kept as they are.
+
+    Parameters
+    ----------
+    flat : mapping of str to object
+        ``{"difference.psfmatch.kernel_size": 21, ...}``: a parsed TOML config flattened to dotted keys.
+
+    Returns
+    -------
+    dict of str to object
+        The same settings under the current keys.
+
+    Examples
+    --------
+    >>> comparable_settings({"diffim.kernel_size": 25, "apdb.db_url": "sqlite:///a.db"})
+    {'difference.psfmatch.kernel_size': 25, 'apdb.db_url': 'sqlite:///a.db'}
+    """
+    out = {canonical_key(k): v for k, v in flat.items()}
+    if ADDED_SECTIONS:
+        for key, info in config_fields().items():
+            if key.startswith(ADDED_SECTIONS) and key not in out and info.default is not None:
+                out[key] = list(info.default) if isinstance(info.default, tuple) else info.default
+    return out
+
+
 def is_product_key(key: str) -> bool:
     """Whether dotted config ``key`` can change a product (it is not covered by :data:`NON_PRODUCT_KEYS`).
 
     Examples
     --------
-    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
+    >>> is_product_key("difference.psfmatch.kernel_size"), is_product_key("apdb.db_url")
     (True, False)
     """
     return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
@@ -414,6 +450,9 @@ class _Setting(NamedTuple):
 
 def _leaf_settings(key: str, value: Any, source: str) -> list[_Setting]:
     """Type-check one value for ``key``; a table given for a section is expanded into its keys."""
+    key = canonical_key(key)
+    if isinstance(value, Mapping) and _is_alias_section(key):
+        return [s for sub, v in value.items() for s in _leaf_settings(f"{key}.{sub}", v, source)]
     tp = _resolve(key, source)
     if _is_section(tp):
         if isinstance(value, Mapping):
@@ -444,6 +483,59 @@ RUBIN_KEYS: dict[str, str] = {
     "diaPipe.apdb.connection_timeout": "apdb.connection_timeout",
 }
 
+#: Keys of earlier apfast versions that moved, and where they live now; a name ending in ``.`` moves
+#: every key of that section. They are accepted wherever keys are (``-c``, ``-C`` files, the config a
+#: rerun stored), so old command lines and reruns keep working; ``apfast config show`` lists them.
+MOVED_KEYS: dict[str, str] = {
+    "diffim.": "difference.psfmatch.",
+    "decorrelation.": "difference.decorrelation.",
+}
+
+
+def canonical_key(key: str) -> str:
+    """The current dotted key meant by ``key``, which may be a Rubin or an earlier apfast spelling.
+
+    Parameters
+    ----------
+    key : str
+        A dotted key (a leaf or a section) as typed or stored.
+
+    Returns
+    -------
+    str
+        The key it maps to (:data:`RUBIN_KEYS`, :data:`MOVED_KEYS`), or ``key`` itself.
+
+    Examples
+    --------
+    >>> canonical_key("diffim.kernel_size"), canonical_key("diffim"), canonical_key("diaPipe.apdb.db_url")
+    ('difference.psfmatch.kernel_size', 'difference.psfmatch', 'apdb.db_url')
+    >>> canonical_key("apdb.db_url")
+    'apdb.db_url'
+    """
+    for table in (RUBIN_KEYS, MOVED_KEYS):
+        if key in table:
+            return table[key]
+        for old, new in table.items():
+            if old.endswith("."):
+                if key == old[:-1]:
+                    return new[:-1]
+                if key.startswith(old):
+                    return new + key[len(old):]
+    return key
+
+
+def _is_alias_section(key: str) -> bool:
+    """Whether ``key`` only starts alias spellings (``diaPipe``, ``diaPipe.apdb``): a table of them in a file."""
+    return any(a.startswith(f"{key}.") for a in (*RUBIN_KEYS, *MOVED_KEYS))
+
+
+def alias_lines() -> list[str]:
+    """The accepted alias spellings and what they mean, one per line (``apfast config show`` prints them)."""
+    lines = [f"-c {old}=... -> {new}" for old, new in RUBIN_KEYS.items()]
+    lines.append("-C .../config/calexpTemplates.py -> the built-in calexpTemplates.toml")
+    lines.extend(f"{old}* -> {new}*" if old.endswith(".") else f"{old} -> {new}" for old, new in MOVED_KEYS.items())
+    return lines
+
 
 def _parse_override(text: str) -> list[_Setting]:
     """Parse one ``-c key=value`` string (value is a TOML literal, or raw text for string keys)."""
@@ -456,7 +548,7 @@ def _parse_override(text: str) -> list[_Setting]:
             "e.g. -c apdb.connection_timeout=30 or -c apdb.db_url=sqlite:///apdb/association.db"
         )
         raise ConfigError(msg)
-    key = RUBIN_KEYS.get(key, key)
+    key = canonical_key(key)
     tp = _resolve(key, source)
     raw = raw.strip()
     value: Any = _MISSING
@@ -706,9 +798,10 @@ def config_to_toml(cfg: PipelineConfig) -> str:
     lines = [
         "# apfast effective configuration. Load it with `apfast ... -C this.toml`;",
         "# override single keys with -c section.key=value (later settings win).",
-        "# Rubin's ap_pipe spellings are accepted and mean the apfast keys: "
-        + "; ".join(f"-c {k}=... -> {v}" for k, v in RUBIN_KEYS.items())
-        + "; -C .../config/calexpTemplates.py -> the built-in calexpTemplates.toml.",
+        "#",
+        "# Aliases: these spellings (Rubin ap_pipe's, and keys of earlier apfast versions) are accepted in",
+        "# -c overrides, -C files and stored configs, and set the key after the arrow:",
+        *(f"#   {line}" for line in alias_lines()),
     ]
     _section_toml(cfg, "", lines)
     return "\n".join(lines) + "\n"
