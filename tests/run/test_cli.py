@@ -148,7 +148,8 @@ def test_process_after_process_ccd_with_other_apdb_keys(repo: Path, tmp_path: Pa
     err = capsys.readouterr().err
     assert rc == 2
     assert ("rerun/cfgchange/config/apfast.toml holds a different configuration: "
-            "dia.threshold 5.0 -> 6.0; difference.psfmatch.kernel_size 21 -> 25; pass --clobber-config") in err
+            "dia.detection.threshold 5.0 -> 6.0; difference.psfmatch.kernel_size 21 -> 25; "
+            "pass --clobber-config") in err
     assert "apdb." not in err and "Traceback" not in err
 
 

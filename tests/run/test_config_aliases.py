@@ -1,7 +1,8 @@
 """Old and Rubin spellings of config keys: accepted everywhere, mapped to the current keys, listed by config show.
 
 ``tests/data/config/apfast_old_layout.toml`` is what ``apfast config show`` printed before the differencing
-sections were nested under ``difference`` (``[diffim]``, ``[decorrelation]``), with the settings of
+sections were nested under ``difference`` (``[diffim]``, ``[decorrelation]``) and DIA detection under
+``dia.detection`` (``dia.threshold``, ``dia.grow_footprint``), with the settings of
 ``OLD_LAYOUT_SETTINGS`` (the command is in ``tests/data/README.md``): the config an existing rerun stores.
 """
 
@@ -33,8 +34,8 @@ OLD_LAYOUT_SETTINGS = [
     "difference.psfmatch.spatial_kernel_order=2",
     "difference.decorrelation.kernel_size=31",
     "difference.decorrelation.variance_scaling=predicted",
-    "dia.threshold=5.5",
-    "dia.grow_footprint=3",
+    "dia.detection.threshold=5.5",
+    "dia.detection.grow_merge=3",
     "characterize.detection.threshold=6.0",
     "calibs.validity_days=999",
     "apdb.isolation_level=READ_UNCOMMITTED",
@@ -92,6 +93,8 @@ def test_config_show_lists_the_aliases(capsys: pytest.CaptureFixture[str]) -> No
     assert "# Aliases:" in out
     assert "#   diffim.* -> difference.psfmatch.*" in out
     assert "#   decorrelation.* -> difference.decorrelation.*" in out
+    assert "#   dia.threshold -> dia.detection.threshold" in out
+    assert "#   dia.grow_footprint -> dia.detection.grow_merge" in out
     assert "#   -c diaPipe.apdb.db_url=... -> apdb.db_url" in out
     assert "#   -C .../config/calexpTemplates.py -> the built-in calexpTemplates.toml" in out
     assert "[difference.psfmatch]" in out and "[difference.decorrelation]" in out
@@ -104,6 +107,7 @@ def test_a_config_stored_in_the_old_layout_loads_and_equals_the_new_keys() -> No
     assert old == new
     assert config_sha256(old) == config_sha256(new)
     assert old.difference.psfmatch.kernel_size == 25 and old.difference.decorrelation.variance_scaling == "predicted"
+    assert (old.dia.detection.threshold, old.dia.detection.grow_merge, old.dia.detection.polarity) == (5.5, 3, "both")
 
 
 def test_a_rerun_with_an_old_layout_config_accepts_the_same_settings(tmp_path: Path) -> None:
@@ -117,4 +121,8 @@ def test_a_rerun_with_an_old_layout_config_accepts_the_same_settings(tmp_path: P
     stored.write_text(OLD_LAYOUT.read_text(encoding="utf-8"), encoding="utf-8")
     changed = config_to_toml(load_config(overrides=[*OLD_LAYOUT_SETTINGS, "diffim.kernel_size=27"]))
     with pytest.raises(ConfigError, match=r"difference\.psfmatch\.kernel_size 25 -> 27; pass --clobber-config"):
+        write_config(out, changed)
+    # keys new in dia.detection compare as their defaults (what the old version did); others count
+    changed = config_to_toml(load_config(overrides=[*OLD_LAYOUT_SETTINGS, "dia.detection.n_sigma_to_grow=3"]))
+    with pytest.raises(ConfigError, match=r"dia\.detection\.n_sigma_to_grow 2\.4 -> 3\.0; pass --clobber-config"):
         write_config(out, changed)

@@ -268,7 +268,7 @@ NON_PRODUCT_KEYS: tuple[str, ...] = (
 
 #: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
 #: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
-ADDED_SECTIONS: tuple[str, ...] = ()
+ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.",)
 
 
 def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,8 +290,9 @@ def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
 
     Examples
     --------
-    >>> comparable_settings({"diffim.kernel_size": 25, "apdb.db_url": "sqlite:///a.db"})
-    {'difference.psfmatch.kernel_size': 25, 'apdb.db_url': 'sqlite:///a.db'}
+    >>> flat = comparable_settings({"diffim.kernel_size": 25, "dia.threshold": 6.0})
+    >>> flat["difference.psfmatch.kernel_size"], flat["dia.detection.threshold"], flat["dia.detection.polarity"]
+    (25, 6.0, 'both')
     """
     out = {canonical_key(k): v for k, v in flat.items()}
     if ADDED_SECTIONS:
@@ -489,6 +490,8 @@ RUBIN_KEYS: dict[str, str] = {
 MOVED_KEYS: dict[str, str] = {
     "diffim.": "difference.psfmatch.",
     "decorrelation.": "difference.decorrelation.",
+    "dia.threshold": "dia.detection.threshold",
+    "dia.grow_footprint": "dia.detection.grow_merge",
 }
 
 
@@ -807,7 +810,8 @@ def config_to_toml(cfg: PipelineConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
+def _section_toml(cfg: Any, prefix: str, lines: list[str], doc: str | None = None) -> None:
+    """Append the TOML of section ``cfg`` at ``prefix``, headed by ``doc`` (default: its class's first doc line)."""
     cls = type(cfg)
     hints = _hints(cls)
     fields = dataclasses.fields(cfg)
@@ -815,7 +819,8 @@ def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
     if leaves:
         lines.append("")
         if prefix:
-            lines.extend(_comment((cls.__doc__ or "").strip().splitlines()[0].replace("``", "`")))
+            head = doc if doc is not None else (cls.__doc__ or "").strip().splitlines()[0]
+            lines.extend(_comment(head.replace("``", "`")))
             lines.append(f"[{prefix.rstrip('.')}]")
     for f in leaves:
         tp = hints[f.name]
@@ -835,7 +840,8 @@ def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
             lines.append(f"{f.name} = {_toml_value(value)}")
     for f in fields:
         if _is_section(hints[f.name]):
-            _section_toml(getattr(cfg, f.name), f"{prefix}{f.name}.", lines)
+            # a nested section is headed by what it does where it sits (characterize's detection: bright stars)
+            _section_toml(getattr(cfg, f.name), f"{prefix}{f.name}.", lines, f.metadata.get("doc") if prefix else None)
 
 
 def _canonical(value: Any) -> Any:
