@@ -2,12 +2,14 @@
 
 ``tests/data/config/apfast_old_layout.toml`` is what ``apfast config show`` printed before the differencing
 sections were nested under ``difference`` (``[diffim]``, ``[decorrelation]``) and DIA detection under
-``dia.detection`` (``dia.threshold``, ``dia.grow_footprint``), with the settings of
-``OLD_LAYOUT_SETTINGS`` (the command is in ``tests/data/README.md``): the config an existing rerun stores.
+``dia.detection`` (``dia.threshold``, ``dia.grow_footprint``), and while it had the ``ingest``, ``calibs``
+and ``refcat`` sections (removed: they never had an effect), with the settings of ``OLD_LAYOUT_SETTINGS``
+(the command is in ``tests/data/README.md``): the config an existing rerun stores.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ from apfast.repo.repository import CONFIG_RELPATH, write_config
 from apfast.run.cli import main
 from apfast.run.config import (
     MOVED_KEYS,
+    REMOVED_KEYS,
     RUBIN_KEYS,
+    PipelineConfig,
     apply_overrides,
     canonical_key,
     config_fields,
@@ -37,9 +41,9 @@ OLD_LAYOUT_SETTINGS = [
     "dia.detection.threshold=5.5",
     "dia.detection.grow_merge=3",
     "characterize.detection.threshold=6.0",
-    "calibs.validity_days=999",
     "apdb.isolation_level=READ_UNCOMMITTED",
 ]
+#: The file also sets calibs.validity_days = 999, a removed key: ignored there (with a warning).
 
 
 def test_every_alias_maps_to_a_current_key() -> None:
@@ -101,8 +105,13 @@ def test_config_show_lists_the_aliases(capsys: pytest.CaptureFixture[str]) -> No
     assert "\n[diffim]" not in out and "\n[decorrelation]" not in out
 
 
-def test_a_config_stored_in_the_old_layout_loads_and_equals_the_new_keys() -> None:
-    old = load_config([OLD_LAYOUT])
+def test_a_config_stored_in_the_old_layout_loads_and_equals_the_new_keys(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="apfast.run.config"):
+        old = load_config([OLD_LAYOUT])
+    # the removed keys at their old defaults pass silently; the one the file changed is named
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "ignoring config key 'calibs.validity_days' = 999.0" in warned[0]
+    assert "use `apfast ingest-calibs --validity DAYS`" in warned[0]
     new = load_config(overrides=OLD_LAYOUT_SETTINGS)
     assert old == new
     assert config_sha256(old) == config_sha256(new)
@@ -126,3 +135,30 @@ def test_a_rerun_with_an_old_layout_config_accepts_the_same_settings(tmp_path: P
     changed = config_to_toml(load_config(overrides=[*OLD_LAYOUT_SETTINGS, "dia.detection.n_sigma_to_grow=3"]))
     with pytest.raises(ConfigError, match=r"dia\.detection\.n_sigma_to_grow 2\.4 -> 3\.0; pass --clobber-config"):
         write_config(out, changed)
+
+
+@pytest.mark.parametrize(("override", "instead"), [
+    ("ingest.mode=copy", "use `apfast ingest --mode` (or `apfast ingest-calibs --mode`)"),
+    ("ingest.camera=DECam", "use `apfast ingest --camera` (the camera of a new repository)"),
+    ("calibs.validity_days=999", "use `apfast ingest-calibs --validity DAYS`"),
+    ("refcat.astrometry=gaia", "use calibrate.astrometry_refcat"),
+    ("refcat.photometry=ps1", "use calibrate.photometry_refcat"),
+    ("refcat.nside=64", "use `apfast ingest-refcat --nside N`"),
+])
+def test_a_removed_key_on_the_command_line_is_one_line_naming_what_replaced_it(
+        override: str, instead: str, capsys: pytest.CaptureFixture[str]) -> None:
+    key = override.split("=")[0]
+    assert key in REMOVED_KEYS and key not in config_fields()
+    assert main(["config", "show", "-c", override]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"apfast config: error: config key '{key}' was removed (it never had an effect); {instead} "
+                   f"(from -c {override})\n")
+    with pytest.raises(ConfigError, match="was removed"):
+        apply_overrides(PipelineConfig(), {key: 1})  # code gets the error too
+
+
+def test_removed_sections_in_a_file_are_ignored(tmp_path: Path) -> None:
+    f = tmp_path / "old.toml"
+    f.write_text('[ingest]\nmode = "link"\ncamera = "DECam"\n[refcat]\nnside = 32\n[process]\nn_threads = 2\n',
+                 encoding="utf-8")
+    assert load_config([f]) == load_config(overrides=["process.n_threads=2"])

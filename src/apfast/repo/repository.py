@@ -392,10 +392,12 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
     Notes
     -----
     Keys of :data:`apfast.run.config.NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
-    sections, ``ingest.mode``) are left out of the comparison: a run that differs
+    sections) are left out of the comparison: a run that differs
     from the stored config only there replaces it (the full config is stored
     either way), so ``process-ccd`` then ``process -c apdb.db_url=...`` into one
-    rerun works.
+    rerun works. Both configs are compared under the current keys, so a config
+    an earlier version stored with keys that have since moved or been removed
+    (:func:`apfast.run.config.comparable_settings`) equals the same settings now.
     """
     from apfast.run.config import is_product_key
 

@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Shard a reference catalogue (Gaia, PS1 or a generic table) into HEALPix FITS shards under\n"
              "REPO/ref_cats/NAME; running it again with new files merges them.")
     p.add_argument("repo", help=_REPO_HELP)
-    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (the config's refcat names)")
+    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (config calibrate.astrometry_refcat and "
+                        "calibrate.photometry_refcat name the ones used)")
     p.add_argument("files", nargs="+", help="CSV or FITS tables")
     p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto",
                    help="the table's column convention (default: guessed from the columns)")

@@ -18,13 +18,18 @@ An override value is parsed as a TOML literal (``999``, ``false``, ``"text"``,
 TOML string is taken as is, so ``-c apdb.isolation_level=READ_UNCOMMITTED`` and
 ``-c apdb.db_url=sqlite:///apdb/association.db`` work unquoted. A field typed
 ``X | None`` is set to ``None`` with the string ``none`` (``-c
-calibs.validity_days=none``, or ``validity_days = "none"`` in a file).
+difference.decorrelation.kernel_size=none``, or ``kernel_size = "none"`` in a file).
+
+Other spellings of keys are accepted where they mean the same (:data:`RUBIN_KEYS`, the ap_pipe
+spellings users copy from Rubin's documentation, and :data:`MOVED_KEYS`, keys of earlier apfast
+versions); keys that were removed (:data:`REMOVED_KEYS`) are refused on the command line with what
+replaced them, and ignored in files (an older rerun's stored config lists them).
 
 Examples
 --------
->>> cfg = load_config(overrides=["apdb.isolation_level=READ_UNCOMMITTED", "calibs.validity_days=999"])
->>> cfg.apdb.isolation_level, cfg.calibs.validity_days
-('READ_UNCOMMITTED', 999.0)
+>>> cfg = load_config(overrides=["apdb.isolation_level=READ_UNCOMMITTED", "difference.decorrelation.kernel_size=31"])
+>>> cfg.apdb.isolation_level, cfg.difference.decorrelation.kernel_size
+('READ_UNCOMMITTED', 31)
 >>> load_config(overrides=["apdb.db_ur=x"])
 Traceback (most recent call last):
 ...
@@ -38,6 +43,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
 import re
 import tomllib
@@ -65,18 +71,18 @@ from apfast._configbase import (
 )
 from apfast.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ApdbConfig",
     "ConfigSection",
-    "CalibsConfig",
     "FieldInfo",
-    "IngestConfig",
     "NON_PRODUCT_KEYS",
     "PipelineConfig",
     "MOVED_KEYS",
     "ProcessConfig",
+    "REMOVED_KEYS",
     "RUBIN_KEYS",
-    "RefcatConfig",
     "alias_lines",
     "apply_overrides",
     "canonical_key",
@@ -96,69 +102,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # The sections
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IngestConfig(ConfigSection):
-    """How raw files enter the repository (``apfast ingest``)."""
-
-    mode: Literal["link", "copy", "move"] = opt(
-        "link",
-        "How each raw file is placed in the repository.",
-        choices={
-            "link": "symlink to the original file (fast; the original must stay in place)",
-            "copy": "copy the file (safe; doubles disk use)",
-            "move": "move the file into the repository (the original path disappears)",
-        },
-    )
-    camera: str = opt(
-        "DECam", "Camera name of a built-in camera (e.g. DECam) or the path of a camera TOML file."
-    )
-
-    def _validate(self) -> None:
-        if not self.camera.strip():
-            self._fail(
-                "camera", self.camera, "give a built-in camera name such as 'DECam' or a camera TOML path"
-            )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CalibsConfig(ConfigSection):
-    """Master calibrations (bias, flat, defects) and how long each stays valid."""
-
-    validity_days: float | None = opt(
-        None,
-        "Days either side of a calibration's date during which it may be used; none = per-format defaults.",
-    )
-
-    def _validate(self) -> None:
-        v = self.validity_days
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            self._fail("validity_days", v, "use a finite number of days >= 0, or none for the defaults")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RefcatConfig(ConfigSection):
-    """Reference catalogues for astrometry and photometry."""
-
-    astrometry: str = opt(
-        "gaia", "Name of the reference catalogue used for astrometry (folder under ref_cats/)."
-    )
-    photometry: str = opt(
-        "ps1", "Name of the reference catalogue used for photometry (folder under ref_cats/)."
-    )
-    nside: int = opt(32, "HEALPix nside (a power of 2) of the catalogue shards; 32 gives ~1.8 deg pixels.")
-
-    def _validate(self) -> None:
-        for name in ("astrometry", "photometry"):
-            value = getattr(self, name)
-            if not value.strip() or "/" in value or "\\" in value:
-                self._fail(
-                    name, value, "give a catalogue folder name under ref_cats/, such as 'gaia' or 'ps1'"
-                )
-        n = self.nside
-        if n < 1 or n > 2**13 or n & (n - 1):
-            self._fail("nside", n, "use a power of 2 between 1 and 8192, e.g. 32")
 
 
 _DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*://")
@@ -235,9 +178,6 @@ from apfast.repo.writer import OutputConfig  # noqa: E402
 class PipelineConfig(ConfigSection):
     """The whole pipeline: one section per stage (add a section with one line here)."""
 
-    ingest: IngestConfig = subsection(IngestConfig)
-    calibs: CalibsConfig = subsection(CalibsConfig)
-    refcat: RefcatConfig = subsection(RefcatConfig)
     apdb: ApdbConfig = subsection(ApdbConfig)
     process: ProcessConfig = subsection(ProcessConfig)
     output: OutputConfig = subsection(OutputConfig)
@@ -262,7 +202,6 @@ class PipelineConfig(ConfigSection):
 NON_PRODUCT_KEYS: tuple[str, ...] = (
     "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
     "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
-    "ingest.mode",  # link/copy/move of raws: the same pixels either way
 )
 
 
@@ -274,7 +213,8 @@ ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.",)
 def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Flat settings of a stored config under the current keys, so an old rerun's config compares fairly.
 
-    Old spellings (:data:`MOVED_KEYS`, :data:`RUBIN_KEYS`) become the keys they mean, and the keys of
+    Old spellings (:data:`MOVED_KEYS`, :data:`RUBIN_KEYS`) become the keys they mean, keys that never had
+    an effect (:data:`REMOVED_KEYS`) are left out, and the keys of
     :data:`ADDED_SECTIONS` a config lacks get their defaults as TOML would read them back (tuples as
     lists). Keys this version does not know are kept as they are.
 
@@ -294,7 +234,7 @@ def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
     >>> flat["difference.psfmatch.kernel_size"], flat["dia.detection.threshold"], flat["dia.detection.polarity"]
     (25, 6.0, 'both')
     """
-    out = {canonical_key(k): v for k, v in flat.items()}
+    out = {canonical_key(k): v for k, v in flat.items() if canonical_key(k) not in REMOVED_KEYS}
     if ADDED_SECTIONS:
         for key, info in config_fields().items():
             if key.startswith(ADDED_SECTIONS) and key not in out and info.default is not None:
@@ -449,17 +389,22 @@ class _Setting(NamedTuple):
     source: str
 
 
-def _leaf_settings(key: str, value: Any, source: str) -> list[_Setting]:
-    """Type-check one value for ``key``; a table given for a section is expanded into its keys."""
+def _leaf_settings(key: str, value: Any, source: str, *, in_file: bool = False) -> list[_Setting]:
+    """Type-check one value for ``key``; a table given for a section is expanded into its keys.
+
+    ``in_file``: the value comes from a ``-C`` file, where removed keys are ignored instead of refused.
+    """
     key = canonical_key(key)
+    if key in REMOVED_KEYS:
+        return _removed(key, value, source, in_file=in_file)
     if isinstance(value, Mapping) and _is_alias_section(key):
-        return [s for sub, v in value.items() for s in _leaf_settings(f"{key}.{sub}", v, source)]
+        return [s for sub, v in value.items() for s in _leaf_settings(f"{key}.{sub}", v, source, in_file=in_file)]
     tp = _resolve(key, source)
     if _is_section(tp):
         if isinstance(value, Mapping):
             out: list[_Setting] = []
             for sub, v in value.items():
-                out.extend(_leaf_settings(f"{key}.{sub}", v, source))
+                out.extend(_leaf_settings(f"{key}.{sub}", v, source, in_file=in_file))
             return out
         example = next(iter(config_fields(tp)))
         msg = (
@@ -495,6 +440,31 @@ MOVED_KEYS: dict[str, str] = {
 }
 
 
+#: Keys earlier versions had that never changed anything, with their old default and what does the job.
+#: ``-c`` with one is a ConfigError saying so; a ``-C`` file may hold them (every rerun stored them):
+#: they are ignored there, with a warning unless they have their old default.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "ingest.mode": ("link", "use `apfast ingest --mode` (or `apfast ingest-calibs --mode`)"),
+    "ingest.camera": ("DECam", "use `apfast ingest --camera` (the camera of a new repository)"),
+    "calibs.validity_days": (None, "use `apfast ingest-calibs --validity DAYS`"),
+    "refcat.astrometry": ("gaia", "use calibrate.astrometry_refcat"),
+    "refcat.photometry": ("ps1", "use calibrate.photometry_refcat"),
+    "refcat.nside": (32, "use `apfast ingest-refcat --nside N`"),
+}
+
+
+def _removed(key: str, value: Any, source: str, *, in_file: bool) -> list[_Setting]:
+    """Refuse a removed key given on the command line or in code; ignore it in a config file."""
+    default, instead = REMOVED_KEYS[key]
+    if not in_file:
+        msg = f"config key '{key}' was removed (it never had an effect); {instead} ({source})"
+        raise _ConfigError(msg, key)
+    if value != default and not (default is None and isinstance(value, str) and value.lower() == NONE_TEXT):
+        log.warning("ignoring config key '%s' = %r (%s): it was removed (it never had an effect); %s",
+                    key, value, source, instead)
+    return []
+
+
 def canonical_key(key: str) -> str:
     """The current dotted key meant by ``key``, which may be a Rubin or an earlier apfast spelling.
 
@@ -528,8 +498,8 @@ def canonical_key(key: str) -> str:
 
 
 def _is_alias_section(key: str) -> bool:
-    """Whether ``key`` only starts alias spellings (``diaPipe``, ``diaPipe.apdb``): a table of them in a file."""
-    return any(a.startswith(f"{key}.") for a in (*RUBIN_KEYS, *MOVED_KEYS))
+    """Whether ``key`` only starts alias or removed spellings (``diaPipe``, ``refcat``): a table of them."""
+    return any(a.startswith(f"{key}.") for a in (*RUBIN_KEYS, *MOVED_KEYS, *REMOVED_KEYS))
 
 
 def alias_lines() -> list[str]:
@@ -537,6 +507,7 @@ def alias_lines() -> list[str]:
     lines = [f"-c {old}=... -> {new}" for old, new in RUBIN_KEYS.items()]
     lines.append("-C .../config/calexpTemplates.py -> the built-in calexpTemplates.toml")
     lines.extend(f"{old}* -> {new}*" if old.endswith(".") else f"{old} -> {new}" for old, new in MOVED_KEYS.items())
+    lines.extend(f"{old}: removed (it never had an effect); {instead}" for old, (_, instead) in REMOVED_KEYS.items())
     return lines
 
 
@@ -552,6 +523,8 @@ def _parse_override(text: str) -> list[_Setting]:
         )
         raise ConfigError(msg)
     key = canonical_key(key)
+    if key in REMOVED_KEYS:
+        return _removed(key, raw, source, in_file=False)
     tp = _resolve(key, source)
     raw = raw.strip()
     value: Any = _MISSING
@@ -583,13 +556,13 @@ def _example(tp: Any) -> str:
     return {bool: "true", int: "4", float: "2.5"}.get(tp, "[1, 2]" if typing.get_origin(tp) is tuple else "x")
 
 
-def _mapping_settings(overrides: Mapping[str, object], source: str) -> list[_Setting]:
+def _mapping_settings(overrides: Mapping[str, object], source: str, *, in_file: bool = False) -> list[_Setting]:
     out: list[_Setting] = []
     for key, value in overrides.items():
         if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
             msg = f"config key {key!r} ({source}) is not a dotted name such as 'apdb.db_url'"
             raise ConfigError(msg)
-        out.extend(_leaf_settings(key, value, source))
+        out.extend(_leaf_settings(key, value, source, in_file=in_file))
     return out
 
 
@@ -609,7 +582,7 @@ def _file_settings(path: str | Path) -> list[_Setting]:
         # tomllib's message ends "(at line N, column M)": keep it, it is the location.
         msg = f"config file {str(p)!r} is not valid TOML: {exc}; fix the file at that line"
         raise ConfigError(msg) from None
-    return _mapping_settings(data, f"in file {p}")
+    return _mapping_settings(data, f"in file {p}", in_file=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -730,8 +703,9 @@ def load_config(
 
     Examples
     --------
-    >>> cfg = load_config(overrides=["calibs.validity_days=999", "calibs.validity_days=none"])
-    >>> cfg.calibs.validity_days is None
+    >>> cfg = load_config(overrides=["difference.decorrelation.kernel_size=31",
+    ...                              "difference.decorrelation.kernel_size=none"])
+    >>> cfg.difference.decorrelation.kernel_size is None
     True
 
     """
@@ -803,7 +777,8 @@ def config_to_toml(cfg: PipelineConfig) -> str:
         "# override single keys with -c section.key=value (later settings win).",
         "#",
         "# Aliases: these spellings (Rubin ap_pipe's, and keys of earlier apfast versions) are accepted in",
-        "# -c overrides, -C files and stored configs, and set the key after the arrow:",
+        "# -c overrides, -C files and stored configs, and set the key after the arrow; removed keys are",
+        "# refused by -c and ignored in files:",
         *(f"#   {line}" for line in alias_lines()),
     ]
     _section_toml(cfg, "", lines)
