@@ -45,13 +45,12 @@ import hashlib
 import json
 import logging
 import math
-import re
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from apfast._configbase import (
     _MISSING,
@@ -104,43 +103,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-_DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*://")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ApdbConfig(ConfigSection):
-    """The Alert Production Database (DIA objects, sources and forced sources)."""
-
-    db_url: str = opt(
-        "sqlite:///apdb/association.db",
-        "SQLAlchemy URL of the APDB, e.g. sqlite:///apdb/association.db or postgresql://host/db.",
-    )
-    isolation_level: Literal["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"] = opt(
-        "READ_COMMITTED",
-        "Transaction isolation level of APDB connections.",
-        choices={
-            "READ_COMMITTED": "see only committed rows (the usual choice)",
-            "READ_UNCOMMITTED": "also see uncommitted rows (what Rubin uses with SQLite)",
-            "REPEATABLE_READ": "rows read stay unchanged for the transaction",
-            "SERIALIZABLE": "full isolation; slowest with concurrent writers",
-        },
-    )
-    connection_timeout: float = opt(60.0, "Seconds to wait for a connection or a database lock (> 0).")
-    connection_pool: bool = opt(True, "Keep a pool of open connections; false opens one per transaction.")
-
-    def _validate(self) -> None:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in self.db_url):
-            self._fail("db_url", self.db_url.encode("unicode_escape").decode("ascii"),
-                       "remove the control characters (newline, NUL, ...) from the URL")
-        if not _DB_URL_RE.match(self.db_url):
-            self._fail(
-                "db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'"
-            )
-        t = self.connection_timeout
-        if not (math.isfinite(t) and t > 0):
-            self._fail("connection_timeout", t, "use a finite number of seconds > 0, e.g. 60")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessConfig(ConfigSection):
     """How ``apfast process`` runs: threads, error handling, overwriting."""
@@ -159,11 +121,13 @@ class ProcessConfig(ConfigSection):
             self._fail("n_threads", self.n_threads, "use 0 for all cores or a positive thread count")
 
 
-# The stage sections are defined beside their stages (they import only apfast._configbase).
+# The stage sections are defined beside their stages (they import only apfast._configbase); ApdbConfig
+# is re-exported here, where it was defined before.
 from apfast.ccd.calibrate import CalibrateConfig  # noqa: E402
 from apfast.ccd.characterize import CharacterizeConfig  # noqa: E402
 from apfast.ccd.isr import IsrConfig  # noqa: E402
 from apfast.dia.alerts import AlertsConfig  # noqa: E402
+from apfast.dia.apdb import ApdbConfig  # noqa: E402
 from apfast.dia.association import AssociationConfig  # noqa: E402
 from apfast.dia.diapipe import DiaPipeConfig  # noqa: E402
 from apfast.dia.diasource import DiaSourceConfig  # noqa: E402
