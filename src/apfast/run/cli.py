@@ -563,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     ps = _sub(csub, "show", "print the effective config as TOML",
               "Print the effective configuration (defaults, then -C files, then -c overrides) as TOML, with\n"
-              "each key's documentation.")
+              "each key's documentation. Its header lists the other spellings accepted (Rubin's ap_pipe keys\n"
+              "such as diaPipe.apdb.db_url, keys of earlier apfast versions such as diffim.*) and the keys they\n"
+              "set, and the keys that were removed.")
     _add_config_args(ps)
     ps.set_defaults(func=_cmd_config_show)
 
