@@ -157,7 +157,11 @@ class ConfigSection:
         raise _ConfigError(f"{key}{text}", key)
 
     def _check_ranges(self, checks: list[tuple[str, bool, str]]) -> None:
-        """Raise for the first ``(field, ok, allowed)`` check that fails (see :func:`check_ranges`)."""
+        """Raise for the first ``(field, ok, allowed)`` check that fails.
+
+        The message names the dotted key, its value and the allowed values, e.g.
+        ``calibrate.astrometry.sip_order = 9 is invalid; allowed: an integer 1..6``.
+        """
         for name, ok, allowed in checks:
             if not ok:
                 self._raise(name, f" = {getattr(self, name)!r} is invalid; allowed: {allowed}")
@@ -324,15 +328,3 @@ def _check_value(value: Any, tp: Any, key: str, source: str = "") -> Any:
         msg = f"config key '{key}' = {value!r} is invalid: {problem}{where}"
         raise _ConfigError(msg, key)
     return out
-
-
-def check_ranges(prefix: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
-    """Raise ConfigError for the first ``(field, ok, allowed)`` check that fails.
-
-    The message names the dotted key ``prefix + field``, its value and the allowed values, e.g.
-    ``calibrate.astrometry.sip_order = 9 is invalid; allowed: an integer 1..6``.
-    """
-    for key, ok, allowed in checks:
-        if not ok:
-            msg = f"{prefix}{key} = {getattr(obj, key)!r} is invalid; allowed: {allowed}"
-            raise ConfigError(msg)
