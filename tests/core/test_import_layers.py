@@ -16,7 +16,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "apfast"
 
 #: Top-level modules that form the core (with the package itself, ``apfast/__init__.py``).
-CORE = {"errors", "exposure", "psf", "psfmatch_diag", "masks", "_configbase", "_jit", "_fileio", "_constants", "camera", "configs"}
+CORE = {"errors", "exposure", "psf", "psfmatch_diag", "masks", "_configbase", "_jit", "_fileio", "_constants", "camera",
+        "configs"}
 #: Layer -> the layers its modules may import (the README's "may import" column; own layer always allowed).
 ALLOWED: dict[str, set[str]] = {
     "core": {"kernels"},

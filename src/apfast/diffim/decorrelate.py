@@ -104,7 +104,7 @@ Mode = Literal["convolveTemplate", "convolveScience"]
 class DecorrelationConfig(ConfigSection):
     """Decorrelation afterburner (DMTN-021) applied to the image difference."""
 
-    _key_prefix: ClassVar[str] = "diffim.decorrelation."
+    _key_prefix: ClassVar[str] = "difference.decorrelation."
 
     kernel_size: int | None = opt(
         None,
@@ -693,7 +693,7 @@ def decorrelate(
     if size > min(ny, nx):
         msg = (
             f"decorrelation kernel size {size} exceeds the {ny}x{nx} image; set "
-            f"diffim.decorrelation.kernel_size to an odd value below {min(ny, nx)}"
+            f"difference.decorrelation.kernel_size to an odd value below {min(ny, nx)}"
         )
         raise InputError(msg)
     w_k, w_e, w_m = noise_weights(k, phi)

@@ -88,7 +88,7 @@ STAMP_STATUS = ("kept", "residual", "kernel_sum", "spatial")
 class PsfMatchConfig(ConfigSection):
     """Image differencing: Alard-Lupton PSF matching (Rubin ImagePsfMatchTask / AlardLuptonSubtractTask)."""
 
-    _key_prefix: ClassVar[str] = "diffim."
+    _key_prefix: ClassVar[str] = "difference.psfmatch."
 
     mode: Literal["convolveTemplate", "convolveScience", "auto"] = opt(
         "convolveTemplate",
@@ -333,7 +333,7 @@ def make_basis(sigmas: tuple[float, ...], degrees: tuple[int, ...], size: int) -
     0.0
     """
     if size % 2 == 0 or size < 3:
-        msg = f"kernel size must be odd and >= 3, got {size}; set diffim.kernel_size_min/max to odd values"
+        msg = f"kernel size must be odd and >= 3, got {size}; set difference.psfmatch.kernel_size_min/max to odd values"
         raise InputError(msg)
     r = size // 2
     u = np.arange(-r, r + 1, dtype=np.float64)
@@ -718,8 +718,8 @@ def _require(n: int, config: PsfMatchConfig, what: str, **meta: object) -> None:
     if n < config.min_stamps:
         msg = (
             f"only {n} {what} for the PSF-matching kernel, {config.min_stamps} needed; check the images overlap "
-            f"and have stars, or relax diffim.stamp_snr_min (now {config.stamp_snr_min}), "
-            f"diffim.candidate_residual_std_max ({config.candidate_residual_std_max}), "
-            f"diffim.max_ksum_sigma ({config.max_ksum_sigma}) or diffim.min_stamps"
+            f"and have stars, or relax difference.psfmatch.stamp_snr_min (now {config.stamp_snr_min}), "
+            f"difference.psfmatch.candidate_residual_std_max ({config.candidate_residual_std_max}), "
+            f"difference.psfmatch.max_ksum_sigma ({config.max_ksum_sigma}) or difference.psfmatch.min_stamps"
         )
         raise InsufficientKernelSourcesError(msg, n_sources=n, n_required=config.min_stamps, **meta)

@@ -256,7 +256,7 @@ def subtract_images(
     InputError
         If the exposures differ in shape or lack variance or PSF.
     InsufficientKernelSourcesError
-        If too few stamps are usable (see ``diffim.stamp_snr_min``, ``diffim.min_stamps``).
+        If too few stamps are usable (see ``difference.psfmatch.stamp_snr_min``, ``difference.psfmatch.min_stamps``).
 
     Examples
     --------

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,6 @@ _CFG_FORMAT = "apfast-repository-1"
 NON_PRODUCT_KEYS: tuple[str, ...] = (
     "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
     "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
-    "ingest.mode",  # link/copy/move of raws: the same pixels either way
 )
 
 
@@ -76,7 +76,7 @@ def is_product_key(key: str) -> bool:
 
     Examples
     --------
-    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
+    >>> is_product_key("difference.psfmatch.kernel_size"), is_product_key("apdb.db_url")
     (True, False)
     """
     return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
@@ -356,10 +356,18 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
-def _differing_keys(old: str, new: str) -> list[tuple[str, Any, Any]] | None:
-    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML."""
+def _differing_keys(old: str, new: str, normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                    ) -> list[tuple[str, Any, Any]] | None:
+    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML.
+
+    With ``normalize`` (the run layer passes :func:`apfast.run.config.comparable_settings`) both sides
+    are read under the current keys, so a config stored with keys that have since moved (``diffim.*``)
+    equals the same settings written now.
+    """
+    norm = normalize if normalize is not None else (lambda flat: flat)
     try:
-        a, b = _flatten(tomllib.loads(old)), _flatten(tomllib.loads(new))
+        a = norm(_flatten(tomllib.loads(old)))
+        b = norm(_flatten(tomllib.loads(new)))
     except tomllib.TOMLDecodeError:
         return None
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, _UNSET) != b.get(k, _UNSET))
@@ -383,7 +391,8 @@ def _line_difference(old: str, new: str) -> str:
     return "differing lines: " + " | ".join(diff[:10])
 
 
-def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool = False) -> str:
+def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool = False,
+                 normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
     """Persist the run configuration in ``<repo>/config/apfast.toml`` (+ ``.sha256``).
 
     Parameters
@@ -394,6 +403,9 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
         The effective configuration (``apfast config show`` text).
     clobber : bool
         Overwrite a stored config that differs (Gen 2 ``--clobber-config``).
+    normalize : callable, optional
+        Maps a flat ``{dotted key: value}`` config to the current keys before comparing
+        (:func:`apfast.run.config.comparable_settings`); by default keys are compared as written.
 
     Returns
     -------
@@ -409,10 +421,12 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
     Notes
     -----
     Keys of :data:`NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
-    sections, ``ingest.mode``) are left out of the comparison: a run that differs
+    sections) are left out of the comparison: a run that differs
     from the stored config only there replaces it (the full config is stored
     either way), so ``process-ccd`` then ``process -c apdb.db_url=...`` into one
-    rerun works.
+    rerun works. With ``normalize`` both configs are compared under the current keys, so a
+    config an earlier version stored with keys that have since moved or been removed
+    (:func:`apfast.run.config.comparable_settings`) equals the same settings now.
     """
     base = repo.write_root if isinstance(repo, Repository) else Path(repo)
     sha = hashlib.sha256(toml_text.encode("utf-8")).hexdigest()
@@ -425,7 +439,7 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
             if not sha_path.is_file():
                 _write_text_atomic(sha_path, sha + "\n")
             return sha
-        diffs = _differing_keys(old, toml_text)
+        diffs = _differing_keys(old, toml_text, normalize)
         product = None if diffs is None else [d for d in diffs if is_product_key(d[0])]
         # only keys that cannot change a product (NON_PRODUCT_KEYS)
         if diffs is not None and product == []:

@@ -237,7 +237,7 @@ def _template_visit(tokens: Sequence[str] | None) -> int | None:
 def _cmd_make_templates(args: argparse.Namespace) -> int:
     from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml
+    from apfast.run.config import comparable_settings, config_to_toml
     from apfast.run.pipeline import make_templates
     from apfast.run.warmup import ensure_kernel_cache, write_compile_report
 
@@ -247,7 +247,7 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
         _show(args, cfg, rows)
         return 0
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output or "templates")
-    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config, normalize=comparable_settings)
     butler = Butler(out_repo, calib=args.calib, output=cfg.output)
     ensure_kernel_cache()
     outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
@@ -375,12 +375,12 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
 
     from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml
+    from apfast.run.config import comparable_settings, config_to_toml
     from apfast.run.pipeline import run_process, run_process_ccd
     from apfast.run.warmup import ensure_kernel_cache, write_compile_report
 
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output)
-    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config, normalize=comparable_settings)
     ensure_kernel_cache()  # before any worker starts: workers then load every kernel, none compiles
     if cfg.process.n_threads:
         # numba.config sets its settings at run time; its module has no declaration for them
@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Shard a reference catalogue (Gaia, PS1 or a generic table) into HEALPix FITS shards under\n"
              "REPO/ref_cats/NAME; running it again with new files merges them.")
     p.add_argument("repo", help=_REPO_HELP)
-    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (the config's refcat names)")
+    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (config calibrate.astrometry_refcat and "
+                        "calibrate.photometry_refcat name the ones used)")
     p.add_argument("files", nargs="+", help="CSV or FITS tables")
     p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto",
                    help="the table's column convention (default: guessed from the columns)")
@@ -562,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     ps = _sub(csub, "show", "print the effective config as TOML",
               "Print the effective configuration (defaults, then -C files, then -c overrides) as TOML, with\n"
-              "each key's documentation.")
+              "each key's documentation. Its header lists the other spellings accepted (Rubin's ap_pipe keys\n"
+              "such as diaPipe.apdb.db_url, keys of earlier apfast versions such as diffim.*) and the keys they\n"
+              "set, and the keys that were removed.")
     _add_config_args(ps)
     ps.set_defaults(func=_cmd_config_show)
 

@@ -277,8 +277,7 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
         root = template_root if template_root is not None else butler.repo.root
         template = get_template(root, calexp, filter=str(row["filter"]), config=cfg.template, warp_config=cfg.warp)
     timings["template"] = time.perf_counter() - t
-    res = run_image_difference(calexp, template, sources=src, psfmatch=cfg.diffim,
-                               decorrelation=cfg.decorrelation, config=dcfg)
+    res = run_image_difference(calexp, template, sources=src, config=dcfg)
     timings.update(res.timings)
     t = time.perf_counter()
     for k, v in res.stats.items():

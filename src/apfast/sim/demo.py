@@ -263,12 +263,12 @@ def _process_ccds(
     """[7/10] processCcd of every CCD into the ``demo`` rerun; return the config, the rerun and the outcomes."""
     from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml, load_config
+    from apfast.run.config import comparable_settings, config_to_toml, load_config
     from apfast.run.pipeline import format_summary, run_process_ccd
 
     cfg = load_config()
     out_repo = create_output_repo(repo, rerun="demo")
-    write_config(out_repo, config_to_toml(cfg), clobber=True)
+    write_config(out_repo, config_to_toml(cfg), clobber=True, normalize=comparable_settings)
     out(f"[7/10] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
         "the parallel kernels):")
     out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={all_visits}")
@@ -302,11 +302,11 @@ def _make_templates(
     from apfast.diffim.template import build_templates
     from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml
+    from apfast.run.config import comparable_settings, config_to_toml
 
     # an output repository, as `apfast make-templates --output` makes, so the printed command works on it
     tmpl_root = create_output_repo(repo, output=root / "templates")
-    write_config(tmpl_root, config_to_toml(cfg), clobber=True)
+    write_config(tmpl_root, config_to_toml(cfg), clobber=True, normalize=comparable_settings)
     butler = Butler(out_repo)
     calexps = [butler.get("calexp", visit=int(r["visit"]), ccdnum=int(r["ccdnum"]))
                for r, o in zip(rows, outcomes, strict=True)
