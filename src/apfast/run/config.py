@@ -213,6 +213,7 @@ class ProcessConfig(ConfigSection):
 # The stage sections are defined beside their stages (they import only apfast._configbase).
 from apfast.ccd.calibrate import CalibrateConfig  # noqa: E402
 from apfast.ccd.characterize import CharacterizeConfig  # noqa: E402
+from apfast.ccd.inject import InjectConfig  # noqa: E402
 from apfast.ccd.isr import IsrConfig  # noqa: E402
 from apfast.dia.alerts import AlertsConfig  # noqa: E402
 from apfast.dia.association import AssociationConfig  # noqa: E402
@@ -250,6 +251,7 @@ class PipelineConfig(ConfigSection):
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
+    inject: InjectConfig = subsection(InjectConfig)
 
 
 #: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
