@@ -126,7 +126,7 @@ def test_a_rerun_with_an_old_layout_config_accepts_the_same_settings(tmp_path: P
     stored.parent.mkdir(parents=True)
     stored.write_text(OLD_LAYOUT.read_text(encoding="utf-8"), encoding="utf-8")
     same = config_to_toml(load_config(overrides=OLD_LAYOUT_SETTINGS))
-    write_config(out, same, normalize=comparable_settings)  # equal settings under the new keys: no --clobber-config needed
+    write_config(out, same, normalize=comparable_settings)  # equal under the new keys: no --clobber-config
     assert stored.read_text(encoding="utf-8") == same  # and the stored config now uses the new layout
     stored.write_text(OLD_LAYOUT.read_text(encoding="utf-8"), encoding="utf-8")
     changed = config_to_toml(load_config(overrides=[*OLD_LAYOUT_SETTINGS, "diffim.kernel_size=27"]))

@@ -85,6 +85,9 @@ _PIXEL_FLAGS = {
     "suspect": ("SUSPECT",),
 }
 _CENTER_FLAGS = ("cr", "nodata", "interpolated", "saturated", "suspect")
+#: Fakes (apfast.ccd.inject): flags with their ``Center`` form, kept out of the general ``pixelFlags``
+#: (an injected source is not a measurement problem).
+_INJECTED_FLAGS = {"injected": ("INJECTED",), "injected_template": ("INJECTED_TEMPLATE",)}
 
 
 def _dia_detection() -> DetectionConfig:
@@ -897,4 +900,8 @@ def _columns(
     for name in ("bad", "cr", "crCenter", "edge", "nodata", "nodataCenter", "interpolated", "interpolatedCenter",
                  "offimage", "saturated", "saturatedCenter", "suspect", "suspectCenter"):  # fmt: skip
         cols[f"pixelFlags_{name}"] = flags[name]
+    for name, planes in _INJECTED_FLAGS.items():
+        bits = bitmask(planes)
+        cols[f"pixelFlags_{name}"] = (fp_bits & bits) != 0
+        cols[f"pixelFlags_{name}Center"] = (ctr_bits & bits) != 0
     return cols

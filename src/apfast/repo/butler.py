@@ -441,6 +441,8 @@ for _name, _tmpl, _storage in (
     ("config", CONFIG_RELPATH.as_posix(), "Text"),
 ):
     register_dataset_type(_name, _tmpl, _storage)
+# fakes of apfast.ccd.inject: one FITS table per CCD-visit (columns: apfast.ccd.inject.CATALOG_COLUMNS)
+register_dataset_type("injected_catalog", "deepDiff/v{visit}/injected-{ccdnum:02d}.fits", "SourceCatalog")
 register_dataset_type("deepCoadd", "deepCoadd/{filter}/{tract}/{patch}.fits", "Exposure", repo="template")
 register_dataset_type("deepCoadd_skyMap", "deepCoadd/skyMap.json", "Json", repo="template")
 register_dataset_type("raw", "raw", "Raw", repo="raw")

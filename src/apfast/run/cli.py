@@ -294,6 +294,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from apfast.repo.dataid import parse_ids
+    from apfast.run.verify import format_verify, run_verify, write_json
+
+    res = run_verify(args.out, truth=args.truth, config_overrides=args.config or (),
+                     ids=[dict(e) for e in parse_ids(args.id or [])], match_radius=args.match_radius)
+    for line in format_verify(res):
+        _out(line)
+    if args.json:
+        _out(f"numbers written to {write_json(res, args.json)}")
+    return 0
+
+
 def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # PipelineConfig
     from apfast.repo.dataid import format_table
     from apfast.run.config import config_to_toml
@@ -317,6 +330,10 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
         require_distributed()  # before anything is written
     cfg = _load_cfg(args)
+    if args.command == "process" and cfg.inject.catalog:
+        from apfast.run.inject import check_catalog
+
+        check_catalog(cfg.inject)  # a bad catalogue stops the run here, with one line (exit 2)
     rows = _select(args)
     if args.show:
         _show(args, cfg, rows)
@@ -638,6 +655,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
     p.set_defaults(func=_cmd_report)
+
+    p = _sub(sub, "verify", "completeness, flux pulls and false detections of a run against fakes and truth",
+             "Match each CCD-visit's DIA sources (APDB, or deepDiff_diaSrc without an APDB URL) to the fakes\n"
+             "injected by `apfast process -c inject.*` (injected_catalog) and to the simulated truth (--truth,\n"
+             "or the sim/ folder beside the input repository as `apfast demo` writes it). Prints per CCD-visit\n"
+             "counts, completeness vs magnitude and expected S/N, flux pulls of the fakes and the false\n"
+             "(unexplained) detections per CCD-visit.")
+    p.add_argument("out", help="the output repository of `apfast process` (REPO/rerun/NAME or the --output DIR)")
+    p.add_argument("--truth", default=None, metavar="SIM_DIR",
+                   help="simulation folder (or its truth/ folder); default: REPO/../sim when it exists")
+    p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
+                   help="only these CCD-visits, e.g. visit=1^2 ccdnum=35 (repeatable)")
+    p.add_argument("--match-radius", type=float, default=1.0, metavar="ARCSEC",
+                   help="largest distance of a DIA source from a fake or transient it matches (default 1.0)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON to FILE")
+    p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

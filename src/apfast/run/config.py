@@ -126,6 +126,7 @@ class ProcessConfig(ConfigSection):
 # is re-exported here, where it was defined before.
 from apfast.ccd.calibrate import CalibrateConfig  # noqa: E402
 from apfast.ccd.characterize import CharacterizeConfig  # noqa: E402
+from apfast.ccd.inject import InjectConfig  # noqa: E402
 from apfast.ccd.isr import IsrConfig  # noqa: E402
 from apfast.dia.alerts import AlertsConfig  # noqa: E402
 from apfast.dia.apdb import ApdbConfig  # noqa: E402
@@ -157,11 +158,12 @@ class PipelineConfig(ConfigSection):
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
+    inject: InjectConfig = subsection(InjectConfig)
 
 
 #: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
 #: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
-ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.",)
+ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.")
 
 
 def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:

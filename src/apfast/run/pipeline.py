@@ -277,6 +277,14 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
         root = template_root if template_root is not None else butler.repo.root
         template = get_template(root, calexp, filter=str(row["filter"]), config=cfg.template, warp_config=cfg.warp)
     timings["template"] = time.perf_counter() - t
+    if cfg.inject.enabled:  # fakes in memory only: the calexp on disk stays as processCcd wrote it
+        from apfast.run.inject import inject_for_difference
+
+        t = time.perf_counter()
+        calexp, template, _ = inject_for_difference(writer if writer is not None else butler, calexp, template,
+                                                    visit=did["visit"], ccdnum=did["ccdnum"], config=cfg.inject,
+                                                    sources=src)
+        timings["inject"] = time.perf_counter() - t
     res = run_image_difference(calexp, template, sources=src, config=dcfg)
     timings.update(res.timings)
     t = time.perf_counter()
@@ -523,9 +531,12 @@ def process_dia_stage(
     if done and not redo:
         return
     from apfast.dia.diapipe import process_dia
+    from apfast.run.inject import dia_products
 
     t = time.perf_counter()
-    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, products=o.products, writer=writer),
+    # with injection on, a calexp read back from disk gets the fakes the difference saw, again
+    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, writer=writer,
+                                                    products=dia_products(butler, did, cfg.inject, o.products)),
                  doraise=doraise)
     if r is None:
         return
