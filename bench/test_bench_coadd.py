@@ -13,11 +13,11 @@ import pytest
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.ccd.psf import GaussianPsf
 from apfast.diffim.coadd import make_coadd
 from apfast.diffim.skymap import make_skymap
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
 from apfast.kernels.coadd import combine_clipped
+from apfast.psf import GaussianPsf
 
 SHAPE = (4096, 2048)
 N = 5

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.diffim.decorrelate import DecorrelationConfig, decorrelate, decorrelation_kernel
 from apfast.exposure import Exposure
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf
 
 SHAPE = (4096, 2048)
 S_VAR, T_VAR = 100.0, 30.0

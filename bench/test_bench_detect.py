@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import measure_sources
-from apfast.ccd.psf import GaussianPsf
+from apfast.psf import GaussianPsf
 
 SHAPE = (4096, 2048)
 SIGMA = 1.8

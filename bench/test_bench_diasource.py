@@ -20,9 +20,9 @@ import pytest
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from apfast.ccd.psf import GaussianPsf, PolynomialPixelPsf
 from apfast.dia.diasource import forced_photometry, run_dia_detection
 from apfast.exposure import Exposure, PhotoCalib
+from apfast.psf import GaussianPsf, PolynomialPixelPsf
 
 SHAPE = (4096, 2048)
 NOISE = 10.0

@@ -26,8 +26,8 @@ import pytest
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.ccd.psf import GaussianPsf
 from apfast.exposure import COMPRESSIONS, Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
+from apfast.psf import GaussianPsf
 
 SKY, READ_NOISE, FWHM_PX = 1000.0, 7.0, 4.2
 _RESULTS: dict[tuple[str, str], dict[str, float]] = {}  # (size, compression) -> numbers, for the ratios

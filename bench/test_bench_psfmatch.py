@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.diffim.psfmatch import PsfMatchConfig
 from apfast.diffim.subtract import subtract_images
 from apfast.exposure import Exposure
+from apfast.psf import GaussianPsf
 
 SHAPE = (4096, 2048)
 N_STARS = 3000

@@ -8,35 +8,20 @@ pixel map (computed outside its timing).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-from astropy.wcs import WCS, Sip
+from astropy.wcs import WCS
 from scipy import ndimage
 
 from apfast.diffim.warp import WarpConfig, pixel_map, warp_exposure
 from apfast.exposure import Exposure
+from synth import make_wcs
 
 SHAPE = (4096, 2048)
 
 
 def _wcs(rot_deg: float, shift: tuple[float, float]) -> WCS:
-    ny, nx = SHAPE
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
-    w.wcs.crval = [150.0, 2.2]
-    w.wcs.crpix = [nx / 2 + 0.5 + shift[0], ny / 2 + 0.5 + shift[1]]
-    s = 0.263 / 3600.0
-    t = math.radians(rot_deg)
-    w.wcs.cd = np.array([[-s * math.cos(t), s * math.sin(t)], [s * math.sin(t), s * math.cos(t)]])
-    a = np.zeros((4, 4))
-    b = np.zeros((4, 4))
-    a[2, 0], a[1, 1], a[0, 2], a[3, 0] = 1e-6, 3e-7, -2e-7, 2e-10
-    b[0, 2], b[1, 1], b[2, 0], b[0, 3] = 2e-7, -4e-7, 3e-7, 1e-11
-    w.sip = Sip(a, b, None, None, w.wcs.crpix)
-    w.wcs.set()
-    return w
+    return make_wcs(SHAPE, rot_deg=rot_deg, shift=shift, sip=True)
 
 
 @pytest.fixture(scope="module")

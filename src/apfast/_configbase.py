@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import field
 from typing import Any, ClassVar, Literal
 
@@ -43,10 +45,57 @@ def opt(default: Any, doc: str, *, choices: Mapping[str, str] | None = None) -> 
     return field(default=default, metadata=meta)
 
 
-def subsection(cls: type) -> Any:
-    """Make a nested section field; its doc is the first line of the section class docstring."""
-    doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-    return field(default_factory=cls, metadata={"doc": doc})
+def subsection(cls: type, *, doc: str | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """Make a nested section field.
+
+    Parameters
+    ----------
+    cls : type
+        The section class.
+    doc : str, optional
+        What the section is for here; default: the first line of the class docstring.
+    factory : callable, optional
+        Makes the default instance when this place needs other defaults than the class
+        (characterize's detection is 5 sigma ``stdev`` x 10, DIA's both polarities).
+
+    Returns
+    -------
+    dataclasses.Field
+        To assign to an annotated attribute of a :class:`ConfigSection` dataclass.
+    """
+    text = doc if doc is not None else (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+    return field(default_factory=factory if factory is not None else cls, metadata={"doc": text})
+
+
+#: The dotted prefix of the section being built by the loader (``None``: use the class's own
+#: ``_key_prefix``). A section class used in several places (``DetectionConfig`` in characterize,
+#: calibrate and dia) then names the key where the value was set.
+_PREFIX: ContextVar[str | None] = ContextVar("apfast_config_prefix", default=None)
+
+
+@contextmanager
+def key_prefix(prefix: str) -> Iterator[None]:
+    """Make sections constructed inside the ``with`` block name their keys under ``prefix``.
+
+    Parameters
+    ----------
+    prefix : str
+        The dotted prefix ending in ``.`` (``"characterize.detection."``), or ``""``.
+
+    Examples
+    --------
+    >>> from apfast.ccd.detection import DetectionConfig
+    >>> with key_prefix("dia.detection."):
+    ...     DetectionConfig(threshold=-1.0)
+    Traceback (most recent call last):
+    ...
+    apfast.errors.ConfigError: dia.detection.threshold = -1.0 is invalid; it must be a positive finite number (e.g. 5.0)
+    """
+    token = _PREFIX.set(prefix)
+    try:
+        yield
+    finally:
+        _PREFIX.reset(token)
 
 
 def _ConfigError(msg: str, key: str) -> ConfigError:
@@ -64,22 +113,31 @@ class ConfigSection:
     nested sub-config), whose ``_validate`` calls ``self._fail(name, value, fix)``
     for range and cross-field rules, plus one line in :class:`PipelineConfig`::
 
-        diffim: DiffimConfig = subsection(DiffimConfig)
+        warp: WarpConfig = subsection(WarpConfig)
 
     Supported annotations: ``bool``, ``int``, ``float`` (ints are accepted and
     stored as float), ``str``, ``Literal[...]``, ``tuple[T, ...]`` (lists become
     tuples), ``X | None`` and nested sections. ``_key_prefix`` is filled in from
     where the class sits in :class:`PipelineConfig`, so messages name the full
-    dotted key.
+    dotted key; a class nested in several places keeps its own short prefix and the
+    loader names the place it builds (:func:`key_prefix`). A stage section lives in
+    its stage's module and imports only this module, never :mod:`apfast.run`.
     """
 
     __slots__ = ()
     _key_prefix: ClassVar[str] = ""
 
+    @property
+    def _prefix(self) -> str:
+        """The dotted prefix of this section's keys: where the loader is building it, else the class's."""
+        prefix = _PREFIX.get()
+        return self._key_prefix if prefix is None else prefix
+
     def __post_init__(self) -> None:
+        prefix = self._prefix
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             tp = _hints(type(self))[f.name]
-            key = f"{self._key_prefix}{f.name}"
+            key = f"{prefix}{f.name}"
             value = _check_value(getattr(self, f.name), tp, key)
             if value is not getattr(self, f.name):
                 object.__setattr__(self, f.name, value)  # normalise int -> float, list -> tuple
@@ -89,9 +147,24 @@ class ConfigSection:
         """Range and cross-field checks; sections override this."""
 
     def _fail(self, name: str, value: Any, expected: str) -> typing.NoReturn:
-        key = f"{self._key_prefix}{name}"
+        key = f"{self._prefix}{name}"
         msg = f"config key '{key}' = {value!r} is invalid: {expected}"
         raise _ConfigError(msg, key)
+
+    def _raise(self, name: str, text: str) -> typing.NoReturn:
+        """Raise a ConfigError for field ``name`` with ``text`` after its dotted key (``key = 3 must be ...``)."""
+        key = f"{self._prefix}{name}"
+        raise _ConfigError(f"{key}{text}", key)
+
+    def _check_ranges(self, checks: list[tuple[str, bool, str]]) -> None:
+        """Raise for the first ``(field, ok, allowed)`` check that fails.
+
+        The message names the dotted key, its value and the allowed values, e.g.
+        ``calibrate.astrometry.sip_order = 9 is invalid; allowed: an integer 1..6``.
+        """
+        for name, ok, allowed in checks:
+            if not ok:
+                self._raise(name, f" = {getattr(self, name)!r} is invalid; allowed: {allowed}")
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -108,8 +181,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _is_section(tp: Any) -> bool:
-    # any dataclass nests: stage modules define plain frozen dataclasses with doc metadata
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+    # every section, nested ones included, is a ConfigSection dataclass (one config style)
+    return isinstance(tp, type) and issubclass(tp, ConfigSection) and dataclasses.is_dataclass(tp)
 
 
 def _union_args(tp: Any) -> tuple[Any, ...] | None:
@@ -255,15 +328,3 @@ def _check_value(value: Any, tp: Any, key: str, source: str = "") -> Any:
         msg = f"config key '{key}' = {value!r} is invalid: {problem}{where}"
         raise _ConfigError(msg, key)
     return out
-
-
-def check_ranges(prefix: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
-    """Raise ConfigError for the first ``(field, ok, allowed)`` check that fails.
-
-    The message names the dotted key ``prefix + field``, its value and the allowed values, e.g.
-    ``calibrate.astrometry.sip_order = 9 is invalid; allowed: an integer 1..6``.
-    """
-    for key, ok, allowed in checks:
-        if not ok:
-            msg = f"{prefix}{key} = {getattr(obj, key)!r} is invalid; allowed: {allowed}"
-            raise ConfigError(msg)

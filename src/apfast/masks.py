@@ -20,6 +20,10 @@ MASK_PLANES: tuple[str, ...] = (
     "SUSPECT",
     "NO_DATA",
     "CROSSTALK",
+    # fake sources added by apfast.ccd.inject (Rubin source_injection's plane names); new planes go at the end
+    # so the bits above never change
+    "INJECTED",
+    "INJECTED_TEMPLATE",
 )
 MASK_BITS: dict[str, int] = {name: i for i, name in enumerate(MASK_PLANES)}
 MASK_DTYPE = "int32"

@@ -10,10 +10,10 @@ from test_detection import flux_for_snr, gaussian_stars
 
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
-from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf
 from apfast.errors import ConfigError, InputError
 from apfast.kernels import measure as km
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf
 from naive import detect as naive
 
 SIGMA = 2.0

@@ -1,4 +1,4 @@
-"""Exposure containers, FITS round trips and PSF models (apfast.exposure, apfast.ccd.psf)."""
+"""Exposure containers, FITS round trips and PSF models (apfast.exposure, apfast.psf)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,6 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from apfast import masks
-from apfast.ccd.psf import (
-    FWHM_PER_SIGMA,
-    PSF_TYPES,
-    GaussianPsf,
-    ImagePsf,
-    PolynomialPixelPsf,
-    moments_fwhm,
-    poly_terms,
-    psf_from_hdus,
-)
 from apfast.errors import AlgorithmError, InputError
 from apfast.exposure import (
     Background,
@@ -32,6 +22,16 @@ from apfast.exposure import (
     read_exposure,
     write_background,
     write_exposure,
+)
+from apfast.psf import (
+    FWHM_PER_SIGMA,
+    PSF_TYPES,
+    GaussianPsf,
+    ImagePsf,
+    PolynomialPixelPsf,
+    moments_fwhm,
+    poly_terms,
+    psf_from_hdus,
 )
 
 NY, NX = 64, 96

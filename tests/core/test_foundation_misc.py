@@ -11,10 +11,11 @@ from astropy.io import fits
 from hypothesis import given
 from hypothesis import strategies as st
 
+from apfast._fileio import atomic_path
 from apfast.camera import get_camera, load_camera, parse_section
 from apfast.errors import ConfigError, IngestError
 from apfast.masks import MASK_PLANES, bitmask, header_cards
-from apfast.repo.fitsutil import atomic_path, scan_headers
+from apfast.repo.fitsutil import scan_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,6 +118,27 @@ def test_atomic_path(tmp_path: Path) -> None:
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "ok"
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_options(tmp_path: Path) -> None:
+    # mode: the permission bits the simulator's files get; default: mkstemp's 0600
+    with atomic_path(tmp_path / "a.txt", mode=0o644) as tmp:
+        tmp.write_text("a")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    with atomic_path(tmp_path / "b.txt") as tmp:
+        assert tmp.exists()  # reserved by mkstemp
+        tmp.write_text("b")
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    # reserve=False: a fresh name for writers that refuse to overwrite (astropy writeto)
+    with atomic_path(tmp_path / "c.fits", reserve=False) as tmp:
+        assert not tmp.exists() and tmp.parent == tmp_path
+        fits.PrimaryHDU().writeto(tmp)
+    assert (tmp_path / "c.fits").is_file()
+    # mkdir=False: a missing folder fails the write and leaves nothing behind
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "no" / "d.txt", mkdir=False, reserve=False) as tmp:
+        tmp.write_text("d")
+    assert not (tmp_path / "no").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.fits"]
 
 
 def test_check_jit_clean_and_catches(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apfast.dia.truth_match import explained_by_truth, match_nearest
 from apfast.repo.butler import Butler
 from apfast.run.cli import main
 from apfast.sim.simulate import load_truth
@@ -54,12 +55,6 @@ def _sources(db: Path) -> dict[str, np.ndarray]:
             "diaObjectId": a[:, 5].astype(np.int64), "diaSourceId": a[:, 6].astype(np.int64)}
 
 
-def _sep_arcsec(ra1: np.ndarray, dec1: np.ndarray, ra2: float, dec2: float) -> np.ndarray:
-    d = np.radians
-    c = np.sin(d(dec1)) * np.sin(d(dec2)) + np.cos(d(dec1)) * np.cos(d(dec2)) * np.cos(d(ra1 - ra2))
-    return np.degrees(np.arccos(np.clip(c, -1, 1))) * 3600.0
-
-
 def _truth(run: dict) -> dict[str, np.ndarray]:
     t = run["truth"].transients
     keep = np.asarray(t["ccdnum"]).astype(int) == CCD
@@ -70,14 +65,13 @@ def _match_truth(run: dict) -> tuple[dict, dict, np.ndarray]:
     """Nearest DIA source (same visit, within 1") of every injected transient; -1 if none."""
     src, tr = _sources(run["db"]), _truth(run)
     idx = np.full(len(tr["ra"]), -1)
-    for i in range(len(tr["ra"])):
-        same = np.flatnonzero(src["visit"] == int(tr["visit"][i]))
-        if len(same) == 0:
+    for v in np.unique(tr["visit"].astype(int)):
+        same, rows = np.flatnonzero(src["visit"] == v), np.flatnonzero(tr["visit"].astype(int) == v)
+        if same.size == 0:
             continue
-        sep = _sep_arcsec(src["ra"][same], src["dec"][same], float(tr["ra"][i]), float(tr["dec"][i]))
-        j = int(np.argmin(sep))
-        if sep[j] < MATCH_ARCSEC:
-            idx[i] = same[j]
+        j = match_nearest(src["ra"][same], src["dec"][same], tr["ra"][rows].astype(float),
+                          tr["dec"][rows].astype(float), MATCH_ARCSEC)
+        idx[rows] = np.where(j >= 0, same[np.maximum(j, 0)], -1)
     return src, tr, idx
 
 
@@ -95,17 +89,8 @@ def test_completeness_vs_expected_snr(run: dict) -> None:
 def _explained(run: dict, ra: np.ndarray, dec: np.ndarray, visit: int) -> np.ndarray:
     """DIA sources that a real change in the simulated sky explains: an injected transient of that visit,
     a variable star, or a star whose proper motion moved it by >= 20 mas between template and science."""
-    tr, src = _truth(run), run["truth"].sources
-    tv = tr["visit"].astype(int) == visit
-    pm = np.hypot(np.asarray(src["pmra"], float), np.asarray(src["pmdec"], float))  # mas/yr
-    mover = np.asarray(src["variable"]).astype(bool) | (pm * 1.0 >= 20.0)  # science - template epochs ~1 yr
-    sra, sdec = np.asarray(src["ra"], float)[mover], np.asarray(src["dec"], float)[mover]
-    out = np.zeros(len(ra), bool)
-    for k, (r, d) in enumerate(zip(ra, dec, strict=True)):
-        near_t = tv.any() and np.min(_sep_arcsec(tr["ra"][tv].astype(float), tr["dec"][tv].astype(float), r, d)) < 2.0
-        near_m = sra.size > 0 and np.min(_sep_arcsec(sra, sdec, r, d)) < 2.5  # positions at 2016.0 (pm <= 0.3"/yr)
-        out[k] = near_t or near_m
-    return out
+    src = run["truth"].sources
+    return explained_by_truth(ra, dec, visit, _truth(run), {k: np.asarray(src[k]) for k in src.colnames})
 
 
 def test_false_detections_per_ccd_visit(run: dict) -> None:

@@ -14,7 +14,6 @@ import pytest
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from apfast.ccd.psf import GaussianPsf, PolynomialPixelPsf, PsfModel
 from apfast.dia.diasource import (
     DiaSourceConfig,
     fast_psf,
@@ -29,6 +28,8 @@ from apfast.kernels import dipole as kd
 from apfast.kernels import forced as kf
 from apfast.kernels.measure import lanczos_shift
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, PolynomialPixelPsf, PsfModel
+from apfast.run.config import load_config
 
 SIGMA = 2.0  # PSF sigma, pixels
 # the unit tests check errors against the exact injected noise: no variance rescaling, no template floor
@@ -97,14 +98,21 @@ def match(cols: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, radius: flo
 # --------------------------------------------------------------------------- config
 def test_config_defaults_and_validation():
     cfg = DiaSourceConfig()
-    assert cfg.threshold == 5.0 and cfg.grow_footprint == 2 and cfg.aperture_radius == 12.0
+    det = cfg.detection  # Rubin's DIA detection: 5 sigma of the variance, both signs merged with growFootprint 2
+    assert (det.threshold, det.threshold_type, det.polarity, det.grow_merge) == (5.0, "variance", "both", 2)
+    assert det.n_sigma_to_grow == 2.4 and det.smooth and det.min_pixels == 1 and cfg.aperture_radius == 12.0
     assert cfg.do_dipole_fit and cfg.dipole_max_separation_sigma == 5.0
     assert cfg.dipole_min_snr == pytest.approx(5 * math.sqrt(2)) and cfg.dipole_max_flux_ratio == 0.65
-    for key, value in (("threshold", -1.0), ("grow_footprint", -1), ("aperture_radius", 0.0),
-                       ("dipole_max_flux_ratio", 0.4), ("dipole_max_iter", 0),
+    for key, value in (("aperture_radius", 0.0), ("dipole_max_flux_ratio", 0.4), ("dipole_max_iter", 0),
                        ("bad_mask_planes", ("NOPE",))):  # fmt: skip
         with pytest.raises(ConfigError, match=f"dia.{key}"):
             DiaSourceConfig(**{key: value})
+    # the detection options moved to dia.detection; the old flat spellings still set them
+    for key, new, value in (("threshold", "threshold", -1.0), ("grow_footprint", "grow_merge", -1)):
+        with pytest.raises(ConfigError, match=rf"dia\.detection\.{new} = .*\(from -c dia\.{key}="):
+            load_config(overrides=[f"dia.{key}={value}"])
+    cfg = load_config(overrides=["dia.threshold=6", "dia.grow_footprint=3"]).dia
+    assert (cfg.detection.threshold, cfg.detection.grow_merge) == (6.0, 3)
 
 
 # --------------------------------------------------------------------------- detection + measurement

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.dia.diasource import _median, _scaled_variance, noise_scale_factor
 from apfast.exposure import Exposure
 from apfast.kernels import dia_noise as kn
 from apfast.kernels import forced as kf
+from apfast.psf import GaussianPsf
 
 SIGMA = 2.1
 

@@ -7,13 +7,13 @@ import pytest
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.ccd.psf import GaussianPsf
 from apfast.diffim.coadd import CoaddConfig, make_coadd, psf_from_grid
 from apfast.diffim.skymap import make_skymap
 from apfast.diffim.warp import WarpedPsf
 from apfast.errors import ConfigError, InputError, NoWorkFound
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
 from apfast.kernels.coadd import combine_clipped
+from apfast.psf import GaussianPsf
 
 SCALE = 0.2636
 NODATA = masks.bitmask("NO_DATA")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from scipy import ndimage, signal
 
-from apfast.ccd.psf import GaussianPsf, ImagePsf
 from apfast.diffim.decorrelate import (
     ConvolvedPsf,
     DecorrelationConfig,
@@ -29,6 +28,7 @@ from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, read_exposure, write_exposure
 from apfast.kernels.fftutil import grow_mask_box
 from apfast.masks import MASK_BITS, bitmask
+from apfast.psf import GaussianPsf, ImagePsf
 
 EDGE = bitmask("EDGE")
 NO_DATA = bitmask("NO_DATA")

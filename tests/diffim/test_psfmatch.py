@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apfast.ccd.psf import GaussianPsf, ImagePsf
 from apfast.diffim.psfmatch import (
     InsufficientKernelSourcesError,
     PsfMatchConfig,
@@ -24,6 +23,7 @@ from apfast.exposure import Exposure
 from apfast.kernels.convolve import combine_spatial_terms, grow_mask_bits
 from apfast.kernels.psfmatch import stamp_normal_equations
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, ImagePsf
 from naive import psfmatch as naive
 
 FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -275,7 +275,7 @@ def test_masks_edges_nodata_and_inputs_unmodified(rng):
 # ---------------------------------------------------------------------------- errors and config
 def test_too_few_stamps_raises_with_metadata(rng):
     sci, tmp, cat, _, _ = make_pair(rng, fwhm_sci=4.0, fwhm_tmpl=3.0, n_stars=3)
-    with pytest.raises(InsufficientKernelSourcesError, match="diffim.stamp_snr_min") as info:
+    with pytest.raises(InsufficientKernelSourcesError, match="difference.psfmatch.stamp_snr_min") as info:
         subtract_images(sci, tmp, sources=cat)
     assert info.value.n_required == 5 and info.value.n_sources <= 3
     assert info.value.metadata["n_required"] == 5
@@ -294,11 +294,11 @@ def test_shape_mismatch_and_missing_planes(rng):
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"kernel_size_min": 20}, "diffim.kernel_size_min"),
-        ({"spatial_kernel_order": 3}, "diffim.spatial_kernel_order"),
-        ({"alard_sig_gauss": (1.0, 2.0)}, "diffim.alard_sig_gauss"),
-        ({"bad_mask_planes": ("NOPE",)}, "diffim.bad_mask_planes"),
-        ({"mode": "convolveBoth"}, "diffim.mode"),
+        ({"kernel_size_min": 20}, "difference.psfmatch.kernel_size_min"),
+        ({"spatial_kernel_order": 3}, "difference.psfmatch.spatial_kernel_order"),
+        ({"alard_sig_gauss": (1.0, 2.0)}, "difference.psfmatch.alard_sig_gauss"),
+        ({"bad_mask_planes": ("NOPE",)}, "difference.psfmatch.bad_mask_planes"),
+        ({"mode": "convolveBoth"}, "difference.psfmatch.mode"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):

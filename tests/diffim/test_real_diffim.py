@@ -7,7 +7,7 @@ decorrelated difference of the two 5-frame stacks.
 
 Inputs. Each frame becomes an :class:`~apfast.exposure.Exposure`: float32 image, variance =
 (robust MAD sky noise of 3-sigma-clipped pixels)^2 + max(image, 0) / GAINA, empty mask, the
-header's WCS and a :class:`~apfast.ccd.psf.GaussianPsf` from the ``FWHM`` keyword (sigma = FWHM/2.3548,
+header's WCS and a :class:`~apfast.psf.GaussianPsf` from the ``FWHM`` keyword (sigma = FWHM/2.3548,
 odd size ~6 FWHM). A determined PSF is not used: a 256x256 cutout of this sparse field has only
 ~5 bright, isolated stellar detections, below what :func:`apfast.ccd.psf_determiner.determine_psf`
 needs for a stable pixel basis. All frames share one nominal zero point (30.0), so photometric
@@ -56,7 +56,6 @@ from astropy.wcs import WCS
 from apfast import masks
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import measure_sources
-from apfast.ccd.psf import GaussianPsf
 from apfast.diffim.coadd import make_coadd
 from apfast.diffim.decorrelate import DecorrelationConfig
 from apfast.diffim.psfmatch import PsfMatchConfig
@@ -64,6 +63,7 @@ from apfast.diffim.skymap import skymap_for_calexps
 from apfast.diffim.stage import DifferenceConfig, run_image_difference
 from apfast.diffim.warp import warp_exposure
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
+from apfast.psf import GaussianPsf
 
 DIPOLE_XY = (60.0, 181.0)
 DIPOLE_ZONE = 15.0

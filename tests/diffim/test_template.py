@@ -10,7 +10,6 @@ import pytest
 from astropy.wcs import WCS
 
 from apfast import masks
-from apfast.ccd.psf import GaussianPsf, PolynomialPixelPsf
 from apfast.diffim.skymap import make_skymap, read_skymap
 from apfast.diffim.template import (
     TemplateConfig,
@@ -22,6 +21,7 @@ from apfast.diffim.template import (
 from apfast.diffim.warp import WarpedPsf
 from apfast.errors import ConfigError, MissingTemplateError, NoWorkFound
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure
+from apfast.psf import GaussianPsf, PolynomialPixelPsf
 
 SCALE = 0.2636
 NODATA = masks.bitmask("NO_DATA")

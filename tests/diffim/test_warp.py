@@ -6,48 +6,18 @@ import math
 
 import numpy as np
 import pytest
-from astropy.wcs import WCS, Sip
 
 from apfast import masks
-from apfast.ccd.psf import GaussianPsf, ImagePsf
 from apfast.diffim.warp import WarpConfig, WarpedPsf, _exact_map, pixel_map, warp_exposure
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
 from apfast.kernels import warp as kw
 from apfast.kernels.stamps import lanczos3_weights
+from apfast.psf import GaussianPsf, ImagePsf
+from synth import make_wcs
 
 NO_DATA = masks.bitmask("NO_DATA")
 INTRP = masks.bitmask("INTRP")
-
-
-def make_wcs(
-    shape: tuple[int, int],
-    *,
-    rot_deg: float = 0.0,
-    shift: tuple[float, float] = (0.0, 0.0),
-    scale_arcsec: float = 0.263,
-    sip: bool = False,
-    crval: tuple[float, float] = (150.0, 2.2),
-) -> WCS:
-    """TAN(-SIP) WCS centred on the image; ``shift`` moves CRPIX (pixels), so dest = src shifted by +shift."""
-    ny, nx = shape
-    w = WCS(naxis=2)
-    suffix = "-SIP" if sip else ""
-    w.wcs.ctype = ["RA---TAN" + suffix, "DEC--TAN" + suffix]
-    w.wcs.crval = list(crval)
-    w.wcs.crpix = [nx / 2 + 0.5 + shift[0], ny / 2 + 0.5 + shift[1]]
-    s = scale_arcsec / 3600.0
-    t = math.radians(rot_deg)
-    w.wcs.cd = np.array([[-s * math.cos(t), s * math.sin(t)], [s * math.sin(t), s * math.cos(t)]])
-    if sip:
-        # DECam-like: 1-2 px of distortion at the corners of a 2048x4096 CCD
-        a = np.zeros((4, 4))
-        b = np.zeros((4, 4))
-        a[2, 0], a[1, 1], a[0, 2], a[3, 0] = 1e-6, 3e-7, -2e-7, 2e-10
-        b[0, 2], b[1, 1], b[2, 0], b[0, 3] = 2e-7, -4e-7, 3e-7, 1e-11
-        w.sip = Sip(a, b, None, None, w.wcs.crpix)
-    w.wcs.set()
-    return w
 
 
 def gaussians(x: np.ndarray, y: np.ndarray, blobs: list[tuple[float, float, float, float]]) -> np.ndarray:

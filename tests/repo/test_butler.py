@@ -11,9 +11,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.errors import ConfigError, DataIdError, InputError, NoLocationsError
 from apfast.exposure import Background, Exposure, PhotoCalib, read_exposure
+from apfast.psf import GaussianPsf
 from apfast.repo.butler import DATASET_TYPES, Butler, register_dataset_type
 from apfast.repo.repository import Repository, create_output_repo, write_config
 
@@ -117,7 +117,7 @@ def test_missing_parent_and_no_registry(root, tmp_path):
 
 def test_write_config(root):
     out = create_output_repo(root, rerun="cfg")
-    text = "[isr]\ndo_bias = true\nsat = 44000\n\n[diffim]\nkernel = 11\n"
+    text = "[isr]\ndo_bias = true\nsat = 44000\n\n[difference.psfmatch]\nkernel = 11\n"
     sha = write_config(out, text)
     assert (out / "config/apfast.toml").read_text() == text
     assert (out / "config/apfast.toml.sha256").read_text().strip() == sha and len(sha) == 64
@@ -125,7 +125,7 @@ def test_write_config(root):
     changed = text.replace("kernel = 11", "kernel = 9").replace("do_bias = true", "do_bias = false")
     with pytest.raises(ConfigError, match="clobber-config") as err:
         write_config(out, changed)
-    assert "diffim.kernel 11 -> 9" in str(err.value) and "isr.do_bias true -> false" in str(err.value)
+    assert "difference.psfmatch.kernel 11 -> 9" in str(err.value) and "isr.do_bias true -> false" in str(err.value)
     assert "isr.sat" not in str(err.value)
     assert (out / "config/apfast.toml").read_text() == text
     sha2 = write_config(out, changed, clobber=True)
@@ -139,7 +139,7 @@ def test_write_config(root):
 
 def test_write_config_ignores_non_product_keys(root):
     out = create_output_repo(root, rerun="cfg_np")
-    text = '[apdb]\ndb_url = "sqlite:///a.db"\n\n[process]\nn_threads = 0\n\n[diffim]\nkernel_size = 21\n'
+    text = '[apdb]\ndb_url = "sqlite:///a.db"\n\n[process]\nn_threads = 0\n\n[difference.psfmatch]\nkernel_size = 21\n'
     write_config(out, text)
     other = text.replace("a.db", "b.db").replace("n_threads = 0", "n_threads = 4") + "[apdb.x]\ny = 1\n"
     sha = write_config(out, other)  # only apdb/process keys differ: no --clobber-config needed
@@ -148,7 +148,7 @@ def test_write_config_ignores_non_product_keys(root):
     with pytest.raises(ConfigError) as err:
         write_config(out, other.replace("kernel_size = 21", "kernel_size = 25").replace("b.db", "c.db"))
     msg = str(err.value)
-    assert "config/apfast.toml holds a different configuration: diffim.kernel_size 21 -> 25;" in msg
+    assert "config/apfast.toml holds a different configuration: difference.psfmatch.kernel_size 21 -> 25;" in msg
     assert "pass --clobber-config" in msg and "apdb" not in msg
 
 

@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 from test_exposure import full_exposure, poly_psf
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import COMPRESSIONS, Exposure, read_exposure, write_exposure
+from apfast.psf import GaussianPsf
 from apfast.repo.butler import Butler
 from apfast.repo.writer import OutputConfig, OutputWriter
 from apfast.run.config import load_config

@@ -88,12 +88,63 @@ def test_report_pages_links_and_pngs(run: dict) -> None:
     from matplotlib.image import imread
 
     pngs = list((rdir / "img").glob("*.png"))
-    assert len(pngs) >= 2 + 3 * len(run["visits"])
+    assert len(pngs) >= 2 + 5 * len(run["visits"])
     for p in pngs:
         a = imread(p)
         assert a.ndim == 3 and min(a.shape[:2]) >= 10 and p.stat().st_size > 300, p.name
     assert imread(rdir / "img" / "overview.png").shape[1] > 600
     assert np.std(imread(rdir / "img" / f"v{run['visits'][0]}_c{CCD:02d}_diag.png")) > 0.05
+
+
+def test_psfmatch_record_written_by_process(run: dict) -> None:
+    """``process`` writes deepDiff_psfMatch beside each difference; it reads back through the Butler."""
+    from astropy.io import fits
+
+    from apfast import Butler
+    from apfast.psfmatch_diag import PsfMatchDiagnostics
+
+    butler = Butler(run["out"])
+    for v in run["visits"]:
+        d = butler.get("deepDiff_psfMatch", visit=v, ccdnum=CCD)
+        assert isinstance(d, PsfMatchDiagnostics)
+        path = Path(butler.getUri("deepDiff_psfMatch", visit=v, ccdnum=CCD))
+        assert path.name == f"psfMatch-{CCD:02d}.fits" and path.stat().st_size < 400_000
+        head = fits.getheader(butler.getUri("deepDiff_differenceExp", visit=v, ccdnum=CCD), 0)
+        assert d.mode == head["DIFFMODE"] and d.n_used == head["DIFFNSTP"]
+        assert d.kernel_sums[4] == pytest.approx(head["DIFFKSUM"], abs=2e-6)
+        assert d.shape == (4096, 2048) and d.kernels.shape[0] == 5
+        np.testing.assert_allclose(d.kernels.sum(axis=(1, 2)), d.kernel_sums, rtol=1e-4)
+        assert 0 < d.residuals.shape[0] <= 50 and (d.stamp_residual_index >= 0).sum() == d.residuals.shape[0]
+        assert np.median(d.stamp_residual_std[d.kept]) < 1.5
+
+
+def test_ccd_pages_show_the_kernel_and_the_stamp_residuals(run: dict) -> None:
+    from matplotlib.image import imread
+
+    rdir = run["out"] / "report"
+    for v in run["visits"]:
+        html = (rdir / "ccd" / f"v{v}_c{CCD:02d}.html").read_text(encoding="utf-8")
+        assert "PSF-matching kernel and stamps" in html and "not available" not in html
+        for kind, min_width in (("kernel", 700), ("stamps", 300)):
+            name = f"v{v}_c{CCD:02d}_{kind}.png"
+            assert f'src="../img/{name}"' in html
+            a = imread(rdir / "img" / name)  # a valid PNG, not blank
+            assert a.ndim == 3 and a.shape[1] >= min_width and np.std(a[..., :3]) > 0.05, name
+
+
+def test_report_of_a_run_without_psfmatch_records(run: dict, tmp_path: Path) -> None:
+    """An output repository written before deepDiff_psfMatch existed still gets its report, with a note."""
+    import os
+
+    old = tmp_path / "old"  # hard links: no copy of the images
+    shutil.copytree(run["out"], old, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("psfMatch-*.fits", "report"))
+    v = run["visits"][0]
+    assert main(["-q", "report", str(old), "--id", f"visit={v}", "--max-objects", "1"]) == 0
+    html = (old / "report" / "ccd" / f"v{v}_c{CCD:02d}.html").read_text(encoding="utf-8")
+    assert "Kernel and stamp residuals not available: no deepDiff_psfMatch" in html
+    assert "_kernel.png" not in html and "_diag.png" in html  # the rest of the diagnostics are there
+    assert not list((old / "report" / "img").glob("*_kernel.png"))
 
 
 def test_report_options_and_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,13 +171,13 @@ def _chromium() -> str | None:
     return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
 
 
-def _browse(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+def _browse(page: Path, tmp: Path, *extra: str, size: tuple[int, int] = (1280, 900)) -> subprocess.CompletedProcess:
     exe = _chromium()
     if exe is None:
         pytest.skip("no chromium on PATH or at /usr/bin/chromium: install Debian's chromium to render pages")
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1280,900", *extra, page.as_uri()]
+           f"--user-data-dir={tmp / 'chromium-profile'}", f"--window-size={size[0]},{size[1]}", *extra, page.as_uri()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -149,3 +200,38 @@ def test_report_renders_in_headless_chromium(run: dict, which: str, tmp_path: Pa
         assert all(str(v) in dom for v in run["visits"])
     else:
         assert re.search(r"DiaObject \d+", dom) and "Light curve" in dom and "nDiaSources" in dom
+
+
+def _page_widths(page: Path, tmp: Path, width: int) -> dict[str, int]:
+    """``scrollWidth`` and ``clientWidth`` of the document and the widest table, in a ``width``-px chromium window.
+
+    The report has no JavaScript, so a copy of the page with a measuring script (and a ``<base>``
+    pointing at the original folder, for the images) is rendered with ``--dump-dom``.
+    """
+    probe = (
+        "<script>window.addEventListener('load', () => {const d = document.documentElement;"
+        "const t = Math.max(0, ...[...document.querySelectorAll('table')].map(e => e.scrollWidth));"
+        "const p = document.createElement('pre'); p.id = 'probe';"
+        "p.textContent = JSON.stringify({scroll: d.scrollWidth, client: d.clientWidth, table: t});"
+        "document.body.appendChild(p);});</script>"
+    )
+    html = page.read_text(encoding="utf-8")
+    html = html.replace("<head>", f'<head><base href="{page.parent.as_uri()}/">', 1)
+    html = html.replace("</body>", probe + "</body>")
+    copy = tmp / f"probe-{page.name}"
+    copy.write_text(html, encoding="utf-8")
+    dom = _browse(copy, tmp, "--dump-dom", "--virtual-time-budget=5000", size=(width, 768)).stdout
+    m = re.search(r'<pre id="probe">(\{.*?\})</pre>', dom)
+    assert m, f"no probe output from chromium: {dom[-500:]}"
+    return json.loads(m.group(1).replace("&quot;", '"'))
+
+
+@pytest.mark.parametrize("which", ["index", "ccd"])
+def test_report_pages_do_not_scroll_sideways_on_a_laptop(run: dict, which: str, tmp_path: Path) -> None:
+    """At 1366 px the page itself never scrolls sideways: a wide table scrolls inside its own container."""
+    rdir = run["out"] / "report"
+    page = rdir / "index.html" if which == "index" else sorted((rdir / "ccd").glob("*.html"))[0]
+    for width in (1366, 1024):
+        w = _page_widths(page, tmp_path, width)
+        assert w["client"] > 0.8 * width
+        assert w["scroll"] <= w["client"], f"{page.name} at {width} px: {w}"

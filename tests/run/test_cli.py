@@ -141,13 +141,15 @@ def test_process_after_process_ccd_with_other_apdb_keys(repo: Path, tmp_path: Pa
     assert "visit" in (out_repo / "summary.txt").read_text()  # the wide per-CCD table of the last run
     stored = (out_repo / "config" / "apfast.toml").read_text()
     assert 'isolation_level = "READ_UNCOMMITTED"' in stored  # the full config is stored
-    # a product-affecting change is refused, naming the keys with old and new values
+    # a product-affecting change is refused, naming the keys with old and new values; the old
+    # spellings diffim.* (now difference.psfmatch.*) and dia.threshold still work on the command line
     rc = main(["-q", "process", str(repo), *sel, "-c", f"apdb.db_url={url}", "-c", "diffim.kernel_size=25",
                "-c", "dia.threshold=6"])
     err = capsys.readouterr().err
     assert rc == 2
     assert ("rerun/cfgchange/config/apfast.toml holds a different configuration: "
-            "dia.threshold 5.0 -> 6.0; diffim.kernel_size 21 -> 25; pass --clobber-config") in err
+            "dia.detection.threshold 5.0 -> 6.0; difference.psfmatch.kernel_size 21 -> 25; "
+            "pass --clobber-config") in err
     assert "apdb." not in err and "Traceback" not in err
 
 

@@ -17,7 +17,6 @@ from apfast.errors import ConfigError
 from apfast.run import config as cfgmod
 from apfast.run.config import (
     ApdbConfig,
-    CalibsConfig,
     PipelineConfig,
     apply_overrides,
     config_fields,
@@ -38,9 +37,9 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_defaults_match_the_brief() -> None:
     cfg = PipelineConfig()
-    assert cfg.ingest.mode == "link" and cfg.ingest.camera == "DECam"
-    assert cfg.calibs.validity_days is None
-    assert (cfg.refcat.astrometry, cfg.refcat.photometry, cfg.refcat.nside) == ("gaia", "ps1", 32)
+    # the ingest, calibs and refcat sections of the brief were removed: they never had an effect
+    # (the ingest commands take flags; the refcat names are calibrate's), see test_config_aliases.py
+    assert (cfg.calibrate.astrometry_refcat, cfg.calibrate.photometry_refcat) == ("gaia", "ps1")
     assert cfg.apdb.db_url == "sqlite:///apdb/association.db"
     assert cfg.apdb.isolation_level == "READ_COMMITTED"
     assert cfg.apdb.connection_timeout == 60.0 and isinstance(cfg.apdb.connection_timeout, float)
@@ -81,13 +80,14 @@ def test_every_section_is_frozen_slotted_kwonly_and_documented(cls: type) -> Non
 
 def test_config_fields_lists_every_leaf_with_type_default_doc() -> None:
     fields = config_fields()
-    assert list(fields)[:2] == ["ingest.mode", "ingest.camera"]
-    assert set(fields) >= {"calibs.validity_days", "refcat.nside", "apdb.connection_pool", "process.doraise"}
+    assert list(fields)[:2] == ["apdb.db_url", "apdb.isolation_level"]
+    assert set(fields) >= {"difference.decorrelation.kernel_size", "dia.detection.grow_merge",
+                           "apdb.connection_pool", "process.doraise"}
     assert all("." in k for k in fields)
-    info = fields["calibs.validity_days"]
-    assert info.type == (float | None) and info.default is None and "per-format" in info.doc
-    typ, default, doc = fields["refcat.nside"]
-    assert (typ, default) == (int, 32) and doc
+    info = fields["difference.decorrelation.kernel_size"]
+    assert info.type == (int | None) and info.default is None and "none: the smallest odd side" in info.doc
+    typ, default, doc = fields["dia.detection.grow_merge"]
+    assert (typ, default) == (int, 2) and doc
     # every leaf default equals the default config's value
     cfg = PipelineConfig()
     for key, (_, default, _) in fields.items():
@@ -109,32 +109,33 @@ def test_rubin_style_unquoted_overrides() -> None:
         overrides=[
             "apdb.isolation_level=READ_UNCOMMITTED",
             "apdb.db_url=sqlite:///apdb/association.db",
-            "calibs.validity_days=999",
+            "dia.detection.threshold=6",
             "apdb.connection_pool=false",
-            'ingest.camera="my cam.toml"',
+            'calibrate.astrometry_refcat="my cat"',
             "process.n_threads = 8",
         ]
     )
     assert cfg.apdb.isolation_level == "READ_UNCOMMITTED"
     assert cfg.apdb.db_url == "sqlite:///apdb/association.db"
-    assert cfg.calibs.validity_days == 999.0 and isinstance(cfg.calibs.validity_days, float)
+    assert cfg.dia.detection.threshold == 6.0 and isinstance(cfg.dia.detection.threshold, float)
     assert cfg.apdb.connection_pool is False
-    assert cfg.ingest.camera == "my cam.toml"
+    assert cfg.calibrate.astrometry_refcat == "my cat"
     assert cfg.process.n_threads == 8
 
 
 def test_later_settings_win_and_none_text_unsets(tmp_path: Path) -> None:
-    f1 = _write(tmp_path, "a.toml", "[process]\nn_threads = 2\n[calibs]\nvalidity_days = 5\n")
+    f1 = _write(tmp_path, "a.toml", "[process]\nn_threads = 2\n[difference.decorrelation]\nkernel_size = 5\n")
     f2 = _write(tmp_path, "b.toml", "process.n_threads = 3\n")
     cfg = load_config([f1, f2])
-    assert cfg.process.n_threads == 3 and cfg.calibs.validity_days == 5.0
-    cfg = load_config([f1, f2], ["process.n_threads=4", "process.n_threads=5", "calibs.validity_days=none"])
-    assert cfg.process.n_threads == 5 and cfg.calibs.validity_days is None
+    assert cfg.process.n_threads == 3 and cfg.difference.decorrelation.kernel_size == 5
+    cfg = load_config([f1, f2], ["process.n_threads=4", "process.n_threads=5",
+                                 "difference.decorrelation.kernel_size=none"])
+    assert cfg.process.n_threads == 5 and cfg.difference.decorrelation.kernel_size is None
     assert (
         load_config(
-            [_write(tmp_path, "c.toml", '[calibs]\nvalidity_days = "none"\n')],
-            base=cfg.__class__(calibs=CalibsConfig(validity_days=3.0)),
-        ).calibs.validity_days
+            [_write(tmp_path, "c.toml", '[difference.decorrelation]\nkernel_size = "none"\n')],
+            base=apply_overrides(PipelineConfig(), {"difference.decorrelation.kernel_size": 3}),
+        ).difference.decorrelation.kernel_size
         is None
     )
 
@@ -154,7 +155,8 @@ def test_apply_overrides_mapping_forms_and_returns_new_object() -> None:
     assert a.apdb.connection_timeout == 5.0 and isinstance(a.apdb.connection_timeout, float)
     assert cfg == PipelineConfig()  # untouched
     assert apply_overrides(cfg, []) == cfg
-    assert apply_overrides(cfg, {"calibs.validity_days": None}).calibs.validity_days is None
+    unset = apply_overrides(cfg, {"difference.decorrelation.kernel_size": None})
+    assert unset.difference.decorrelation.kernel_size is None
 
 
 def test_equal_configs_compare_and_hash_equal() -> None:
@@ -192,7 +194,7 @@ def _re(text: str) -> str:
 
 
 def test_unknown_key_without_close_match_lists_sections() -> None:
-    with pytest.raises(ConfigError, match="sections ingest, calibs, refcat, apdb, process"):
+    with pytest.raises(ConfigError, match="sections apdb, process, output, isr"):
         load_config(overrides=["zzz.qqq=1"])
 
 
@@ -209,25 +211,26 @@ def test_malformed_override_names_the_expected_form(override: str) -> None:
         ("process.n_threads=true", "'process.n_threads' = True has the wrong type: expected an integer"),
         ("process.doraise=1", "'process.doraise' = 1 has the wrong type: expected true or false"),
         ("process.doraise=yes", "is not a valid TOML value for 'process.doraise' (expected true or false)"),
-        ("calibs.validity_days=true", "expected a number (float) or none"),
+        ("difference.decorrelation.kernel_size=true", "expected an integer or none"),
         ("apdb.connection_timeout=abc", "e.g. -c apdb.connection_timeout=2.5"),
         (
             "apdb.isolation_level=READ",
             "'apdb.isolation_level' = 'READ' is not allowed: expected one of "
             "'READ_COMMITTED', 'READ_UNCOMMITTED', 'REPEATABLE_READ', 'SERIALIZABLE'",
         ),
-        ("ingest.mode=symlink", "expected one of 'link', 'copy', 'move'"),
+        ("difference.template_source=symlink", "expected one of 'coadd', 'calexp'"),
         ("apdb.connection_timeout=-1", "'apdb.connection_timeout' = -1.0 is invalid: use a finite number"),
         ("apdb.connection_timeout=0", "> 0"),
         ("apdb.connection_timeout=inf", "finite"),
         ("apdb.connection_timeout=nan", "finite"),
-        ("calibs.validity_days=-1", "'calibs.validity_days' = -1.0 is invalid"),
-        ("refcat.nside=33", "power of 2"),
-        ("refcat.nside=0", "power of 2"),
-        ("refcat.astrometry=a/b", "folder name"),
+        ("difference.decorrelation.kernel_size=-1", "'difference.decorrelation.kernel_size' = -1 is invalid"),
+        ("difference.decorrelation.kernel_size=4", "use a positive odd integer"),
+        ("dia.detection.grow_merge=-1", "dia.detection.grow_merge = -1 is invalid; it must be an integer >= 0"),
+        ("refcat.nside=64", "config key 'refcat.nside' was removed (it never had an effect); "
+                            "use `apfast ingest-refcat --nside N` (from -c refcat.nside=64)"),
         ("process.n_threads=-2", "'process.n_threads' = -2 is invalid: use 0 for all cores"),
         ("apdb.db_url=association.db", "SQLAlchemy URL"),
-        ("ingest.camera=", "built-in camera name"),
+        ("ingest.camera=", "use `apfast ingest --camera`"),
         ("apdb=3", "'apdb' is a section, not a value"),
         ("apdb.connection_timeout=1\nprocess.n_threads=3", "not a valid TOML value"),
         (
@@ -243,7 +246,7 @@ def test_bad_values_name_key_value_and_fix(override: str, expected: str) -> None
 
 
 def test_range_error_names_the_setting_that_caused_it(tmp_path: Path) -> None:
-    f = _write(tmp_path, "bad.toml", "[refcat]\nnside = 12\n")
+    f = _write(tmp_path, "bad.toml", "[difference.decorrelation]\nkernel_size = 12\n")
     with pytest.raises(ConfigError, match=_re(f"(in file {f})")):
         load_config([f])
 
@@ -269,7 +272,7 @@ def test_apply_overrides_rejects_a_bare_string_and_a_non_config() -> None:
 def test_one_bad_setting_applies_nothing() -> None:
     base = PipelineConfig()
     with pytest.raises(ConfigError):
-        apply_overrides(base, ["process.n_threads=2", "refcat.nside=3"])
+        apply_overrides(base, ["process.n_threads=2", "difference.decorrelation.kernel_size=4"])
     assert base == PipelineConfig()
 
 
@@ -291,7 +294,7 @@ def test_toml_file_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'apdb\.db_url' is a value \(a string\), not a table"):
         load_config([h])
     k = _write(tmp_path, "top.toml", "mode = 'copy'\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'mode'; did you mean 'ingest\.mode'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'mode'; did you mean 'difference\.psfmatch\.mode'"):
         load_config([k])
 
 
@@ -299,10 +302,10 @@ def test_toml_file_accepts_nested_and_dotted_forms(tmp_path: Path) -> None:
     f = _write(
         tmp_path,
         "run.toml",
-        "ingest.mode = 'copy'\n[apdb]\nisolation_level = 'SERIALIZABLE'\nconnection_timeout = 2\n",
+        "difference.template_source = 'calexp'\n[apdb]\nisolation_level = 'SERIALIZABLE'\nconnection_timeout = 2\n",
     )
     cfg = load_config(str(f))  # a single path is accepted too
-    assert cfg.ingest.mode == "copy" and cfg.apdb.isolation_level == "SERIALIZABLE"
+    assert cfg.difference.template_source == "calexp" and cfg.apdb.isolation_level == "SERIALIZABLE"
     assert cfg.apdb.connection_timeout == 2.0
 
 
@@ -310,7 +313,7 @@ def test_toml_file_accepts_nested_and_dotted_forms(tmp_path: Path) -> None:
 
 
 def test_toml_output_documents_every_key_and_loads_back(tmp_path: Path) -> None:
-    cfg = load_config(overrides=["apdb.isolation_level=SERIALIZABLE", "calibs.validity_days=0.5"])
+    cfg = load_config(overrides=["apdb.isolation_level=SERIALIZABLE", "difference.decorrelation.kernel_size=5"])
     text = config_to_toml(cfg)
     data = tomllib.loads(text)
     for key, info in config_fields().items():
@@ -332,12 +335,12 @@ def test_toml_output_documents_every_key_and_loads_back(tmp_path: Path) -> None:
 def test_none_round_trips_as_comment_or_none_string(tmp_path: Path) -> None:
     cfg = PipelineConfig()
     text = config_to_toml(cfg)
-    assert "validity_days" not in tomllib.loads(text)["calibs"]
-    assert "# validity_days = (unset: none)" in text
+    assert "kernel_size" not in tomllib.loads(text)["difference"]["decorrelation"]
+    assert "# kernel_size = (unset: none)" in text
     assert load_config([_write(tmp_path, "a.toml", text)]) == cfg
-    base = PipelineConfig(calibs=CalibsConfig(validity_days=7.0))
+    base = apply_overrides(PipelineConfig(), {"difference.decorrelation.kernel_size": 7})
     text2 = config_to_toml(base)
-    assert "validity_days = 7.0" in text2
+    assert "kernel_size = 7" in text2
     assert load_config([_write(tmp_path, "b.toml", text2)]) == base
 
 
@@ -348,23 +351,25 @@ _printable = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, ma
 
 @settings(max_examples=60, deadline=None)
 @given(
-    camera=_printable,
+    mag=_printable,
     astrometry=_printable,
-    nside_exp=st.integers(0, 13),
+    min_pixels=st.integers(1, 2**13),
     timeout=st.floats(min_value=1e-6, max_value=1e9, allow_nan=False, allow_infinity=False),
-    validity=st.one_of(st.none(), st.floats(min_value=0, max_value=1e6, allow_nan=False)),
-    mode=st.sampled_from(["link", "copy", "move"]),
+    threshold=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False),
+    kernel_size=st.one_of(st.none(), st.integers(0, 100).map(lambda n: 2 * n + 1)),
+    source=st.sampled_from(["coadd", "calexp"]),
     pool=st.booleans(),
     threads=st.integers(0, 1024),
     url_tail=st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=20),  # no control characters
 )
 def test_property_toml_round_trip(
-    camera: str,
+    mag: str,
     astrometry: str,
-    nside_exp: int,
+    min_pixels: int,
     timeout: float,
-    validity: float | None,
-    mode: str,
+    threshold: float,
+    kernel_size: int | None,
+    source: str,
     pool: bool,
     threads: int,
     url_tail: str,
@@ -372,14 +377,15 @@ def test_property_toml_round_trip(
     cfg = apply_overrides(
         PipelineConfig(),
         {
-            "ingest.camera": camera,
-            "ingest.mode": mode,
-            "refcat.astrometry": astrometry,
-            "refcat.nside": 2**nside_exp,
+            "calibrate.astrometry_mag": mag,
+            "difference.template_source": source,
+            "calibrate.astrometry_refcat": astrometry,
+            "dia.detection.min_pixels": min_pixels,
+            "dia.detection.threshold": threshold,
             "apdb.connection_timeout": timeout,
             "apdb.connection_pool": pool,
             "apdb.db_url": "sqlite:///" + url_tail,
-            "calibs.validity_days": validity,
+            "difference.decorrelation.kernel_size": kernel_size,
             "process.n_threads": threads,
         },
     )

@@ -240,12 +240,12 @@ def test_db_url_with_control_characters_is_a_one_line_config_error(capsys: pytes
 
 def test_toml_injection_in_a_string_value_stays_one_value(tmp_path: Path) -> None:
     # a quote and brackets (no newline) are legal in a string: they must round-trip as one value
-    cfg = load_config(overrides=['ingest.camera=x" [foo] = 1'])
+    cfg = load_config(overrides=['calibrate.astrometry_refcat=x" [foo] = 1'])
     text = config_to_toml(cfg)
     path = tmp_path / "c.toml"
     path.write_text(text)
     again = load_config([path])
-    assert again.ingest.camera == 'x" [foo] = 1'
+    assert again.calibrate.astrometry_refcat == 'x" [foo] = 1'
     assert "foo" not in tomllib.loads(text)
 
 

@@ -32,14 +32,14 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.spatial import cKDTree
 
-from apfast._configbase import check_ranges
+from apfast._configbase import ConfigSection, opt
 from apfast.errors import AlgorithmError
 
 __all__ = [
@@ -58,38 +58,32 @@ class AstrometryError(AlgorithmError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class AstrometryConfig:
+class AstrometryConfig(ConfigSection):
     """Configuration of astrometric matching and fitting (``calibrate.astrometry``)."""
 
-    sip_order: int = field(
-        default=4, metadata={"doc": "Highest total polynomial order of the TAN-SIP fit (DECam: 4)."}
-    )
-    order_selection: Literal["cv", "fixed"] = field(
-        default="cv",
-        metadata={
-            "doc": "How the fitted order is chosen up to sip_order.",
-            "choices": {
-                "cv": "5-fold cross-validation among orders 1..sip_order: a high order is used only when the "
-                      "matched stars constrain it (an order-4 fit to ~80 stars over-fits the corners)",
-                "fixed": "always sip_order (if there are at least 2 stars per polynomial term)",
-            },
+    _key_prefix: ClassVar[str] = "calibrate.astrometry."
+
+    sip_order: int = opt(4, "Highest total polynomial order of the TAN-SIP fit (DECam: 4).")
+    order_selection: Literal["cv", "fixed"] = opt(
+        "cv",
+        "How the fitted order is chosen up to sip_order.",
+        choices={
+            "cv": "5-fold cross-validation among orders 1..sip_order: a high order is used only when the "
+                  "matched stars constrain it (an order-4 fit to ~80 stars over-fits the corners)",
+            "fixed": "always sip_order (if there are at least 2 stars per polynomial term)",
         },
     )
-    n_bright: int = field(default=40, metadata={"doc": "Brightest sources/references used for triangle matching."})
-    max_offset_arcsec: float = field(
-        default=60.0, metadata={"doc": "Largest shift of the initial WCS the matcher searches for (arcsec)."}
-    )
-    max_rotation_deg: float = field(default=1.0, metadata={"doc": "Largest rotation error of the initial WCS (deg)."})
-    max_scale_error: float = field(default=0.03,
-                                   metadata={"doc": "Largest relative pixel-scale error of the initial WCS."})
-    min_triangle_side: float = field(default=40.0, metadata={"doc": "Shortest triangle side used (pixels)."})
-    match_radius_px: float = field(default=3.0, metadata={"doc": "Final one-to-one matching radius (pixels)."})
-    min_matches: int = field(default=10,
-                             metadata={"doc": "Fewest matches accepted (Rubin: minMatchedPairs=30 at most)."})
-    rej_sigma: float = field(default=3.0, metadata={"doc": "Outlier rejection threshold in robust RMS units."})
-    n_rej_iter: int = field(default=3, metadata={"doc": "Fit/reject iterations."})
+    n_bright: int = opt(40, "Brightest sources/references used for triangle matching.")
+    max_offset_arcsec: float = opt(60.0, "Largest shift of the initial WCS the matcher searches for (arcsec).")
+    max_rotation_deg: float = opt(1.0, "Largest rotation error of the initial WCS (deg).")
+    max_scale_error: float = opt(0.03, "Largest relative pixel-scale error of the initial WCS.")
+    min_triangle_side: float = opt(40.0, "Shortest triangle side used (pixels).")
+    match_radius_px: float = opt(3.0, "Final one-to-one matching radius (pixels).")
+    min_matches: int = opt(10, "Fewest matches accepted (Rubin: minMatchedPairs=30 at most).")
+    rej_sigma: float = opt(3.0, "Outlier rejection threshold in robust RMS units.")
+    n_rej_iter: int = opt(3, "Fit/reject iterations.")
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         checks = [
             ("sip_order", 1 <= self.sip_order <= 6, "an integer 1..6"),
             ("n_bright", 6 <= self.n_bright <= 200, "6..200"),
@@ -101,7 +95,7 @@ class AstrometryConfig:
             ("rej_sigma", self.rej_sigma > 0, "> 0"),
             ("n_rej_iter", self.n_rej_iter >= 0, ">= 0"),
         ]
-        check_ranges("calibrate.astrometry.", self, checks)
+        self._check_ranges(checks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from apfast._configbase import ConfigSection, opt, subsection
 from apfast.ccd.astrometry import AstrometryConfig, AstrometryResult, match_nearest, solve_astrometry
 from apfast.ccd.characterize import clean_star_flags
 from apfast.ccd.detection import DetectionConfig, detect_sources
@@ -31,8 +33,7 @@ from apfast.ccd.photocal import (
     fit_aperture_correction,
     fit_zero_point,
 )
-from apfast.ccd.psf import PsfModel
-from apfast.errors import ConfigError
+from apfast.psf import PsfModel
 
 __all__ = ["CalibrateConfig", "CalibrateResult", "RefCatalog", "mjd_to_epoch", "run_calibrate"]
 
@@ -44,36 +45,33 @@ def _calib_detection() -> DetectionConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CalibrateConfig:
+class CalibrateConfig(ConfigSection):
     """Detection, measurement, astrometry and photometric calibration (``calibrate``)."""
 
-    astrometry_refcat: str = field(default="gaia", metadata={"doc": "Reference catalogue for astrometry."})
-    astrometry_mag: str = field(default="G_mag", metadata={"doc": "Refcat column ordering astrometric stars."})
-    photometry_refcat: str = field(default="ps1", metadata={"doc": "Reference catalogue for the zero point."})
-    photometry_match_arcsec: float = field(
-        default=1.0, metadata={"doc": "Match radius (arcsec) of sources to photometric references."}
-    )
-    calib_flux_radius: float = field(
-        default=12.0, metadata={"doc": "Aperture radius (pixels) of the calibration flux (Rubin: 12)."}
-    )
-    apcorr_min_snr: float = field(default=50.0, metadata={"doc": "Lowest S/N of aperture-correction stars."})
-    detection: DetectionConfig = field(
-        default_factory=_calib_detection, metadata={"doc": "Source detection (5 sigma)."}
-    )
-    measurement: MeasurementConfig = field(default_factory=MeasurementConfig, metadata={"doc": "Measurement."})
-    astrometry: AstrometryConfig = field(default_factory=AstrometryConfig, metadata={"doc": "Astrometric fit."})
-    photocal: PhotoCalConfig = field(default_factory=PhotoCalConfig, metadata={"doc": "Zero point."})
+    _key_prefix: ClassVar[str] = "calibrate."
 
-    def __post_init__(self) -> None:
+    astrometry_refcat: str = opt("gaia", "Reference catalogue for astrometry.")
+    astrometry_mag: str = opt("G_mag", "Refcat column ordering astrometric stars.")
+    photometry_refcat: str = opt("ps1", "Reference catalogue for the zero point.")
+    photometry_match_arcsec: float = opt(1.0, "Match radius (arcsec) of sources to photometric references.")
+    calib_flux_radius: float = opt(12.0, "Aperture radius (pixels) of the calibration flux (Rubin: 12).")
+    apcorr_min_snr: float = opt(50.0, "Lowest S/N of aperture-correction stars.")
+    detection: DetectionConfig = subsection(
+        DetectionConfig, doc="Source detection (5 sigma).", factory=_calib_detection
+    )
+    measurement: MeasurementConfig = subsection(MeasurementConfig, doc="Measurement.")
+    astrometry: AstrometryConfig = subsection(AstrometryConfig, doc="Astrometric fit.")
+    photocal: PhotoCalConfig = subsection(PhotoCalConfig, doc="Zero point.")
+
+    def _validate(self) -> None:
         if not self.photometry_match_arcsec > 0:
-            msg = f"calibrate.photometry_match_arcsec = {self.photometry_match_arcsec!r} must be > 0"
-            raise ConfigError(msg)
+            self._raise("photometry_match_arcsec", f" = {self.photometry_match_arcsec!r} must be > 0")
         if self.calib_flux_radius not in self.measurement.aperture_radii:
-            msg = (
-                f"calibrate.calib_flux_radius = {self.calib_flux_radius} is not one of "
-                f"calibrate.measurement.aperture_radii = {self.measurement.aperture_radii}"
+            self._raise(
+                "calib_flux_radius",
+                f" = {self.calib_flux_radius} is not one of "
+                f"{self._prefix}measurement.aperture_radii = {self.measurement.aperture_radii}",
             )
-            raise ConfigError(msg)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,24 +21,23 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from apfast._configbase import ConfigSection, opt, subsection
+from apfast._constants import FWHM_PER_SIGMA
 from apfast.ccd.background import BackgroundConfig, BackgroundModel, measure_background, subtract_background
 from apfast.ccd.cosmicray import CosmicRayConfig, find_cosmic_rays
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, MeasurementResult, measure_sources
-from apfast.ccd.psf import PsfModel
 from apfast.ccd.psf_determiner import PsfDeterminerConfig, PsfResult, determine_psf, stellar_locus_size
-from apfast.errors import ConfigError
 from apfast.masks import bitmask
+from apfast.psf import PsfModel
 
 __all__ = ["CharacterizeConfig", "CharacterizeResult", "clean_star_flags", "run_characterize"]
 
 log = logging.getLogger(__name__)
-
-FWHM_PER_SIGMA = 2.354820045
 
 
 def _bright_detection() -> DetectionConfig:
@@ -46,46 +45,42 @@ def _bright_detection() -> DetectionConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CharacterizeConfig:
+class CharacterizeConfig(ConfigSection):
     """Background, cosmic rays, bright-source detection and the PSF model (``characterize``)."""
 
-    install_psf_sigma: float = field(
-        default=1.5, metadata={"doc": "Sigma (pixels) of the Gaussian PSF assumed before one is measured."}
-    )
-    psf_iterations: int = field(default=2, metadata={"doc": "Detect-measure-PSF passes (Rubin psfIterations)."})
-    estimate_psf_sigma: bool = field(
-        default=True,
-        metadata={"doc": "Measure the stars' width before cosmic-ray repair and use it if narrower than "
-                         "install_psf_sigma (undersampled images); the bright detection is then reused."},
-    )
-    redetect: bool = field(
-        default=False,
-        metadata={"doc": "Re-detect in every PSF iteration (Rubin); off: later iterations re-measure the "
-                         "first iteration's bright footprints with the new PSF, which saves a detection pass."},
-    )
-    do_cosmic_rays: bool = field(default=True, metadata={"doc": "Find, mask and repair cosmic rays."})
-    background: BackgroundConfig = field(
-        default_factory=BackgroundConfig, metadata={"doc": "First background model (before detection)."}
-    )
-    final_background: BackgroundConfig = field(
-        default_factory=BackgroundConfig,
-        metadata={"doc": "Background refit with DETECTED pixels ignored; added to the first."},
-    )
-    cosmicray: CosmicRayConfig = field(default_factory=CosmicRayConfig, metadata={"doc": "Cosmic-ray repair."})
-    detection: DetectionConfig = field(
-        default_factory=_bright_detection,
-        metadata={"doc": "Bright-source detection (Rubin: 5 sigma stdev x includeThresholdMultiplier 10)."},
-    )
-    measurement: MeasurementConfig = field(default_factory=MeasurementConfig, metadata={"doc": "Measurement."})
-    psf: PsfDeterminerConfig = field(default_factory=PsfDeterminerConfig, metadata={"doc": "PSF determiner."})
+    _key_prefix: ClassVar[str] = "characterize."
 
-    def __post_init__(self) -> None:
+    install_psf_sigma: float = opt(1.5, "Sigma (pixels) of the Gaussian PSF assumed before one is measured.")
+    psf_iterations: int = opt(2, "Detect-measure-PSF passes (Rubin psfIterations).")
+    estimate_psf_sigma: bool = opt(
+        True,
+        "Measure the stars' width before cosmic-ray repair and use it if narrower than "
+        "install_psf_sigma (undersampled images); the bright detection is then reused.",
+    )
+    redetect: bool = opt(
+        False,
+        "Re-detect in every PSF iteration (Rubin); off: later iterations re-measure the "
+        "first iteration's bright footprints with the new PSF, which saves a detection pass.",
+    )
+    do_cosmic_rays: bool = opt(True, "Find, mask and repair cosmic rays.")
+    background: BackgroundConfig = subsection(BackgroundConfig, doc="First background model (before detection).")
+    final_background: BackgroundConfig = subsection(
+        BackgroundConfig, doc="Background refit with DETECTED pixels ignored; added to the first."
+    )
+    cosmicray: CosmicRayConfig = subsection(CosmicRayConfig, doc="Cosmic-ray repair.")
+    detection: DetectionConfig = subsection(
+        DetectionConfig,
+        doc="Bright-source detection (Rubin: 5 sigma stdev x includeThresholdMultiplier 10).",
+        factory=_bright_detection,
+    )
+    measurement: MeasurementConfig = subsection(MeasurementConfig, doc="Measurement.")
+    psf: PsfDeterminerConfig = subsection(PsfDeterminerConfig, doc="PSF determiner.")
+
+    def _validate(self) -> None:
         if not self.install_psf_sigma > 0:
-            msg = f"characterize.install_psf_sigma = {self.install_psf_sigma!r} must be > 0 (pixels)"
-            raise ConfigError(msg)
+            self._raise("install_psf_sigma", f" = {self.install_psf_sigma!r} must be > 0 (pixels)")
         if not 1 <= self.psf_iterations <= 10:
-            msg = f"characterize.psf_iterations = {self.psf_iterations!r} must be 1..10"
-            raise ConfigError(msg)
+            self._raise("psf_iterations", f" = {self.psf_iterations!r} must be 1..10")
 
 
 @dataclass(frozen=True, slots=True)

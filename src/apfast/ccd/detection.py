@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from apfast.errors import ConfigError, InputError
+from apfast._configbase import ConfigSection, _ConfigError, opt
+from apfast._constants import MAD_TO_SIGMA
+from apfast.errors import InputError
 from apfast.kernels import detect as _k
 from apfast.masks import MASK_PLANES, bitmask
 
@@ -74,102 +76,69 @@ def validate_planes(planes: Any, key: str) -> tuple[str, ...]:
     unknown = [p for p in out if p not in MASK_PLANES]
     if unknown:
         msg = f"{key} has unknown mask planes {unknown}; choose from {', '.join(MASK_PLANES)}"
-        raise ConfigError(msg)
+        raise _ConfigError(msg, key)
     return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DetectionConfig:
+class DetectionConfig(ConfigSection):
     """Options of :func:`detect_sources` (Rubin ``SourceDetectionConfig`` names in the docs)."""
 
-    threshold: float = field(
-        default=5.0, metadata={"doc": "Detection threshold (thresholdValue), in units of threshold_type."}
-    )
-    threshold_type: ThresholdType = field(
-        default="variance",
-        metadata={
-            "doc": "Noise used for the threshold: 'variance' per-pixel variance plane (S/N of the smoothed "
-            "image, DIA); 'stdev' one robust stdev of the smoothed image (Rubin 'stdev'); 'value' raw "
-            "smoothed-image units.",
-            "choices": {
-                "variance": "per-pixel variance plane: S/N of the smoothed image (difference imaging)",
-                "stdev": "one robust standard deviation of the smoothed image (Rubin's default)",
-                "value": "the smoothed image in its own units",
-            },
+    #: Used in characterize, calibrate and dia: loaded configs name the full key, direct construction this.
+    _key_prefix: ClassVar[str] = "detection."
+
+    threshold: float = opt(5.0, "Detection threshold (thresholdValue), in units of threshold_type.")
+    threshold_type: ThresholdType = opt(
+        "variance",
+        "Noise used for the threshold: 'variance' per-pixel variance plane (S/N of the smoothed "
+        "image, DIA); 'stdev' one robust stdev of the smoothed image (Rubin 'stdev'); 'value' raw "
+        "smoothed-image units.",
+        choices={
+            "variance": "per-pixel variance plane: S/N of the smoothed image (difference imaging)",
+            "stdev": "one robust standard deviation of the smoothed image (Rubin's default)",
+            "value": "the smoothed image in its own units",
         },
     )
-    polarity: Polarity = field(
-        default="positive",
-        metadata={
-            "doc": "'positive', 'negative' or 'both' (difference images) signs to detect.",
-            "choices": {
-                "positive": "sources brighter than the background",
-                "negative": "sources fainter than the background",
-                "both": "both signs, merged so a dipole is one footprint (difference images)",
-            },
+    polarity: Polarity = opt(
+        "positive",
+        "'positive', 'negative' or 'both' (difference images) signs to detect.",
+        choices={
+            "positive": "sources brighter than the background",
+            "negative": "sources fainter than the background",
+            "both": "both signs, merged so a dipole is one footprint (difference images)",
         },
     )
-    smooth: bool = field(
-        default=True, metadata={"doc": "Correlate with the Gaussian PSF before thresholding (doSmooth)."}
+    smooth: bool = opt(True, "Correlate with the Gaussian PSF before thresholding (doSmooth).")
+    n_sigma_for_kernel: float = opt(7.0, "Full width of the smoothing kernel in PSF sigma (nSigmaForKernel).")
+    n_sigma_to_grow: float = opt(2.4, "Grow footprints by this many PSF sigma (nSigmaToGrow); 0 disables.")
+    min_pixels: int = opt(1, "Minimum above-threshold pixels of a footprint (minPixels).")
+    include_threshold_multiplier: float = opt(
+        1.0, "Keep a footprint only if its peak reaches threshold times this (characterise: 10)."
     )
-    n_sigma_for_kernel: float = field(
-        default=7.0, metadata={"doc": "Full width of the smoothing kernel in PSF sigma (nSigmaForKernel)."}
+    grow_merge: int = opt(
+        2, "With polarity 'both', extra pixels of growth before merging + and - footprints (dipoles)."
     )
-    n_sigma_to_grow: float = field(
-        default=2.4, metadata={"doc": "Grow footprints by this many PSF sigma (nSigmaToGrow); 0 disables."}
-    )
-    min_pixels: int = field(
-        default=1, metadata={"doc": "Minimum above-threshold pixels of a footprint (minPixels)."}
-    )
-    include_threshold_multiplier: float = field(
-        default=1.0,
-        metadata={
-            "doc": "Keep a footprint only if its peak reaches threshold times this (characterise: 10)."
-        },
-    )
-    grow_merge: int = field(
-        default=2,
-        metadata={
-            "doc": "With polarity 'both', extra pixels of growth before merging + and - footprints (dipoles)."
-        },
-    )
-    bad_mask_planes: tuple[str, ...] = field(
-        default=("BAD", "EDGE", "NO_DATA"),
-        metadata={"doc": "Mask planes whose pixels are ignored (not smoothed, never above threshold)."},
+    bad_mask_planes: tuple[str, ...] = opt(
+        ("BAD", "EDGE", "NO_DATA"), "Mask planes whose pixels are ignored (not smoothed, never above threshold)."
     )
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         def bad(key: str, value: Any, want: str) -> None:
-            msg = f"detection.{key} = {value!r} is invalid; it must be {want}"
-            raise ConfigError(msg)
+            self._raise(key, f" = {value!r} is invalid; it must be {want}")
 
         if not (math.isfinite(self.threshold) and self.threshold > 0):
             bad("threshold", self.threshold, "a positive finite number (e.g. 5.0)")
-        if self.threshold_type not in _THRESHOLD_TYPES:
-            bad("threshold_type", self.threshold_type, f"one of {_THRESHOLD_TYPES}")
-        if self.polarity not in _POLARITIES:
-            bad("polarity", self.polarity, f"one of {_POLARITIES}")
         if not (math.isfinite(self.n_sigma_for_kernel) and self.n_sigma_for_kernel > 0):
             bad("n_sigma_for_kernel", self.n_sigma_for_kernel, "a positive number (Rubin uses 7.0)")
         if not (math.isfinite(self.n_sigma_to_grow) and self.n_sigma_to_grow >= 0):
             bad("n_sigma_to_grow", self.n_sigma_to_grow, "a non-negative number (Rubin uses 2.4)")
-        if (
-            isinstance(self.min_pixels, bool)
-            or int(self.min_pixels) != self.min_pixels
-            or self.min_pixels < 1
-        ):
+        if self.min_pixels < 1:
             bad("min_pixels", self.min_pixels, "an integer >= 1")
         if not (math.isfinite(self.include_threshold_multiplier) and self.include_threshold_multiplier >= 1):
             bad("include_threshold_multiplier", self.include_threshold_multiplier, "a number >= 1")
-        if (
-            isinstance(self.grow_merge, bool)
-            or int(self.grow_merge) != self.grow_merge
-            or self.grow_merge < 0
-        ):
+        if self.grow_merge < 0:
             bad("grow_merge", self.grow_merge, "an integer >= 0 (Rubin uses 2)")
-        object.__setattr__(
-            self, "bad_mask_planes", validate_planes(self.bad_mask_planes, "detection.bad_mask_planes")
-        )
+        validate_planes(self.bad_mask_planes, f"{self._prefix}bad_mask_planes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +266,7 @@ def _robust_std(values: np.ndarray, good: np.ndarray) -> float:
     v = values.ravel()[::step][good.ravel()[::step].view(bool)].astype(np.float64)
     if v.size == 0:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+    return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
 def detect_sources(

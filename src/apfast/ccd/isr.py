@@ -3,8 +3,8 @@
 :func:`run_isr` turns one raw CCD (all amplifiers, overscans included) into a
 calibrated exposure: image (float32, calibrated ADU: electrons / gain / flat),
 mask (int32, :mod:`apfast.masks` planes) and variance (float32, ADU^2). It does
-no I/O. The step order follows Rubin's ``IsrTask.run`` with the DECam overrides
-(Rubin ip_isr, as summarised in the project notes on Rubin's AP pipeline):
+no I/O. The step order follows Rubin's ``IsrTask.run`` (ip_isr) with the DECam
+overrides of obs_decam:
 
 1. serial overscan per amp (``MEDIAN_PER_ROW``, ``MEDIAN``, ``MEAN_CLIP`` or
    ``POLY``), then optionally the parallel-overscan rows per column;
@@ -403,18 +403,84 @@ def run_isr(
     cfg = config if config is not None else IsrConfig()
     timings: dict[str, float] = {}
     t0 = t_start = time.perf_counter()
-
     raw_a = prepare_raw(raw)
     amps = tuple(amps)
+    tshape = (int(trimmed_shape[0]), int(trimmed_shape[1]))
+    _check_amps(amps, raw_a.shape, tshape, cfg)
+    cal = _prepare_calibs(
+        amps, tshape, cfg, bias=bias, flat=flat, defects=defects, crosstalk=crosstalk, linearizer=linearizer
+    )
+    timings["validate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rowlevel, collevel = _measure_overscans(raw_a, amps, cfg)
+    timings["overscan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    image, variance, mask, counts, geom = _fused_pass(raw_a, amps, tshape, cfg, cal, rowlevel, collevel)
+    timings["fused"] = time.perf_counter() - t0
+    row_sat, row_bad = _rows_with_sat_or_bad(amps, geom, counts, tshape)
+
+    t0 = time.perf_counter()
+    n_defect, n_sat_raw, n_saturated, row_sat = _mask_defects_and_saturation(
+        mask, cal.boxes, counts, row_sat, row_bad, tshape, cfg
+    )
+    timings["masks"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_interp, n_fallback = _interpolate(image, variance, mask, row_sat, row_bad, n_saturated, tshape, cfg)
+    timings["interpolate"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    metadata = _isr_metadata(
+        amps, cfg, rowlevel, collevel, counts, timings,
+        n_sat_raw=n_sat_raw, n_saturated=n_saturated, n_defect=n_defect, n_interp=n_interp, n_fallback=n_fallback,
+    )  # fmt: skip
+    log.debug("ISR done in %.3f s: %s", timings["total"], metadata)
+    return IsrResult(
+        image=image,
+        mask=mask,
+        variance=variance,
+        overscan_levels=rowlevel,
+        parallel_overscan_levels=collevel,
+        n_saturated=n_saturated,
+        n_interpolated=n_interp,
+        crosstalk_applied=bool(cfg.do_crosstalk),
+        metadata=metadata,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of run_isr
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _IsrCalibs:
+    """The calibrations as the fused kernel takes them (1x1 dummies or zeros for steps that are off)."""
+
+    bias: np.ndarray
+    flat: np.ndarray
+    crosstalk: np.ndarray
+    lut: np.ndarray
+    lut_row: np.ndarray
+    lut_off: np.ndarray
+    boxes: np.ndarray
+
+
+def _check_amps(
+    amps: tuple[AmpParams, ...], raw_shape: tuple[int, ...], tshape: tuple[int, int], cfg: IsrConfig
+) -> None:
+    """Raise InputError unless every amp's sections fit the raw frame and the trimmed CCD without overlap."""
     if not amps:
         msg = "amps is empty; pass the amplifiers of the CCD (amp_params_from_header(camera, header))"
         raise InputError(msg)
-    tshape = (int(trimmed_shape[0]), int(trimmed_shape[1]))
+    rshape = (int(raw_shape[0]), int(raw_shape[1]))
     for a in amps:
-        check_section(a, "data section", a.data_section, raw_a.shape, "raw frame")
-        check_section(a, "bias section", a.bias_section, raw_a.shape, "raw frame")
+        check_section(a, "data section", a.data_section, rshape, "raw frame")
+        check_section(a, "bias section", a.bias_section, rshape, "raw frame")
         if a.parallel_overscan is not None and cfg.overscan.do_parallel_overscan:
-            check_section(a, "parallel overscan", a.parallel_overscan, raw_a.shape, "raw frame")
+            check_section(a, "parallel overscan", a.parallel_overscan, rshape, "raw frame")
         check_section(a, "trimmed section", a.trimmed_section, tshape, "trimmed CCD")
         if a.data_section.shape != a.trimmed_section.shape:
             msg = (
@@ -431,7 +497,20 @@ def run_isr(
             if ta.x0 < tb.x1 and tb.x0 < ta.x1 and ta.y0 < tb.y1 and tb.y0 < ta.y1:
                 msg = f"amps {b.name} and {a.name} have overlapping trimmed sections {tb.to_fits()}, {ta.to_fits()}"
                 raise InputError(msg)
-    covered = sum(a.trimmed_section.shape[0] * a.trimmed_section.shape[1] for a in amps)
+
+
+def _prepare_calibs(
+    amps: tuple[AmpParams, ...],
+    tshape: tuple[int, int],
+    cfg: IsrConfig,
+    *,
+    bias: np.ndarray | None,
+    flat: np.ndarray | None,
+    defects: np.ndarray | None,
+    crosstalk: Any,
+    linearizer: Any,
+) -> _IsrCalibs:
+    """Check the calibration of every switched-on step and convert it to the kernel's arrays."""
     namp = len(amps)
     dummy = np.ones((1, 1), dtype=np.float32)
     bias_a = flat_a = dummy
@@ -475,13 +554,14 @@ def run_isr(
             msg = f"defects has shape {d.shape} and dtype {d.dtype}; expected integer (n, 4) x0, y0, width, height"
             raise InputError(msg)
         boxes = np.ascontiguousarray(d, dtype=np.int64)
-    timings["validate"] = time.perf_counter() - t0
+    return _IsrCalibs(bias=bias_a, flat=flat_a, crosstalk=xt, lut=lut, lut_row=lut_row, lut_off=lut_off, boxes=boxes)
 
-    # ---- overscan
-    t0 = time.perf_counter()
+
+def _measure_overscans(raw_a: np.ndarray, amps: tuple[AmpParams, ...], cfg: IsrConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Serial overscan level per raw row (namp, ny_raw) and parallel level per column (namp, max width)."""
+    namp = len(amps)
     ny_raw = raw_a.shape[0]
     wmax = max(a.data_section.shape[1] for a in amps)
-    hmax = max(a.data_section.shape[0] for a in amps)
     rowlevel = np.empty((namp, ny_raw))
     collevel = np.zeros((namp, wmax))
     for i, a in enumerate(amps):
@@ -490,10 +570,21 @@ def run_isr(
         if cfg.overscan.do_parallel_overscan and p is not None:
             dsec = a.data_section
             k.parallel_overscan_columns(raw_a, rowlevel[i], p.y0, p.y1, dsec.x0, dsec.x1, collevel[i])
-    timings["overscan"] = time.perf_counter() - t0
+    return rowlevel, collevel
 
-    # ---- the fused pass
-    t0 = time.perf_counter()
+
+def _fused_pass(
+    raw_a: np.ndarray,
+    amps: tuple[AmpParams, ...],
+    tshape: tuple[int, int],
+    cfg: IsrConfig,
+    cal: _IsrCalibs,
+    rowlevel: np.ndarray,
+    collevel: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run :func:`apfast.kernels.isr.isr_fused`: image, variance, mask, per-row counts and the amp geometry."""
+    namp = len(amps)
+    hmax = max(a.data_section.shape[0] for a in amps)
     geom = np.array(
         [
             [
@@ -516,6 +607,7 @@ def run_isr(
         [[a.gain, a.read_noise, a.saturation, a.gain if cfg.do_apply_gains else 1.0] for a in amps], dtype=np.float64
     )
     bits = np.array([bitmask(n) for n in ("SAT", "BAD", "NO_DATA", "CROSSTALK", "SUSPECT")], dtype=np.int64)
+    covered = sum(a.trimmed_section.shape[0] * a.trimmed_section.shape[1] for a in amps)
     if covered == tshape[0] * tshape[1]:
         image = np.empty(tshape, dtype=np.float32)  # the fused pass writes every pixel
         variance = np.empty(tshape, dtype=np.float32)
@@ -526,13 +618,18 @@ def run_isr(
         mask = np.full(tshape, bitmask(["BAD", "NO_DATA"]), dtype=np.int32)
     counts = np.zeros((namp, hmax, 4), dtype=np.int64)
     k.isr_fused(
-        raw_a, geom, elec, rowlevel, collevel, xt, float(cfg.crosstalk_min_pixel), bool(cfg.do_crosstalk),
-        bias_a, bool(cfg.do_bias), flat_a, bool(cfg.do_flat), lut, lut_row, lut_off, bool(cfg.do_linearize),
-        bool(cfg.do_saturation), int(cfg.num_edge_suspect), bits, image, variance, mask, counts,
+        raw_a, geom, elec, rowlevel, collevel, cal.crosstalk, float(cfg.crosstalk_min_pixel), bool(cfg.do_crosstalk),
+        cal.bias, bool(cfg.do_bias), cal.flat, bool(cfg.do_flat), cal.lut, cal.lut_row, cal.lut_off,
+        bool(cfg.do_linearize), bool(cfg.do_saturation), int(cfg.num_edge_suspect), bits, image, variance, mask,
+        counts,
     )  # fmt: skip
-    timings["fused"] = time.perf_counter() - t0
+    return image, variance, mask, counts, geom
 
-    # per trimmed row: did the fused pass find SAT or non-finite pixels there?
+
+def _rows_with_sat_or_bad(
+    amps: tuple[AmpParams, ...], geom: np.ndarray, counts: np.ndarray, tshape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per trimmed row: did the fused pass find SAT (first) or non-finite (second) pixels there?"""
     row_sat = np.zeros(tshape[0], dtype=bool)
     row_bad = np.zeros(tshape[0], dtype=bool)
     for i, a in enumerate(amps):
@@ -541,9 +638,22 @@ def run_isr(
         ty = a.trimmed_section.y0 + (h - 1 - ly if geom[i, 7] else ly)
         row_sat[ty] |= counts[i, :h, 0] > 0
         row_bad[ty] |= counts[i, :h, 1] > 0
+    return row_sat, row_bad
 
-    # ---- defects and saturation growth
-    t0 = time.perf_counter()
+
+def _mask_defects_and_saturation(
+    mask: np.ndarray,
+    boxes: np.ndarray,
+    counts: np.ndarray,
+    row_sat: np.ndarray,
+    row_bad: np.ndarray,
+    tshape: tuple[int, int],
+    cfg: IsrConfig,
+) -> tuple[int, int, int, np.ndarray]:
+    """Defects -> BAD, SAT grown and trails widened, in ``mask`` in place (``row_bad`` gains the defect rows).
+
+    Returns the defect pixel count, the SAT counts before and after growth, and the rows with SAT after it.
+    """
     n_defect = 0
     if boxes.shape[0]:
         n_defect = int(km.mask_boxes(mask, boxes, bitmask("BAD")))
@@ -563,60 +673,84 @@ def run_isr(
         )  # fmt: skip
         n_saturated = int(sat_counts.sum())
         row_sat = sat_counts > 0
-    timings["masks"] = time.perf_counter() - t0
+    return n_defect, n_sat_raw, n_saturated, row_sat
 
-    # ---- interpolation
-    t0 = time.perf_counter()
-    n_interp = 0
-    n_fallback = 0
-    if cfg.do_interpolate:
-        planes = set(cfg.interpolate_mask_planes)
-        interp_bits = bitmask(list(planes)) | bitmask("BAD")  # NaN pixels always carry BAD
-        n_good = int(np.count_nonzero((mask & interp_bits) == 0))
-        if n_good < _MIN_GOOD_FRACTION * mask.size:
-            # nothing to interpolate from (and the gap searches would grow quadratically)
-            msg = (
-                f"ISR: only {n_good} of {mask.size} pixels are free of the {'/'.join(sorted(planes | {'BAD'}))} "
-                f"mask planes (n_saturated={n_saturated}); the CCD is saturated, blank or bad everywhere: "
-                f"check the exposure and its bias/flat, or set isr.do_interpolate=false"
-            )
-            raise AlgorithmError(msg, n_good=n_good, n_pixels=int(mask.size), n_saturated=int(n_saturated))
-        if planes <= {"BAD", "SAT", "NO_DATA"}:
-            need = np.zeros(tshape[0], dtype=bool)
-            if planes & {"BAD", "NO_DATA"}:
-                need |= row_bad
-            if "SAT" in planes:
-                need |= row_sat
-            if "BAD" not in planes:
-                need |= row_bad  # non-finite pixels must be filled in any case: be safe and visit them
-            rows = np.flatnonzero(need).astype(np.int64)
-        else:
-            rows = np.arange(tshape[0], dtype=np.int64)
-        icounts = np.zeros((rows.size, 2), dtype=np.int64)
-        if rows.size:
-            km.interpolate_masked(image, variance, mask, rows, int(interp_bits), int(bitmask("INTRP")), icounts)
-        n_interp = int(icounts[:, 0].sum())
-        n_fallback = int(icounts[:, 1].sum())
-        if n_fallback:
-            good = (mask & interp_bits) == 0
-            if good.any():
-                fill_i = float(np.median(image[good]))
-                fill_v = float(np.median(variance[good]))
-                left = ~np.isfinite(image) & ~good
-                image[left] = fill_i
-                variance[left] = fill_v
-                mask[left] |= bitmask("INTRP")
-                n_interp += int(left.sum())
-            log.warning(
-                "ISR: %d masked pixels had no unmasked neighbour in their row or column; filled with the "
-                "image median",
-                n_fallback,
-            )
-    timings["interpolate"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
 
+def _interpolate(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    row_sat: np.ndarray,
+    row_bad: np.ndarray,
+    n_saturated: int,
+    tshape: tuple[int, int],
+    cfg: IsrConfig,
+) -> tuple[int, int]:
+    """Fill the configured mask planes in place; return pixels interpolated and those filled with the median."""
+    if not cfg.do_interpolate:
+        return 0, 0
+    planes = set(cfg.interpolate_mask_planes)
+    interp_bits = bitmask(list(planes)) | bitmask("BAD")  # NaN pixels always carry BAD
+    n_good = int(np.count_nonzero((mask & interp_bits) == 0))
+    if n_good < _MIN_GOOD_FRACTION * mask.size:
+        # nothing to interpolate from (and the gap searches would grow quadratically)
+        msg = (
+            f"ISR: only {n_good} of {mask.size} pixels are free of the {'/'.join(sorted(planes | {'BAD'}))} "
+            f"mask planes (n_saturated={n_saturated}); the CCD is saturated, blank or bad everywhere: "
+            f"check the exposure and its bias/flat, or set isr.do_interpolate=false"
+        )
+        raise AlgorithmError(msg, n_good=n_good, n_pixels=int(mask.size), n_saturated=int(n_saturated))
+    if planes <= {"BAD", "SAT", "NO_DATA"}:
+        need = np.zeros(tshape[0], dtype=bool)
+        if planes & {"BAD", "NO_DATA"}:
+            need |= row_bad
+        if "SAT" in planes:
+            need |= row_sat
+        if "BAD" not in planes:
+            need |= row_bad  # non-finite pixels must be filled in any case: be safe and visit them
+        rows = np.flatnonzero(need).astype(np.int64)
+    else:
+        rows = np.arange(tshape[0], dtype=np.int64)
+    icounts = np.zeros((rows.size, 2), dtype=np.int64)
+    if rows.size:
+        km.interpolate_masked(image, variance, mask, rows, int(interp_bits), int(bitmask("INTRP")), icounts)
+    n_interp = int(icounts[:, 0].sum())
+    n_fallback = int(icounts[:, 1].sum())
+    if n_fallback:
+        good = (mask & interp_bits) == 0
+        if good.any():
+            fill_i = float(np.median(image[good]))
+            fill_v = float(np.median(variance[good]))
+            left = ~np.isfinite(image) & ~good
+            image[left] = fill_i
+            variance[left] = fill_v
+            mask[left] |= bitmask("INTRP")
+            n_interp += int(left.sum())
+        log.warning(
+            "ISR: %d masked pixels had no unmasked neighbour in their row or column; filled with the "
+            "image median",
+            n_fallback,
+        )
+    return n_interp, n_fallback
+
+
+def _isr_metadata(
+    amps: tuple[AmpParams, ...],
+    cfg: IsrConfig,
+    rowlevel: np.ndarray,
+    collevel: np.ndarray,
+    counts: np.ndarray,
+    timings: dict[str, float],
+    *,
+    n_sat_raw: int,
+    n_saturated: int,
+    n_defect: int,
+    n_interp: int,
+    n_fallback: int,
+) -> dict[str, Any]:
+    """``IsrResult.metadata``: overscan summaries per amp, pixel counts and the step timings."""
     data_rows = [rowlevel[i, a.data_section.y0 : a.data_section.y1] for i, a in enumerate(amps)]
-    metadata: dict[str, Any] = {
+    return {
         "overscan_fit_type": cfg.overscan.fit_type,
         "overscan_mean": {a.name: float(np.mean(r)) for a, r in zip(amps, data_rows, strict=True)},
         "overscan_std": {a.name: float(np.std(r)) for a, r in zip(amps, data_rows, strict=True)},
@@ -631,15 +765,3 @@ def run_isr(
         "n_interpolation_fallback": n_fallback,
         "timings": timings,
     }
-    log.debug("ISR done in %.3f s: %s", timings["total"], metadata)
-    return IsrResult(
-        image=image,
-        mask=mask,
-        variance=variance,
-        overscan_levels=rowlevel,
-        parallel_overscan_levels=collevel,
-        n_saturated=n_saturated,
-        n_interpolated=n_interp,
-        crosstalk_applied=bool(cfg.do_crosstalk),
-        metadata=metadata,
-    )

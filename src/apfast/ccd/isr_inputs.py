@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from apfast._constants import MAD_TO_SIGMA
 from apfast.camera import Section
 from apfast.errors import CalibrationError, InputError
 from apfast.kernels import isr as k
@@ -148,7 +149,7 @@ def _clipped_polyfit(y: np.ndarray, values: np.ndarray, order: int, n_sigma: flo
             raise CalibrationError(msg)
         coef = np.polynomial.polynomial.polyfit(y[good], values[good], order)
         resid = values - np.polynomial.polynomial.polyval(y, coef)
-        sigma = 1.4826 * np.median(np.abs(resid[good]))
+        sigma = MAD_TO_SIGMA * np.median(np.abs(resid[good]))
         if not sigma > 0:
             break
         new = np.isfinite(values) & (np.abs(resid) <= n_sigma * sigma)

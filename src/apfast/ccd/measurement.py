@@ -66,16 +66,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from apfast._configbase import ConfigSection, opt
 from apfast.ccd.detection import DetectionResult, check_planes, validate_planes
-from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel, poly_terms
-from apfast.errors import ConfigError, InputError
+from apfast.errors import InputError
 from apfast.kernels import measure as _k
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel, poly_terms
 
 __all__ = ["MeasurementConfig", "MeasurementResult", "aperture_name", "measure_sources", "psf_stamps"]
 
@@ -103,41 +104,29 @@ def aperture_name(radius: float) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MeasurementConfig:
+class MeasurementConfig(ConfigSection):
     """Options of :func:`measure_sources`."""
 
-    aperture_radii: tuple[float, ...] = field(
-        default=(3.0, 4.5, 6.0, 9.0, 12.0), metadata={"doc": "Circular aperture radii in pixels."}
-    )
-    bad_mask_planes: tuple[str, ...] = field(
-        default=("BAD", "SAT", "NO_DATA"),
-        metadata={"doc": "Mask planes whose pixels are left out of every measurement (and flagged)."},
-    )
-    max_iter: int = field(
-        default=50, metadata={"doc": "Iteration limit of the centroid and adaptive moments."}
-    )
-    shape_max_radius: int = field(
-        default=30,
-        metadata={"doc": "Largest half-width (pixels) of the adaptive-moment and Gaussian-flux box."},
-    )
-    aperture_subpixels: int = field(
-        default=8, metadata={"doc": "Sub-pixels per side for pixels crossed by an aperture edge."}
-    )
+    #: Used in characterize and calibrate: loaded configs name the full key, direct construction this.
+    _key_prefix: ClassVar[str] = "measurement."
 
-    def __post_init__(self) -> None:
-        radii = tuple(float(r) for r in self.aperture_radii)
+    aperture_radii: tuple[float, ...] = opt((3.0, 4.5, 6.0, 9.0, 12.0), "Circular aperture radii in pixels.")
+    bad_mask_planes: tuple[str, ...] = opt(
+        ("BAD", "SAT", "NO_DATA"), "Mask planes whose pixels are left out of every measurement (and flagged)."
+    )
+    max_iter: int = opt(50, "Iteration limit of the centroid and adaptive moments.")
+    shape_max_radius: int = opt(30, "Largest half-width (pixels) of the adaptive-moment and Gaussian-flux box.")
+    aperture_subpixels: int = opt(8, "Sub-pixels per side for pixels crossed by an aperture edge.")
+
+    def _validate(self) -> None:
+        radii = self.aperture_radii
         if not all(math.isfinite(r) and r > 0 for r in radii) or len(set(radii)) != len(radii):
-            msg = f"measurement.aperture_radii = {self.aperture_radii!r} must be distinct positive radii in pixels"
-            raise ConfigError(msg)
-        object.__setattr__(self, "aperture_radii", radii)
-        object.__setattr__(
-            self, "bad_mask_planes", validate_planes(self.bad_mask_planes, "measurement.bad_mask_planes")
-        )
+            self._raise("aperture_radii", f" = {radii!r} must be distinct positive radii in pixels")
+        validate_planes(self.bad_mask_planes, f"{self._prefix}bad_mask_planes")
         for key, lo in (("max_iter", 1), ("shape_max_radius", 2), ("aperture_subpixels", 1)):
             v = getattr(self, key)
-            if isinstance(v, bool) or int(v) != v or v < lo:
-                msg = f"measurement.{key} = {v!r} must be an integer >= {lo}"
-                raise ConfigError(msg)
+            if v < lo:
+                self._raise(key, f" = {v!r} must be an integer >= {lo}")
 
 
 @dataclass(frozen=True, slots=True)

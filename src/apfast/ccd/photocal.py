@@ -16,14 +16,16 @@ Magnitudes are AB, so ``PhotoCalib(zero_point)`` converts counts to nJy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from apfast._configbase import check_ranges
-from apfast.ccd.psf import poly_terms
-from apfast.errors import AlgorithmError, ConfigError
+from apfast._configbase import ConfigSection, opt
+from apfast._constants import MAD_TO_SIGMA
+from apfast.errors import AlgorithmError
 from apfast.exposure import PhotoCalib
+from apfast.psf import poly_terms
 
 __all__ = [
     "ApCorrModel",
@@ -40,22 +42,24 @@ class PhotoCalError(AlgorithmError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PhotoCalConfig:
+class PhotoCalConfig(ConfigSection):
     """Zero point and aperture correction (``calibrate.photocal``)."""
 
-    n_sigma: float = field(default=3.0, metadata={"doc": "Clipping threshold (robust sigma) of zero-point outliers."})
-    n_iter: int = field(default=20, metadata={"doc": "Clipping iterations (Rubin: 20)."})
-    sigma_max: float = field(default=0.25, metadata={"doc": "Largest per-star zero-point error (mag) used."})
-    min_stars: int = field(default=5, metadata={"doc": "Fewest stars for a zero point."})
-    colour_terms: tuple[str, ...] = field(
-        default=(),
-        metadata={"doc": "Colour terms as 'band:ref1-ref2:c0,c1,...', e.g. 'g:g-r:0.0,-0.02' adds "
-                         "c0 + c1*(g-r) to the reference magnitude of band g."},
-    )
-    apcorr_order: int = field(default=1, metadata={"doc": "Polynomial degree of the aperture correction map."})
-    apcorr_min_stars: int = field(default=5, metadata={"doc": "Fewest stars for an aperture correction."})
+    _key_prefix: ClassVar[str] = "calibrate.photocal."
 
-    def __post_init__(self) -> None:
+    n_sigma: float = opt(3.0, "Clipping threshold (robust sigma) of zero-point outliers.")
+    n_iter: int = opt(20, "Clipping iterations (Rubin: 20).")
+    sigma_max: float = opt(0.25, "Largest per-star zero-point error (mag) used.")
+    min_stars: int = opt(5, "Fewest stars for a zero point.")
+    colour_terms: tuple[str, ...] = opt(
+        (),
+        "Colour terms as 'band:ref1-ref2:c0,c1,...', e.g. 'g:g-r:0.0,-0.02' adds "
+        "c0 + c1*(g-r) to the reference magnitude of band g.",
+    )
+    apcorr_order: int = opt(1, "Polynomial degree of the aperture correction map.")
+    apcorr_min_stars: int = opt(5, "Fewest stars for an aperture correction.")
+
+    def _validate(self) -> None:
         checks = [
             ("n_sigma", self.n_sigma > 0, "> 0"),
             ("n_iter", self.n_iter >= 1, ">= 1"),
@@ -64,16 +68,13 @@ class PhotoCalConfig:
             ("apcorr_order", 0 <= self.apcorr_order <= 3, "0..3"),
             ("apcorr_min_stars", self.apcorr_min_stars >= 1, ">= 1"),
         ]
-        check_ranges("calibrate.photocal.", self, checks)
+        self._check_ranges(checks)
         for term in self.colour_terms:
             try:
                 _parse_colour_term(term)
             except ValueError:
-                msg = (
-                    f"calibrate.photocal.colour_terms entry {term!r} is not 'band:ref1-ref2:c0,c1,...' "
-                    "(e.g. 'g:g-r:0.0,-0.02')"
-                )
-                raise ConfigError(msg) from None
+                self._raise("colour_terms",
+                            f" entry {term!r} is not 'band:ref1-ref2:c0,c1,...' (e.g. 'g:g-r:0.0,-0.02')")
 
     def colour_term(self, band: str) -> tuple[str, str, tuple[float, ...]] | None:
         """``(ref1, ref2, coeffs)`` of the colour term for ``band``, or ``None``."""
@@ -107,7 +108,7 @@ class PhotoCalResult:
 
 @dataclass(frozen=True, slots=True)
 class ApCorrModel:
-    """Aperture correction ``c(x, y)`` as a polynomial of normalised position (:func:`apfast.ccd.psf.poly_terms`)."""
+    """Aperture correction ``c(x, y)`` as a polynomial of normalised position (:func:`apfast.psf.poly_terms`)."""
 
     coeffs: np.ndarray
     order: int
@@ -189,7 +190,7 @@ def fit_aperture_correction(
     for _ in range(5):
         coeffs, *_ = np.linalg.lstsq(terms[use], ratio[use], rcond=None)
         r = ratio - terms @ coeffs
-        sig = 1.4826 * float(np.median(np.abs(r[use])))
+        sig = MAD_TO_SIGMA * float(np.median(np.abs(r[use])))
         new = ok & (np.abs(r) < 3 * max(sig, 1e-6))
         if new.sum() < cfg.apcorr_min_stars or np.array_equal(new, use):
             break
@@ -241,7 +242,7 @@ def fit_zero_point(
     sig = 0.0
     for _ in range(cfg.n_iter):
         resid = zp_i - zp
-        sig = 1.4826 * float(np.median(np.abs(resid[use])))
+        sig = MAD_TO_SIGMA * float(np.median(np.abs(resid[use])))
         new = ok & (np.abs(resid) <= cfg.n_sigma * max(sig, 1e-4))
         if new.sum() < cfg.min_stars:
             break

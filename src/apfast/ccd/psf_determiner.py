@@ -18,22 +18,24 @@ Rubin's ``objectSizeStarSelector`` + ``pcaPsfDeterminer`` in spirit
    ``spatial_reject``-sigma clipping. Stars whose stamps disagree with the model
    (chi^2 outliers) are dropped and the fit repeated ``n_iter`` times.
 
-The result is an :class:`apfast.ccd.psf.PolynomialPixelPsf`.
+The result is an :class:`apfast.psf.PolynomialPixelPsf`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from apfast._configbase import check_ranges
-from apfast.ccd.psf import PolynomialPixelPsf, PsfModel, poly_terms
+from apfast._configbase import ConfigSection, opt
+from apfast._constants import MAD_TO_SIGMA
 from apfast.errors import AlgorithmError
 from apfast.kernels.stamps import extract_stamps_lanczos3
+from apfast.psf import PolynomialPixelPsf, PsfModel, poly_terms
 
 __all__ = [
     "NoPsfStarsError",
@@ -52,30 +54,28 @@ class NoPsfStarsError(AlgorithmError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PsfDeterminerConfig:
+class PsfDeterminerConfig(ConfigSection):
     """Star selection and PCA PSF model (``characterize.psf``)."""
 
-    min_snr: float = field(default=50.0, metadata={"doc": "Lowest S/N of a PSF star candidate."})
-    max_width: float = field(default=10.0, metadata={"doc": "Largest star size sqrt((Ixx+Iyy)/2) in pixels."})
-    width_std_allowed: float = field(
-        default=0.15, metadata={"doc": "Smallest half-width (pixels) of the stellar locus in size."}
-    )
-    n_sigma_clip: float = field(default=2.0, metadata={"doc": "Clipping of the stellar locus in robust sigma."})
-    isolation_factor: float = field(
-        default=0.05, metadata={"doc": "A neighbour within the stamp brighter than this fraction rejects a star."}
-    )
-    n_eigen: int = field(default=4, metadata={"doc": "Principal components beyond the mean stamp."})
-    spatial_order: int = field(default=2, metadata={"doc": "Polynomial degree of the spatial variation."})
-    kernel_size_factor: float = field(default=10.0, metadata={"doc": "Stamp size in units of the star size."})
-    kernel_size_min: int = field(default=25, metadata={"doc": "Smallest stamp size (pixels, odd)."})
-    kernel_size_max: int = field(default=45, metadata={"doc": "Largest stamp size (pixels, odd)."})
-    cell_size: int = field(default=256, metadata={"doc": "Cell size (pixels) for spreading stars over the CCD."})
-    n_star_per_cell: int = field(default=3, metadata={"doc": "Brightest stars kept per cell."})
-    n_iter: int = field(default=3, metadata={"doc": "Fit / reject iterations."})
-    spatial_reject: float = field(default=3.0, metadata={"doc": "Rejection threshold (sigma) of star outliers."})
-    min_stars: int = field(default=6, metadata={"doc": "Fewest PSF stars accepted."})
+    _key_prefix: ClassVar[str] = "characterize.psf."
 
-    def __post_init__(self) -> None:
+    min_snr: float = opt(50.0, "Lowest S/N of a PSF star candidate.")
+    max_width: float = opt(10.0, "Largest star size sqrt((Ixx+Iyy)/2) in pixels.")
+    width_std_allowed: float = opt(0.15, "Smallest half-width (pixels) of the stellar locus in size.")
+    n_sigma_clip: float = opt(2.0, "Clipping of the stellar locus in robust sigma.")
+    isolation_factor: float = opt(0.05, "A neighbour within the stamp brighter than this fraction rejects a star.")
+    n_eigen: int = opt(4, "Principal components beyond the mean stamp.")
+    spatial_order: int = opt(2, "Polynomial degree of the spatial variation.")
+    kernel_size_factor: float = opt(10.0, "Stamp size in units of the star size.")
+    kernel_size_min: int = opt(25, "Smallest stamp size (pixels, odd).")
+    kernel_size_max: int = opt(45, "Largest stamp size (pixels, odd).")
+    cell_size: int = opt(256, "Cell size (pixels) for spreading stars over the CCD.")
+    n_star_per_cell: int = opt(3, "Brightest stars kept per cell.")
+    n_iter: int = opt(3, "Fit / reject iterations.")
+    spatial_reject: float = opt(3.0, "Rejection threshold (sigma) of star outliers.")
+    min_stars: int = opt(6, "Fewest PSF stars accepted.")
+
+    def _validate(self) -> None:
         checks = [
             ("min_snr", self.min_snr > 0, "> 0"),
             ("max_width", self.max_width > 0, "> 0"),
@@ -89,7 +89,7 @@ class PsfDeterminerConfig:
             ("n_iter", self.n_iter >= 1, ">= 1"),
             ("min_stars", self.min_stars >= 2, ">= 2"),
         ]
-        check_ranges("characterize.psf.", self, checks)
+        self._check_ranges(checks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +219,7 @@ def _locus(s: np.ndarray, config: PsfDeterminerConfig) -> tuple[float, float]:
         if near.sum() < 3:
             break
         centre = float(np.median(s[near]))
-        mad = 1.4826 * float(np.median(np.abs(s[near] - centre)))
+        mad = MAD_TO_SIGMA * float(np.median(np.abs(s[near] - centre)))
         width = max(config.n_sigma_clip * mad, config.width_std_allowed / 2, 0.02 * centre)
     return float(centre), float(width)
 
@@ -354,7 +354,7 @@ def _fit_model(stamps: np.ndarray, weights: np.ndarray, xn: np.ndarray, yn: np.n
                     break
                 c, *_ = np.linalg.lstsq(terms[use] * np.sqrt(w[use])[:, None], amp[use] * np.sqrt(w[use]), rcond=None)
                 r = amp - terms @ c
-                sig = 1.4826 * np.median(np.abs(r[use])) + 1e-12
+                sig = MAD_TO_SIGMA * np.median(np.abs(r[use])) + 1e-12
                 new = np.abs(r) < reject * sig
                 if np.array_equal(new, use):
                     break
@@ -368,7 +368,7 @@ def determine_psf(
     image: np.ndarray, variance: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
     snr: np.ndarray, size: np.ndarray, usable: np.ndarray, *, config: PsfDeterminerConfig | None = None,
 ) -> PsfResult:
-    """Select PSF stars and fit a :class:`~apfast.ccd.psf.PolynomialPixelPsf`.
+    """Select PSF stars and fit a :class:`~apfast.psf.PolynomialPixelPsf`.
 
     Parameters
     ----------
@@ -440,7 +440,7 @@ def determine_psf(
         model /= model.sum(axis=(1, 2), keepdims=True)
         chi2 = ((st - model) ** 2 / vs).sum(axis=(1, 2)) / (k * k)
         med = np.median(chi2[keep])
-        mad = 1.4826 * np.median(np.abs(chi2[keep] - med)) + 1e-12
+        mad = MAD_TO_SIGMA * np.median(np.abs(chi2[keep] - med)) + 1e-12
         new_keep = chi2 < med + cfg.spatial_reject * mad
         if new_keep.sum() < cfg.min_stars or np.array_equal(new_keep, keep):
             break

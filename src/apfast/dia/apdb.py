@@ -34,14 +34,16 @@ int64 / bool arrays when the result holds no NULL and object arrays holding
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import sqlalchemy as sa
@@ -50,6 +52,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from apfast import __version__
+from apfast._configbase import ConfigSection, opt
 from apfast.dia.apdb_schema import (
     COLUMN_KINDS,
     NOT_NULL_ZERO,
@@ -65,11 +68,49 @@ from apfast.dia.apdb_schema import (
     to_python,
 )
 from apfast.dia.htm import htm_index, htm_ranges, polygon_contains
-from apfast.run.config import ApdbConfig
 
-__all__ = ["Apdb", "ApdbCcdVisit", "ApdbError", "ApdbMissingError", "ApdbUrlError", "make_apdb"]
+__all__ = ["Apdb", "ApdbCcdVisit", "ApdbConfig", "ApdbError", "ApdbMissingError", "ApdbUrlError", "make_apdb"]
 
 log = logging.getLogger(__name__)
+
+
+_DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*://")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApdbConfig(ConfigSection):
+    """The Alert Production Database (DIA objects, sources and forced sources)."""
+
+    _key_prefix: ClassVar[str] = "apdb."
+
+    db_url: str = opt(
+        "sqlite:///apdb/association.db",
+        "SQLAlchemy URL of the APDB, e.g. sqlite:///apdb/association.db or postgresql://host/db.",
+    )
+    isolation_level: Literal["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"] = opt(
+        "READ_COMMITTED",
+        "Transaction isolation level of APDB connections.",
+        choices={
+            "READ_COMMITTED": "see only committed rows (the usual choice)",
+            "READ_UNCOMMITTED": "also see uncommitted rows (what Rubin uses with SQLite)",
+            "REPEATABLE_READ": "rows read stay unchanged for the transaction",
+            "SERIALIZABLE": "full isolation; slowest with concurrent writers",
+        },
+    )
+    connection_timeout: float = opt(60.0, "Seconds to wait for a connection or a database lock (> 0).")
+    connection_pool: bool = opt(True, "Keep a pool of open connections; false opens one per transaction.")
+
+    def _validate(self) -> None:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in self.db_url):
+            self._fail("db_url", self.db_url.encode("unicode_escape").decode("ascii"),
+                       "remove the control characters (newline, NUL, ...) from the URL")
+        if not _DB_URL_RE.match(self.db_url):
+            self._fail(
+                "db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'"
+            )
+        t = self.connection_timeout
+        if not (math.isfinite(t) and t > 0):
+            self._fail("connection_timeout", t, "use a finite number of seconds > 0, e.g. 60")
 
 # key of the PostgreSQL advisory lock that serialises CCD-visit transactions (any constant)
 PG_ASSOCIATION_LOCK = 0x61706661
@@ -245,7 +286,7 @@ def make_apdb(config: ApdbConfig, *, drop: bool = False) -> str:
     Examples
     --------
     >>> import tempfile
-    >>> from apfast.run.config import ApdbConfig
+    >>> from apfast.dia.apdb import ApdbConfig
     >>> d = tempfile.mkdtemp()
     >>> make_apdb(ApdbConfig(db_url=f"sqlite:///{d}/apdb/a.db")).endswith("a.db")
     True
@@ -314,7 +355,7 @@ class Apdb:
     Examples
     --------
     >>> import tempfile
-    >>> from apfast.run.config import ApdbConfig
+    >>> from apfast.dia.apdb import ApdbConfig
     >>> cfg = ApdbConfig(db_url=f"sqlite:///{tempfile.mkdtemp()}/a.db")
     >>> _ = make_apdb(cfg)
     >>> Apdb(cfg).count("DiaObject")

@@ -2,11 +2,12 @@
 
 :func:`run_dia_detection` does, without I/O (as in Rubin's ap_pipe):
 
-1. clears ``DETECTED`` / ``DETECTED_NEGATIVE`` and detects both polarities at
-   ``dia.threshold`` sigma of the per-pixel variance of the PSF-smoothed
-   difference (:func:`apfast.ccd.detection.detect_sources`, PSF sigma from the
-   difference PSF's FWHM at the CCD centre), footprints grown by 2.4 PSF sigma plus
-   ``dia.grow_footprint`` pixels and merged, so a dipole is one source;
+1. clears ``DETECTED`` / ``DETECTED_NEGATIVE`` and detects with ``dia.detection``
+   (:func:`apfast.ccd.detection.detect_sources`, PSF sigma from the difference PSF's
+   FWHM at the CCD centre): by default both polarities at ``dia.detection.threshold``
+   = 5 sigma of the per-pixel variance of the PSF-smoothed difference, footprints
+   grown by ``n_sigma_to_grow`` = 2.4 PSF sigma plus ``grow_merge`` = 2 pixels and
+   merged, so a dipole is one source;
 2. measures every footprint (:func:`apfast.ccd.measurement.measure_sources`:
    centroid, adaptive moments, PSF and aperture fluxes);
 3. fits footprints holding both a positive and a negative peak with the dipole
@@ -45,16 +46,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from apfast._configbase import ConfigSection, opt
+from apfast._configbase import ConfigSection, opt, subsection
+from apfast._constants import FWHM_PER_SIGMA, MAD_TO_SIGMA
 from apfast.ccd.detection import DetectionConfig, check_planes, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
-from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel
 from apfast.errors import InputError
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.kernels import dia_noise as _kn
 from apfast.kernels import dipole as _kd
 from apfast.kernels import forced as _kf
 from apfast.masks import MASK_PLANES, bitmask
+from apfast.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel
 
 __all__ = [
     "DiaSourceConfig",
@@ -67,7 +69,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Sentinel: "not computed yet" (None is a valid linear form: the PSF has none).
 _UNSET: Any = object()
 #: Histogram range of the smoothed S/N samples for the exact median (values outside fall back to a partition).
@@ -84,6 +85,14 @@ _PIXEL_FLAGS = {
     "suspect": ("SUSPECT",),
 }
 _CENTER_FLAGS = ("cr", "nodata", "interpolated", "saturated", "suspect")
+#: Fakes (apfast.ccd.inject): flags with their ``Center`` form, kept out of the general ``pixelFlags``
+#: (an injected source is not a measurement problem).
+_INJECTED_FLAGS = {"injected": ("INJECTED",), "injected_template": ("INJECTED_TEMPLATE",)}
+
+
+def _dia_detection() -> DetectionConfig:
+    """Rubin's DIA detection: 5 sigma of the variance plane, both polarities, footprints merged (growFootprint 2)."""
+    return DetectionConfig(threshold=5.0, threshold_type="variance", polarity="both", grow_merge=2)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,11 +101,12 @@ class DiaSourceConfig(ConfigSection):
 
     _key_prefix: ClassVar[str] = "dia."
 
-    threshold: float = opt(
-        5.0, "Detection threshold in sigma of the per-pixel variance of the PSF-smoothed difference (Rubin ApPipe 5.0)."
-    )
-    grow_footprint: int = opt(
-        2, "Pixels added to the grown footprints before merging + and - (Rubin growFootprint); >= 0."
+    detection: DetectionConfig = subsection(
+        DetectionConfig,
+        doc="Detection on the difference: both signs at threshold sigma of the per-pixel variance of the "
+        "PSF-smoothed difference (Rubin ApPipe 5.0), + and - footprints grown by grow_merge more pixels and "
+        "merged (Rubin growFootprint 2).",
+        factory=_dia_detection,
     )
     aperture_radius: float = opt(12.0, "Radius (pixels) of the apFlux circular aperture (> 0).")
     do_dipole_fit: bool = opt(True, "Fit the dipole model to footprints with both positive and negative peaks.")
@@ -132,10 +142,6 @@ class DiaSourceConfig(ConfigSection):
     )
 
     def _validate(self) -> None:
-        if not (math.isfinite(self.threshold) and self.threshold > 0):
-            self._fail("threshold", self.threshold, "use a positive number of sigma, e.g. 5.0")
-        if self.grow_footprint < 0:
-            self._fail("grow_footprint", self.grow_footprint, "use an integer >= 0, e.g. 2")
         if not (math.isfinite(self.aperture_radius) and self.aperture_radius > 0):
             self._fail("aperture_radius", self.aperture_radius, "use a positive radius in pixels, e.g. 12.0")
         if not (math.isfinite(self.dipole_max_separation_sigma) and self.dipole_max_separation_sigma > 0):
@@ -665,10 +671,7 @@ def run_dia_detection(
     psf_sigma = float(difference.psf.fwhm(0.5 * (nx - 1) + x0, 0.5 * (ny - 1) + y0)) / FWHM_PER_SIGMA
     noise_scale = noise_scale_factor(img, var, msk, psf_sigma) if cfg.scale_variance else 1.0
     var = _scaled_variance(var, noise_scale, template, cfg.template_flux_error)
-    det_cfg = DetectionConfig(
-        threshold=cfg.threshold, threshold_type="variance", polarity="both", grow_merge=cfg.grow_footprint
-    )
-    det = detect_sources(img, var, msk, psf_sigma=psf_sigma, config=det_cfg)
+    det = detect_sources(img, var, msk, psf_sigma=psf_sigma, config=cfg.detection)
     t1 = time.perf_counter()
     timings["detect"] = t1 - t0
     lin = _linear_form(difference.psf)  # once: a ConvolvedPsf's basis costs a convolution per stamp
@@ -755,7 +758,7 @@ def noise_scale_factor(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     if zz.size < 1000:
         return 1.0
     med = _median(zz, None)
-    return float(1.4826 * _median(zz, med))
+    return float(MAD_TO_SIGMA * _median(zz, med))
 
 
 def _median(z: np.ndarray, center: float | None) -> float:
@@ -897,4 +900,8 @@ def _columns(
     for name in ("bad", "cr", "crCenter", "edge", "nodata", "nodataCenter", "interpolated", "interpolatedCenter",
                  "offimage", "saturated", "saturatedCenter", "suspect", "suspectCenter"):  # fmt: skip
         cols[f"pixelFlags_{name}"] = flags[name]
+    for name, planes in _INJECTED_FLAGS.items():
+        bits = bitmask(planes)
+        cols[f"pixelFlags_{name}"] = (fp_bits & bits) != 0
+        cols[f"pixelFlags_{name}Center"] = (ctr_bits & bits) != 0
     return cols

@@ -29,7 +29,7 @@
    weightings), which is exactly the PSF of the weighted mean of a point source
    for ``"exposure"`` weighting. It is evaluated on a 3x3 grid spanning the
    covered part of the patch and materialised as a serialisable
-   :class:`apfast.ccd.psf.PolynomialPixelPsf`: per pixel, the tensor-product
+   :class:`apfast.psf.PolynomialPixelPsf`: per pixel, the tensor-product
    quadratic (Lagrange) interpolant through the 9 stamps, written as 9 basis
    stamps with total-degree-4 polynomial coefficients. It reproduces the 9
    grid stamps exactly and interpolates quadratically between them.
@@ -55,11 +55,11 @@ import numpy as np
 
 from apfast import masks
 from apfast._configbase import ConfigSection, opt
-from apfast.ccd.psf import PolynomialPixelPsf, PsfModel
 from apfast.diffim.skymap import SkyMap, overlap_bbox
 from apfast.errors import InputError, NoWorkFound
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
 from apfast.kernels.coadd import combine_clipped
+from apfast.psf import PolynomialPixelPsf, PsfModel
 
 if TYPE_CHECKING:
     from apfast.diffim.warp import WarpConfig

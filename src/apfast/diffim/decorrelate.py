@@ -67,12 +67,12 @@ import numpy as np
 from astropy.io import fits
 
 from apfast._configbase import ConfigSection, opt
-from apfast.ccd.psf import PsfModel, psf_from_hdus
 from apfast.diffim.fftw import convolve_full, rfft2_pair
 from apfast.errors import AlgorithmError, InputError
 from apfast.exposure import Exposure
 from apfast.kernels import fftutil
 from apfast.masks import MASK_BITS, MASK_PLANES, bitmask
+from apfast.psf import PsfModel, psf_from_hdus
 
 __all__ = [
     "ConvolvedPsf",
@@ -104,7 +104,7 @@ Mode = Literal["convolveTemplate", "convolveScience"]
 class DecorrelationConfig(ConfigSection):
     """Decorrelation afterburner (DMTN-021) applied to the image difference."""
 
-    _key_prefix: ClassVar[str] = "diffim.decorrelation."
+    _key_prefix: ClassVar[str] = "difference.decorrelation."
 
     kernel_size: int | None = opt(
         None,
@@ -693,7 +693,7 @@ def decorrelate(
     if size > min(ny, nx):
         msg = (
             f"decorrelation kernel size {size} exceeds the {ny}x{nx} image; set "
-            f"diffim.decorrelation.kernel_size to an odd value below {min(ny, nx)}"
+            f"difference.decorrelation.kernel_size to an odd value below {min(ny, nx)}"
         )
         raise InputError(msg)
     w_k, w_e, w_m = noise_weights(k, phi)
@@ -795,7 +795,7 @@ class ConvolvedPsf(PsfModel, psftype="CONVOLVED"):
 
     Examples
     --------
-    >>> from apfast.ccd.psf import GaussianPsf
+    >>> from apfast.psf import GaussianPsf
     >>> d = np.zeros((3, 3)); d[1, 1] = 1.0
     >>> psf = ConvolvedPsf(GaussianPsf(2.0, 21), d)
     >>> bool(np.allclose(psf.compute_image(0, 0), GaussianPsf(2.0, 21).compute_image(0, 0)))
@@ -804,7 +804,7 @@ class ConvolvedPsf(PsfModel, psftype="CONVOLVED"):
 
     def __init__(self, base: PsfModel, kernel: Any, *, size: int | None = None) -> None:
         if not isinstance(base, PsfModel):
-            msg = f"ConvolvedPsf base must be an apfast.ccd.psf.PsfModel, got {type(base).__name__}"
+            msg = f"ConvolvedPsf base must be an apfast.psf.PsfModel, got {type(base).__name__}"
             raise InputError(msg)
         ker = np.array(kernel, dtype=np.float64, order="C", copy=True)
         if (

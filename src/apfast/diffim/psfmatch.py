@@ -58,6 +58,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from apfast._configbase import ConfigSection, opt
+from apfast._constants import FWHM_PER_SIGMA
 from apfast.errors import AlgorithmError, InputError
 from apfast.kernels.psfmatch import solve_symmetric_batch, stamp_normal_equations
 from apfast.masks import MASK_BITS, MASK_PLANES
@@ -67,6 +68,7 @@ __all__ = [
     "InsufficientKernelSourcesError",
     "KernelBasis",
     "KernelSolution",
+    "STAMP_STATUS",
     "PsfMatchConfig",
     "SpatialKernel",
     "make_basis",
@@ -77,14 +79,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+SIGMA_PER_FWHM = 1.0 / FWHM_PER_SIGMA
+#: ``KernelSolution.candidate_status`` codes: what became of each stamp offered to the fit.
+STAMP_STATUS = ("kept", "residual", "kernel_sum", "spatial")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PsfMatchConfig(ConfigSection):
     """Image differencing: Alard-Lupton PSF matching (Rubin ImagePsfMatchTask / AlardLuptonSubtractTask)."""
 
-    _key_prefix: ClassVar[str] = "diffim."
+    _key_prefix: ClassVar[str] = "difference.psfmatch."
 
     mode: Literal["convolveTemplate", "convolveScience", "auto"] = opt(
         "convolveTemplate",
@@ -227,7 +231,7 @@ def n_poly_terms(order: int) -> int:
 
 
 def _poly(xn: np.ndarray | float, yn: np.ndarray | float, order: int) -> np.ndarray:
-    """Monomials (ordered as :func:`apfast.ccd.psf.poly_terms`) at arrays of positions -> ``(n, nterms)``."""
+    """Monomials (ordered as :func:`apfast.psf.poly_terms`) at arrays of positions -> ``(n, nterms)``."""
     xn = np.atleast_1d(np.asarray(xn, dtype=np.float64))
     yn = np.atleast_1d(np.asarray(yn, dtype=np.float64))
     cols = [xn ** (deg - j) * yn**j for deg in range(order + 1) for j in range(deg + 1)]
@@ -329,7 +333,7 @@ def make_basis(sigmas: tuple[float, ...], degrees: tuple[int, ...], size: int) -
     0.0
     """
     if size % 2 == 0 or size < 3:
-        msg = f"kernel size must be odd and >= 3, got {size}; set diffim.kernel_size_min/max to odd values"
+        msg = f"kernel size must be odd and >= 3, got {size}; set difference.psfmatch.kernel_size_min/max to odd values"
         raise InputError(msg)
     r = size // 2
     u = np.arange(-r, r + 1, dtype=np.float64)
@@ -448,6 +452,16 @@ class KernelSolution:
         Per-stamp kernel sums of the single-stamp fits (for the used stamps).
     residual_std : ndarray float64
         Normalised residual std of each used stamp under the spatial model.
+    candidate_x, candidate_y : ndarray (n_candidates,) int64
+        Centres of every stamp offered to the fit (``stamp_x``/``stamp_y`` are the kept ones).
+    candidate_status : ndarray (n_candidates,) int8
+        What became of each candidate: one of :data:`STAMP_STATUS` (0 kept, 1 rejected by its own
+        fit's residual, 2 kernel-sum outlier, 3 rejected by the spatial fit).
+    candidate_kernel_sums : ndarray (n_candidates,) float64
+        Kernel sum of each candidate's single-stamp fit.
+    candidate_residual_std : ndarray (n_candidates,) float64
+        Normalised residual std of each candidate under the final spatial model (of the kept
+        ones, ``residual_std``).
     """
 
     kernel: SpatialKernel
@@ -458,6 +472,11 @@ class KernelSolution:
     n_candidates: int
     kernel_sums: np.ndarray
     residual_std: np.ndarray
+    candidate_x: np.ndarray
+    candidate_y: np.ndarray
+    candidate_status: np.ndarray
+    candidate_kernel_sums: np.ndarray
+    candidate_residual_std: np.ndarray
 
 
 # ---------------------------------------------------------------------------- stamps
@@ -642,6 +661,7 @@ def solve_kernel(
     ksum = c_single[:, 0]
     keep = np.ones(ns, dtype=bool)
     keep &= resid_std(c_single, np.arange(ns)) <= config.candidate_residual_std_max
+    status = np.where(keep, 0, 1).astype(np.int8)  # STAMP_STATUS codes
     for _ in range(5):
         if keep.sum() < 3:
             break
@@ -649,6 +669,7 @@ def solve_kernel(
         new = keep & (np.abs(ksum - med) <= config.max_ksum_sigma * max(sig, 1e-12 * abs(med)))
         if new.sum() == keep.sum():
             break
+        status[keep & ~new] = 2
         keep = new
     _require(int(keep.sum()), config, "stamps after kernel-sum and residual clipping", n_candidates=ns)
 
@@ -678,6 +699,7 @@ def solve_kernel(
         if new.sum() == keep.sum():
             break
         _require(int(new.sum()), config, "stamps after spatial-fit rejection", n_candidates=ns)
+        status[keep & ~new] = 3
         keep = new
     sel = np.nonzero(keep)[0]
     coeffs = theta[: nb * nk].reshape(nb, nk)
@@ -687,15 +709,17 @@ def solve_kernel(
     background = BackgroundPolynomial(coeffs=bg, order=bord, x_center=xc, y_center=yc, x_scale=xsc, y_scale=ysc)
     logger.debug("kernel solved from %d of %d stamps; kernel sum at centre %.5f", sel.size, ns, kernel.sum(xc, yc))
     return KernelSolution(kernel=kernel, background=background, basis=basis, stamp_x=cx[sel], stamp_y=cy[sel],
-                          n_candidates=n_candidates, kernel_sums=ksum[sel], residual_std=rstd[sel])
+                          n_candidates=n_candidates, kernel_sums=ksum[sel], residual_std=rstd[sel],
+                          candidate_x=np.asarray(cx, dtype=np.int64), candidate_y=np.asarray(cy, dtype=np.int64),
+                          candidate_status=status, candidate_kernel_sums=ksum, candidate_residual_std=rstd)
 
 
 def _require(n: int, config: PsfMatchConfig, what: str, **meta: object) -> None:
     if n < config.min_stamps:
         msg = (
             f"only {n} {what} for the PSF-matching kernel, {config.min_stamps} needed; check the images overlap "
-            f"and have stars, or relax diffim.stamp_snr_min (now {config.stamp_snr_min}), "
-            f"diffim.candidate_residual_std_max ({config.candidate_residual_std_max}), "
-            f"diffim.max_ksum_sigma ({config.max_ksum_sigma}) or diffim.min_stamps"
+            f"and have stars, or relax difference.psfmatch.stamp_snr_min (now {config.stamp_snr_min}), "
+            f"difference.psfmatch.candidate_residual_std_max ({config.candidate_residual_std_max}), "
+            f"difference.psfmatch.max_ksum_sigma ({config.max_ksum_sigma}) or difference.psfmatch.min_stamps"
         )
         raise InsufficientKernelSourcesError(msg, n_sources=n, n_required=config.min_stamps, **meta)

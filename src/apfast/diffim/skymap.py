@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 from astropy.wcs import WCS
 
+from apfast._fileio import atomic_path
 from apfast.errors import InputError
-from apfast.exposure import atomic_output
 
 __all__ = [
     "SKYMAP_RELPATH",
@@ -363,7 +363,7 @@ def write_skymap(template_root: str | Path, skymap: SkyMap) -> Path:
     """Write ``skymap`` to ``<template_root>/deepCoadd/skyMap.json`` atomically and return the path."""
     path = Path(template_root) / SKYMAP_RELPATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(skymap.to_json(), encoding="utf-8")
     return path
 

@@ -10,11 +10,13 @@ coadds, :func:`calexp_template` for the Gen 2 calexp-template mode).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from apfast._configbase import ConfigSection, opt, subsection
+from apfast._constants import MAD_TO_SIGMA
 from apfast.diffim.decorrelate import DecorrelationConfig, decorrelate, variance_mean
 from apfast.diffim.psfmatch import PsfMatchConfig
 from apfast.diffim.subtract import SubtractionResult, subtract_images
@@ -25,30 +27,31 @@ __all__ = ["DiffimResult", "DifferenceConfig", "calexp_template", "run_image_dif
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DifferenceConfig:
-    """Which template to use and whether to decorrelate (``difference``)."""
+class DifferenceConfig(ConfigSection):
+    """Image differencing: the template, PSF matching and decorrelation (``difference``)."""
 
-    template_source: Literal["coadd", "calexp"] = field(
-        default="coadd",
-        metadata={
-            "doc": "Where templates come from.",
-            "choices": {
-                "coadd": "deepCoadd patches of the template repository (--template), warped to the science WCS",
-                "calexp": "the calexp of the same CCD in --templateId's visit (Gen 2 calexpTemplates.py)",
-            },
+    _key_prefix: ClassVar[str] = "difference."
+
+    template_source: Literal["coadd", "calexp"] = opt(
+        "coadd",
+        "Where templates come from.",
+        choices={
+            "coadd": "deepCoadd patches of the template repository (--template), warped to the science WCS",
+            "calexp": "the calexp of the same CCD in --templateId's visit (Gen 2 calexpTemplates.py)",
         },
     )
-    calexp_template_add_background: bool = field(
-        default=True,
-        metadata={"doc": "Add the template calexp's background back before subtracting (Rubin's GetCalexpAsTemplate)."},
+    calexp_template_add_background: bool = opt(
+        True, "Add the template calexp's background back before subtracting (Rubin's GetCalexpAsTemplate)."
     )
-    do_decorrelate: bool = field(default=True, metadata={"doc": "Apply the DMTN-021 decorrelation afterburner."})
-    do_residual_background: bool = field(
-        default=True,
-        metadata={"doc": "Remove the constant offset left in the difference, measured as the 3-sigma clipped mean of "
-                         "unflagged, undetected pixels: the Alard-Lupton background term is partly degenerate with "
-                         "the kernel wings and was ~1 e- off on simulated DECam CCDs."},
+    do_decorrelate: bool = opt(True, "Apply the DMTN-021 decorrelation afterburner.")
+    do_residual_background: bool = opt(
+        True,
+        "Remove the constant offset left in the difference, measured as the 3-sigma clipped mean of "
+        "unflagged, undetected pixels: the Alard-Lupton background term is partly degenerate with "
+        "the kernel wings and was ~1 e- off on simulated DECam CCDs.",
     )
+    psfmatch: PsfMatchConfig = subsection(PsfMatchConfig)
+    decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,7 @@ def _residual_offset(diff: Exposure, science: Exposure) -> float:
     if v.size < 100:
         return 0.0
     centre = float(np.median(v))
-    sig = 1.4826 * float(np.median(np.abs(v - centre)))
+    sig = MAD_TO_SIGMA * float(np.median(np.abs(v - centre)))
     for _ in range(3):
         keep = np.abs(v - centre) < 3 * sig
         centre = float(v[keep].mean())
@@ -111,12 +114,21 @@ def run_image_difference(
         The template on the science grid (NO_DATA where uncovered).
     sources : table, optional
         The science ``src`` catalogue: kernel-star candidates.
+    psfmatch, decorrelation : PsfMatchConfig, DecorrelationConfig, optional
+        Replace ``config.psfmatch`` / ``config.decorrelation`` (``difference.psfmatch`` and
+        ``difference.decorrelation`` of the pipeline config).
+    config : DifferenceConfig, optional
+        The ``difference`` section; default: the defaults.
+
+    Returns
+    -------
+    DiffimResult
     """
     cfg = config or DifferenceConfig()
-    dcfg = decorrelation or DecorrelationConfig()
+    dcfg = decorrelation or cfg.decorrelation
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    sub = subtract_images(science, template, sources=sources, config=psfmatch or PsfMatchConfig())
+    sub = subtract_images(science, template, sources=sources, config=psfmatch or cfg.psfmatch)
     timings["psfmatch"] = time.perf_counter() - t
     diff = sub.difference
     ny, nx = science.image.shape

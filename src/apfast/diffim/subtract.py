@@ -49,7 +49,6 @@ import numpy as np
 import scipy.fft
 
 from apfast.ccd.detection import DetectionConfig, detect_sources
-from apfast.ccd.psf import ImagePsf, PsfModel
 from apfast.diffim.fftw import convolve_full, rfft2_pair
 from apfast.diffim.psfmatch import (
     SIGMA_PER_FWHM,
@@ -73,6 +72,7 @@ from apfast.kernels.convolve import (
     planes_finite,
 )
 from apfast.masks import MASK_BITS, bitmask
+from apfast.psf import ImagePsf, PsfModel
 
 __all__ = ["SubtractionResult", "fft_convolve_terms", "subtract_images"]
 
@@ -256,11 +256,11 @@ def subtract_images(
     InputError
         If the exposures differ in shape or lack variance or PSF.
     InsufficientKernelSourcesError
-        If too few stamps are usable (see ``diffim.stamp_snr_min``, ``diffim.min_stamps``).
+        If too few stamps are usable (see ``difference.psfmatch.stamp_snr_min``, ``difference.psfmatch.min_stamps``).
 
     Examples
     --------
-    >>> from apfast.ccd.psf import GaussianPsf
+    >>> from apfast.psf import GaussianPsf
     >>> rng = np.random.default_rng(1)
     >>> yy, xx = np.mgrid[0:256, 0:256]
     >>> def scene(s):

@@ -80,10 +80,10 @@ from astropy.wcs import WCS, NoConvergence
 
 from apfast import masks
 from apfast._configbase import ConfigSection, opt
-from apfast.ccd.psf import PsfModel, psf_from_hdus
 from apfast.errors import InputError
 from apfast.exposure import Exposure, _wcs_header, wcs_from_header
 from apfast.kernels import warp as kw
+from apfast.psf import PsfModel, psf_from_hdus
 
 __all__ = ["WarpConfig", "WarpedPsf", "pixel_map", "warp_exposure"]
 
@@ -429,7 +429,7 @@ class WarpedPsf(PsfModel, psftype="WARPED"):
         size: int | None = None,
     ) -> None:
         if not isinstance(src_psf, PsfModel):
-            msg = f"WarpedPsf src_psf must be an apfast.ccd.psf.PsfModel, got {type(src_psf).__name__}"
+            msg = f"WarpedPsf src_psf must be an apfast.psf.PsfModel, got {type(src_psf).__name__}"
             raise InputError(msg)
         self.src_psf = src_psf
         self.src_wcs = _check_wcs(src_wcs, "WarpedPsf src_wcs")

@@ -2,6 +2,6 @@
 raws, master calibrations and reference catalogues, output repositories and the background writer.
 
 May import: the core (:mod:`apfast.errors`, :mod:`apfast.exposure`, :mod:`apfast.masks`,
-:mod:`apfast._configbase`, :mod:`apfast.camera`) and :mod:`apfast.kernels`. Never the stages or
-orchestration (:mod:`apfast.run`).
+:mod:`apfast._configbase`, :mod:`apfast.camera`, :mod:`apfast.psfmatch_diag`) and :mod:`apfast.kernels`.
+Never the stages or orchestration (:mod:`apfast.run`).
 """

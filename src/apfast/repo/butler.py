@@ -14,7 +14,9 @@ of repository it lives in:
 - ``"raw"``: the raw registry (``registry.sqlite3`` of the root repository).
 
 Storage classes: ``Exposure``, ``SourceCatalog`` (astropy Table <-> FITS binary
-table, metadata kept), ``Background``, ``Json``, ``Text``, ``Raw`` and ``Calib``.
+table, metadata kept), ``Background``, ``PsfMatch`` (the PSF-matching record of a
+difference, :class:`apfast.psfmatch_diag.PsfMatchDiagnostics`; file layout in
+:mod:`apfast.psfmatch_diag`), ``Json``, ``Text``, ``Raw`` and ``Calib``.
 Later stages add dataset types with :func:`register_dataset_type` and storage
 classes with :func:`register_storage`.
 
@@ -54,12 +56,12 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.utils.exceptions import AstropyUserWarning
 
+from apfast._fileio import atomic_path
 from apfast.errors import ApfastError, DataIdError, InputError, NoLocationsError
 from apfast.exposure import (
     Background,
     Exposure,
     VisitInfo,
-    atomic_output,
     exposure_hdulist,
     read_background,
     read_exposure,
@@ -67,6 +69,7 @@ from apfast.exposure import (
     write_background,
     write_hdulist,
 )
+from apfast.psfmatch_diag import PsfMatchDiagnostics, read_psfmatch_diagnostics, write_psfmatch_diagnostics
 from apfast.repo.repository import CONFIG_RELPATH, REGISTRY_NAME, Repository
 
 if TYPE_CHECKING:
@@ -147,7 +150,7 @@ def write_catalog(table: Table, path: str | Path) -> Path:
             )
             raise InputError(msg) from None
     hdu.header["APFTYPE"] = "SOURCECAT"
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp)
     return path
 
@@ -271,7 +274,7 @@ class Storage:
 
 def _write_json(obj: Any, path: Path) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -287,7 +290,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _write_text(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(str(obj), encoding="utf-8")
 
 
@@ -310,19 +313,23 @@ register_storage("SourceCatalog", read_catalog, lambda obj, p: write_catalog(obj
 register_storage(
     "Background", read_background, lambda obj, p: write_background(p, obj), python_type=Background
 )
+register_storage(
+    "PsfMatch", read_psfmatch_diagnostics, lambda obj, p: write_psfmatch_diagnostics(p, obj),
+    python_type=PsfMatchDiagnostics,
+)
 register_storage("Json", lambda p: json.loads(Path(p).read_text(encoding="utf-8")), _write_json)
 register_storage("Text", lambda p: Path(p).read_text(encoding="utf-8"), _write_text, python_type=str)
 register_storage("Raw", lambda p: read_raw(p, 0), None)
 
 
 def _read_avro(path: Path) -> Any:
-    from apfast.dia.alerts import read_alerts
+    from apfast.repo.avro import read_alerts
 
     return read_alerts(path)
 
 
 def _write_avro(obj: Any, path: Path) -> None:
-    from apfast.dia.alerts import write_alerts
+    from apfast.repo.avro import write_alerts
 
     write_alerts(path, obj, codec=getattr(obj, "codec", "null"))
 
@@ -429,11 +436,14 @@ for _name, _tmpl, _storage in (
     ("deepDiff_diaSrc", "deepDiff/v{visit}/diaSrc-{ccdnum:02d}.fits", "SourceCatalog"),
     ("deepDiff_diaSrcRejected", "deepDiff/v{visit}/diaSrcRejected-{ccdnum:02d}.fits", "SourceCatalog"),
     ("deepDiff_kernelSrc", "deepDiff/v{visit}/kernelSrc-{ccdnum:02d}.fits", "SourceCatalog"),
+    ("deepDiff_psfMatch", "deepDiff/v{visit}/psfMatch-{ccdnum:02d}.fits", "PsfMatch"),
     ("apdb_marker", "apdb_marker/" + _VC + ".json", "Json"),
     ("alerts", "alerts/{visit}_{ccdnum}.avro", "Avro"),
     ("config", CONFIG_RELPATH.as_posix(), "Text"),
 ):
     register_dataset_type(_name, _tmpl, _storage)
+# fakes of apfast.ccd.inject: one FITS table per CCD-visit (columns: apfast.ccd.inject.CATALOG_COLUMNS)
+register_dataset_type("injected_catalog", "deepDiff/v{visit}/injected-{ccdnum:02d}.fits", "SourceCatalog")
 register_dataset_type("deepCoadd", "deepCoadd/{filter}/{tract}/{patch}.fits", "Exposure", repo="template")
 register_dataset_type("deepCoadd_skyMap", "deepCoadd/skyMap.json", "Json", repo="template")
 register_dataset_type("raw", "raw", "Raw", repo="raw")

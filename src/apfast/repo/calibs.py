@@ -335,6 +335,50 @@ def ingest_calibs(
     >>> ingest_calibs(tempfile.mkdtemp(), []).n_added
     0
     """
+    _check_ingest_args(mode, validity_days)
+    camera = camera or get_camera("DECam")
+    root = Path(calib_root)
+    db = root / REGISTRY_NAME
+
+    # 1. Scan and check everything before touching the repository.
+    scanned = _scan_files(files, camera)
+    existing = _existing_rows(db, scanned, camera)
+    plan, skipped = _plan_storage(root, scanned, existing, camera)
+    if not plan:
+        for s in skipped:
+            if progress:
+                progress(f"{s}: already ingested, skipped")
+        log.info("ingest-calibs: nothing new (%d file(s) already ingested)", len(skipped))
+        return CalibIngestReport((), tuple(skipped), ())
+
+    # 2. Place files and write all rows in one transaction.
+    added_rows, stored_files = _store(root, db, plan, mode=mode, validity_days=validity_days, camera=camera)
+    if mode == "move":
+        _remove_moved_sources(root, plan)
+    refs = tuple(_row_to_ref(root, r) for r in added_rows)
+    for src, _, entries in plan:
+        if progress:
+            progress(f"{src}: {len(entries)} {entries[0].calib_type} row(s) added")
+    for s in skipped:
+        if progress:
+            progress(f"{s}: already ingested, skipped")
+    log.info("ingest-calibs: %d row(s) from %d file(s); %d file(s) already ingested",
+             len(refs), len(plan), len(skipped))
+    return CalibIngestReport(refs, tuple(skipped), tuple(stored_files))
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of ingest_calibs
+# --------------------------------------------------------------------------------------------------
+
+#: (calib_type, ccdnum, filter, calib_date): the registry's unique key.
+_CalibKey = tuple[str, int, str, str]
+#: (source file, path relative to the calib root, its new entries) per file to store.
+_Plan = list[tuple[Path, Path, list[CalibEntry]]]
+
+
+def _check_ingest_args(mode: str, validity_days: float | None) -> None:
+    """Raise InputError for a bad ``mode`` or ``validity_days``."""
     if mode not in ("copy", "link", "move"):
         msg = f"ingest-calibs mode {mode!r} is not one of copy, link, move"
         raise InputError(msg)
@@ -343,11 +387,10 @@ def ingest_calibs(
         if not np.isfinite(v) or v < 0:
             msg = f"--validity {validity_days!r} must be a finite number of days >= 0 (e.g. 999)"
             raise InputError(msg)
-    camera = camera or get_camera("DECam")
-    root = Path(calib_root)
-    db = root / REGISTRY_NAME
 
-    # 1. Scan and check everything before touching the repository.
+
+def _scan_files(files: Sequence[str | Path], camera: Camera) -> list[tuple[Path, list[CalibEntry]]]:
+    """Scan every file once; raise IngestError when two different files claim the same calib."""
     scanned: list[tuple[Path, list[CalibEntry]]] = []
     seen_paths: set[Path] = set()
     for f in files:
@@ -357,7 +400,7 @@ def ingest_calibs(
             continue
         seen_paths.add(key)
         scanned.append((src, scan_calib_file(src, camera)))
-    claims: dict[tuple[str, int, str, str], Path] = {}
+    claims: dict[_CalibKey, Path] = {}
     for src, entries in scanned:
         for e in entries:
             k = (e.calib_type, e.ccdnum, e.filter, e.calib_date)
@@ -369,9 +412,14 @@ def ingest_calibs(
                 )
                 raise IngestError(msg)
             claims.setdefault(k, src)
+    return scanned
 
-    conn: sqlite3.Connection | None  # None once closed
-    existing: dict[tuple[str, int, str, str], sqlite3.Row] = {}
+
+def _existing_rows(
+    db: Path, scanned: list[tuple[Path, list[CalibEntry]]], camera: Camera
+) -> dict[_CalibKey, sqlite3.Row]:
+    """The registry rows (if the registry exists) with the key of any scanned entry."""
+    existing: dict[_CalibKey, sqlite3.Row] = {}
     if db.exists():
         conn = _connect(db)
         try:
@@ -386,8 +434,17 @@ def ingest_calibs(
                         existing[(e.calib_type, e.ccdnum, e.filter, e.calib_date)] = row
         finally:
             conn.close()
+    return existing
 
-    plan: list[tuple[Path, Path, list[CalibEntry]]] = []  # (src, dest_rel, new entries)
+
+def _plan_storage(
+    root: Path,
+    scanned: list[tuple[Path, list[CalibEntry]]],
+    existing: dict[_CalibKey, sqlite3.Row],
+    camera: Camera,
+) -> tuple[_Plan, list[str]]:
+    """Where each file with new entries goes, and the files already ingested; IngestError on any conflict."""
+    plan: _Plan = []  # (src, dest_rel, new entries)
     skipped: list[str] = []
     dests: dict[Path, Path] = {}
     for src, entries in scanned:
@@ -419,21 +476,22 @@ def ingest_calibs(
             raise IngestError(msg)
         dests[rel] = src
         plan.append((src, rel, new))
+    return plan, skipped
 
-    if not plan:
-        for s in skipped:
-            if progress:
-                progress(f"{s}: already ingested, skipped")
-        log.info("ingest-calibs: nothing new (%d file(s) already ingested)", len(skipped))
-        return CalibIngestReport((), tuple(skipped), ())
 
-    # 2. Place files and write all rows in one transaction.
+def _store(
+    root: Path, db: Path, plan: _Plan, *, mode: str, validity_days: float | None, camera: Camera
+) -> tuple[list[sqlite3.Row], list[str]]:
+    """Place the files and insert their rows in one transaction; on any error undo both and re-raise.
+
+    Returns the added registry rows and the files stored.
+    """
     now = _dt.datetime.now(_dt.UTC).replace(tzinfo=None).isoformat(timespec="seconds")
     new_dirs: list[Path] = []
     stored_files: list[str] = []
-    added_keys: list[tuple[str, int, str, str]] = []
+    added_keys: list[_CalibKey] = []
     created: list[Path] = []
-    conn = None
+    conn: sqlite3.Connection | None = None  # None once closed
     db_existed = db.exists()
     try:
         _mkdirs(root, new_dirs)
@@ -501,22 +559,16 @@ def ingest_calibs(
     finally:
         if conn is not None:
             conn.close()
-    if mode == "move":
-        for src, rel, _ in plan:
-            dest = root / rel
-            if src.resolve() != dest.resolve():
-                with contextlib.suppress(OSError):
-                    src.unlink()
-    refs = tuple(_row_to_ref(root, r) for r in added_rows)
-    for src, _, entries in plan:
-        if progress:
-            progress(f"{src}: {len(entries)} {entries[0].calib_type} row(s) added")
-    for s in skipped:
-        if progress:
-            progress(f"{s}: already ingested, skipped")
-    log.info("ingest-calibs: %d row(s) from %d file(s); %d file(s) already ingested",
-             len(refs), len(plan), len(skipped))
-    return CalibIngestReport(refs, tuple(skipped), tuple(stored_files))
+    return added_rows, stored_files
+
+
+def _remove_moved_sources(root: Path, plan: _Plan) -> None:
+    """``mode='move'``: delete each source once its copy is stored and registered."""
+    for src, rel, _ in plan:
+        dest = root / rel
+        if src.resolve() != dest.resolve():
+            with contextlib.suppress(OSError):
+                src.unlink()
 
 
 def _check_camera(conn: sqlite3.Connection, db: Path, camera: Camera) -> None:

@@ -1,4 +1,4 @@
-"""Small FITS helpers: a header-only scanner, WCS from headers, and atomic writes.
+"""Small FITS helpers: a header-only scanner and WCS from headers.
 
 The scanner walks a FITS file block by block, parsing each header and
 skipping each data unit by its declared size, so ingest never decompresses
@@ -9,12 +9,8 @@ garbage (no ``END`` card), naming the file and the HDU.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +19,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from apfast.errors import IngestError
 
-__all__ = ["HeaderInfo", "atomic_path", "image_wcs", "scan_headers"]
+__all__ = ["HeaderInfo", "image_wcs", "scan_headers"]
 
 _BLOCK = 2880
 _CARD = 80
@@ -197,24 +193,3 @@ def image_wcs(header: fits.Header, shape: tuple[int, int] | None = None) -> WCS 
         except Exception:  # astropy raises many types for bad WCS cards
             return None
     return wcs if wcs.has_celestial else None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
-
-    A crash or error inside the block removes the temporary file, so a half
-    written file never appears under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise

@@ -28,9 +28,10 @@ from typing import Any, Literal
 import numpy as np
 from astropy.coordinates import Angle
 
+from apfast._fileio import atomic_path
 from apfast.camera import Camera, get_camera, parse_section
 from apfast.errors import IngestError
-from apfast.repo.fitsutil import HeaderInfo, atomic_path, fingerprint, image_wcs, scan_headers
+from apfast.repo.fitsutil import HeaderInfo, fingerprint, image_wcs, scan_headers
 from apfast.repo.registry import CAMERA_NAME, Registry
 
 __all__ = ["IngestReport", "RawFile", "ingest_raws", "read_raw_file"]

@@ -23,12 +23,13 @@ triangle inequality makes exact for the stored data. Sources are then filtered e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ import astropy.units as u
 import numpy as np
 from astropy_healpix import HEALPix
 
+from apfast._fileio import atomic_path
 from apfast.errors import InputError, RefcatError
 from apfast.repo.refcat_io import (
     _KINDS,
@@ -193,15 +195,6 @@ def _read_config(repo: str | Path, name: str) -> dict[str, Any]:
         raise RefcatError(msg) from exc
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _rmax(rows: np.ndarray, hp: HEALPix, pix: int) -> float:
     lon, lat = hp.healpix_to_lonlat(pix)
     d = _separation(float(lon.to_value(u.deg)), float(lat.to_value(u.deg)), rows["ra"], rows["dec"])
@@ -272,6 +265,60 @@ def ingest_refcat(
     12034
     """
     t0 = time.perf_counter()
+    _check_ingest_args(name, files, kind, nside)
+    catdir = _catalogue_dir(repo, name)
+    old_text = (catdir / _CONFIG).read_text() if (catdir / _CONFIG).is_file() else None
+    old = _read_config(repo, name) if old_text is not None else None
+    nside = _resolve_nside(name, nside, old)
+    hp = HEALPix(nside=nside, order="nested")
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            msg = f"reference catalogue input {p} does not exist or is not a file; check the path"
+            raise RefcatError(msg)
+
+    # --- read and validate everything first ---------------------------------------------
+    read = _read_inputs(paths, name, kind=kind, column_map=column_map, old=old, hp=hp, progress=progress)
+    inputs, skipped = read.inputs, read.skipped
+    if not inputs:
+        total = int(old["n_sources"]) if old else 0
+        return RefcatIngestReport(name=name, kind=old["kind"] if old else str(kind), nside=nside,
+                                  path=catdir, files_ingested=(), files_skipped=tuple(skipped),
+                                  n_added=0, n_total=total, shards_written=(),
+                                  elapsed_s=time.perf_counter() - t0)
+    assert read.kind is not None and read.bands is not None  # set by every input read
+    new_rows, new_pix = _concatenate_inputs(inputs)
+    dtype = _dtype(read.bands)
+
+    # --- write under a lock ---------------------------------------------------------------
+    with _ingest_lock(catdir, name):
+        now_text = (catdir / _CONFIG).read_text() if (catdir / _CONFIG).is_file() else None
+        if now_text != old_text:
+            msg = f"catalogue {name!r} changed while this ingest was validating; run the ingest again"
+            raise RefcatError(msg)
+        shard_info: dict[str, dict] = dict(old["shards"]) if old else {}
+        _check_ids_not_stored(catdir, shard_info, new_rows, name)
+        upix = _write_shards(catdir, new_rows, new_pix, shard_info, dtype, name=name, kind=read.kind, nside=nside,
+                             hp=hp, progress=progress)  # fmt: skip
+        config = _catalogue_config(name, read, inputs, old, shard_info, dtype, nside=nside, column_map=column_map)
+        with atomic_path(catdir / _CONFIG, mkdir=False, reserve=False) as tmp:
+            tmp.write_text(json.dumps(config, indent=1))
+    elapsed = time.perf_counter() - t0
+    _LOG.info("refcat %s: ingested %d sources from %d files into %d shards in %.2f s",
+              name, len(new_rows), len(inputs), len(upix), elapsed)
+    return RefcatIngestReport(name=name, kind=read.kind, nside=nside, path=catdir,
+                              files_ingested=tuple(str(x.path) for x in inputs),
+                              files_skipped=tuple(skipped), n_added=len(new_rows),
+                              n_total=config["n_sources"], shards_written=tuple(upix.tolist()),
+                              elapsed_s=elapsed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps of ingest_refcat
+# ----------------------------------------------------------------------------------------------
+
+def _check_ingest_args(name: str, files: Sequence[str | Path], kind: str, nside: int | None) -> None:
+    """Raise InputError for no files, an unknown kind or an nside that is not a power of two."""
     if not files:
         msg = f"ingest_refcat({name!r}): no input files given; pass one or more CSV/FITS catalogue files"
         raise InputError(msg)
@@ -281,24 +328,41 @@ def ingest_refcat(
     if nside is not None and (int(nside) != nside or nside < 1 or int(nside) & (int(nside) - 1)):
         msg = f"nside={nside!r} is not a power of two; use e.g. 16, 32 (default) or 64"
         raise InputError(msg)
-    catdir = _catalogue_dir(repo, name)
-    old_text = (catdir / _CONFIG).read_text() if (catdir / _CONFIG).is_file() else None
-    old = _read_config(repo, name) if old_text is not None else None
+
+
+def _resolve_nside(name: str, nside: int | None, old: dict[str, Any] | None) -> int:
+    """The existing catalogue's nside (asking for another is a RefcatError), else ``nside`` or the default."""
     if old is not None:
         if nside is not None and nside != old["nside"]:
             msg = (f"catalogue {name!r} has nside={old['nside']} but nside={nside} was asked; "
                    f"omit nside to merge, or ingest into a new catalogue name")
             raise RefcatError(msg)
         nside = int(old["nside"])
-    nside = int(nside or DEFAULT_NSIDE)
-    hp = HEALPix(nside=nside, order="nested")
-    paths = [Path(f) for f in files]
-    for p in paths:
-        if not p.is_file():
-            msg = f"reference catalogue input {p} does not exist or is not a file; check the path"
-            raise RefcatError(msg)
+    return int(nside or DEFAULT_NSIDE)
 
-    # --- read and validate everything first ---------------------------------------------
+
+@dataclass
+class _ReadInputs:
+    """The new input files read and converted, the files skipped, and the convention they share."""
+
+    inputs: list[_Input]
+    skipped: list[str]
+    kind: str | None = None
+    bands: tuple[str, ...] | None = None
+    column_map: dict | None = None
+
+
+def _read_inputs(
+    paths: list[Path],
+    name: str,
+    *,
+    kind: str,
+    column_map: Mapping[str, str] | None,
+    old: dict[str, Any] | None,
+    hp: HEALPix,
+    progress: Progress | None,
+) -> _ReadInputs:
+    """Read, convert and place on the sky every file not ingested before; RefcatError on any conflict."""
     known = {f["sha256"] for f in old["files"]} if old else set()
     inputs: list[_Input] = []
     skipped: list[str] = []
@@ -328,13 +392,11 @@ def ingest_refcat(
         used_kind, used_bands, used_map = k, bands, used
         if progress is not None:
             progress(f"read {path} ({i + 1}/{len(paths)}): {len(rows)} sources")
-    if not inputs:
-        total = int(old["n_sources"]) if old else 0
-        return RefcatIngestReport(name=name, kind=old["kind"] if old else str(kind), nside=nside,
-                                  path=catdir, files_ingested=(), files_skipped=tuple(skipped),
-                                  n_added=0, n_total=total, shards_written=(),
-                                  elapsed_s=time.perf_counter() - t0)
-    assert used_kind is not None and used_bands is not None  # set by every input read
+    return _ReadInputs(inputs, skipped, used_kind, used_bands, used_map)
+
+
+def _concatenate_inputs(inputs: list[_Input]) -> tuple[np.ndarray, np.ndarray]:
+    """All new rows and their HEALPix pixels; RefcatError if a source id appears twice."""
     new_rows = np.concatenate([x.rows for x in inputs])
     new_pix = np.concatenate([x.pix for x in inputs])
     ids = np.sort(new_rows["id"])
@@ -343,9 +405,12 @@ def ingest_refcat(
         msg = (f"{dup.size} source ids appear in more than one of the input files "
                f"(e.g. {int(dup[0])}); ingest each source once")
         raise RefcatError(msg)
-    dtype = _dtype(used_bands)
+    return new_rows, new_pix
 
-    # --- write under a lock ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def _ingest_lock(catdir: Path, name: str) -> Iterator[None]:
+    """Hold ``catdir/ingest.lock`` for the block; a failed first ingest removes the folder it created."""
     created = not catdir.exists()
     catdir.mkdir(parents=True, exist_ok=True)
     lock = catdir / _LOCK
@@ -357,57 +422,7 @@ def ingest_refcat(
         raise RefcatError(msg) from None
     os.close(fd)
     try:
-        now_text = (catdir / _CONFIG).read_text() if (catdir / _CONFIG).is_file() else None
-        if now_text != old_text:
-            msg = f"catalogue {name!r} changed while this ingest was validating; run the ingest again"
-            raise RefcatError(msg)
-        shard_info: dict[str, dict] = dict(old["shards"]) if old else {}
-        if shard_info:  # a source id already stored anywhere is an error
-            stored = np.concatenate([_read_shard(catdir / f"{p}.fits", np.dtype([("id", "<i8")]))["id"]
-                                     for p in shard_info])
-            clash = np.intersect1d(stored, new_rows["id"])
-            if clash.size:
-                msg = (f"{clash.size} source ids of the input are already in catalogue {name!r} "
-                       f"(e.g. {int(clash[0])}) from other files; drop them or use a new catalogue name")
-                raise RefcatError(msg)
-        order = np.argsort(new_pix, kind="stable")
-        upix, starts = np.unique(new_pix[order], return_index=True)
-        bounds = np.append(starts, len(order))
-        staged: list[tuple[Path, Path]] = []
-        try:
-            for j, p in enumerate(upix.tolist()):
-                part = new_rows[order[bounds[j]:bounds[j + 1]]]
-                final = catdir / f"{p}.fits"
-                if str(p) in shard_info:
-                    part = np.concatenate([_read_shard(final, dtype), part])
-                part = part[np.argsort(part["id"], kind="stable")]
-                tmp = catdir / f".{p}.fits.tmp{os.getpid()}"
-                staged.append((tmp, final))
-                _write_shard(tmp, part, name=name, kind=used_kind, nside=nside, pix=p)
-                shard_info[str(p)] = {"n": len(part), "rmax": _rmax(part, hp, p)}
-                if progress is not None and ((j + 1) % max(1, len(upix) // 10) == 0 or j + 1 == len(upix)):
-                    progress(f"wrote shard {p} ({j + 1}/{len(upix)})")  # about ten messages
-            for tmp, final in staged:
-                os.replace(tmp, final)
-        finally:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        ingested = (old["files"] if old else []) + [
-            {"path": str(x.path.resolve()), "sha256": x.sha256, "n_sources": len(x.rows), "ingested": now}
-            for x in inputs]
-        config: dict[str, Any] = {
-            "format_version": FORMAT_VERSION, "name": name, "kind": used_kind, "nside": nside,
-            "ordering": "nested", "frame": "icrs", "bands": list(used_bands),
-            "column_map": used_map,
-            "column_map_override": dict(column_map) if column_map is not None else
-            (old["column_map_override"] if old else None),
-            "columns": [{"name": n, "dtype": dtype[n].str, "unit": _unit(n)} for n in dtype.names or ()],
-            "files": ingested, "n_sources": int(sum(s["n"] for s in shard_info.values())),
-            "n_shards": len(shard_info),
-            "shards": {k: shard_info[k] for k in sorted(shard_info, key=int)},
-        }
-        _write_atomic(catdir / _CONFIG, lambda t: t.write_text(json.dumps(config, indent=1)))
+        yield
     except BaseException:
         if created and not any(p.name != _LOCK for p in catdir.iterdir()):
             lock.unlink(missing_ok=True)
@@ -415,14 +430,90 @@ def ingest_refcat(
         raise
     finally:
         lock.unlink(missing_ok=True)
-    elapsed = time.perf_counter() - t0
-    _LOG.info("refcat %s: ingested %d sources from %d files into %d shards in %.2f s",
-              name, len(new_rows), len(inputs), len(upix), elapsed)
-    return RefcatIngestReport(name=name, kind=used_kind, nside=nside, path=catdir,
-                              files_ingested=tuple(str(x.path) for x in inputs),
-                              files_skipped=tuple(skipped), n_added=len(new_rows),
-                              n_total=config["n_sources"], shards_written=tuple(upix.tolist()),
-                              elapsed_s=elapsed)
+
+
+def _check_ids_not_stored(catdir: Path, shard_info: dict[str, dict], new_rows: np.ndarray, name: str) -> None:
+    """RefcatError if a new source id is already stored in any shard."""
+    if shard_info:  # a source id already stored anywhere is an error
+        stored = np.concatenate([_read_shard(catdir / f"{p}.fits", np.dtype([("id", "<i8")]))["id"]
+                                 for p in shard_info])
+        clash = np.intersect1d(stored, new_rows["id"])
+        if clash.size:
+            msg = (f"{clash.size} source ids of the input are already in catalogue {name!r} "
+                   f"(e.g. {int(clash[0])}) from other files; drop them or use a new catalogue name")
+            raise RefcatError(msg)
+
+
+def _write_shards(
+    catdir: Path,
+    new_rows: np.ndarray,
+    new_pix: np.ndarray,
+    shard_info: dict[str, dict],
+    dtype: np.dtype,
+    *,
+    name: str,
+    kind: str,
+    nside: int,
+    hp: HEALPix,
+    progress: Progress | None,
+) -> np.ndarray:
+    """Merge the new rows into their shards (all staged, then moved into place); update ``shard_info``.
+
+    Returns the pixels written.
+    """
+    order = np.argsort(new_pix, kind="stable")
+    upix, starts = np.unique(new_pix[order], return_index=True)
+    bounds = np.append(starts, len(order))
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for j, p in enumerate(upix.tolist()):
+            part = new_rows[order[bounds[j]:bounds[j + 1]]]
+            final = catdir / f"{p}.fits"
+            if str(p) in shard_info:
+                part = np.concatenate([_read_shard(final, dtype), part])
+            part = part[np.argsort(part["id"], kind="stable")]
+            tmp = catdir / f".{p}.fits.tmp{os.getpid()}"
+            staged.append((tmp, final))
+            _write_shard(tmp, part, name=name, kind=kind, nside=nside, pix=p)
+            shard_info[str(p)] = {"n": len(part), "rmax": _rmax(part, hp, p)}
+            if progress is not None and ((j + 1) % max(1, len(upix) // 10) == 0 or j + 1 == len(upix)):
+                progress(f"wrote shard {p} ({j + 1}/{len(upix)})")  # about ten messages
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return upix
+
+
+def _catalogue_config(
+    name: str,
+    read: _ReadInputs,
+    inputs: list[_Input],
+    old: dict[str, Any] | None,
+    shard_info: dict[str, dict],
+    dtype: np.dtype,
+    *,
+    nside: int,
+    column_map: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """The new ``config.json`` content: the old files plus the new ones, and every shard's count and rmax."""
+    assert read.bands is not None
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    ingested = (old["files"] if old else []) + [
+        {"path": str(x.path.resolve()), "sha256": x.sha256, "n_sources": len(x.rows), "ingested": now}
+        for x in inputs]
+    return {
+        "format_version": FORMAT_VERSION, "name": name, "kind": read.kind, "nside": nside,
+        "ordering": "nested", "frame": "icrs", "bands": list(read.bands),
+        "column_map": read.column_map,
+        "column_map_override": dict(column_map) if column_map is not None else
+        (old["column_map_override"] if old else None),
+        "columns": [{"name": n, "dtype": dtype[n].str, "unit": _unit(n)} for n in dtype.names or ()],
+        "files": ingested, "n_sources": int(sum(s["n"] for s in shard_info.values())),
+        "n_shards": len(shard_info),
+        "shards": {k: shard_info[k] for k in sorted(shard_info, key=int)},
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,17 +34,21 @@ import json
 import logging
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from apfast._fileio import atomic_path
 from apfast.errors import ConfigError, InputError
 
 __all__ = [
     "CONFIG_RELPATH",
+    "NON_PRODUCT_KEYS",
     "REGISTRY_NAME",
     "REPO_CFG_NAME",
     "Repository",
     "create_output_repo",
+    "is_product_key",
     "write_config",
 ]
 
@@ -56,10 +60,30 @@ CONFIG_RELPATH = Path("config") / "apfast.toml"
 _CFG_FORMAT = "apfast-repository-1"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    from apfast.exposure import atomic_output
+#: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
+#: of a run: where the APDB lives and how it is reached, threads, error handling and overwriting. A
+#: rerun's stored config (``config/apfast.toml``) that differs from a new run's only in these keys is
+#: not a configuration change: the new run's config replaces it without ``--clobber-config``. The
+#: command-line options ``-j``, ``--executor`` and the log level are not config keys, so never compared.
+NON_PRODUCT_KEYS: tuple[str, ...] = (
+    "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
+    "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
+)
 
-    with atomic_output(path) as tmp:
+
+def is_product_key(key: str) -> bool:
+    """Whether dotted config ``key`` can change a product (it is not covered by :data:`NON_PRODUCT_KEYS`).
+
+    Examples
+    --------
+    >>> is_product_key("difference.psfmatch.kernel_size"), is_product_key("apdb.db_url")
+    (True, False)
+    """
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path, mkdir=False, reserve=False) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -332,10 +356,18 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
-def _differing_keys(old: str, new: str) -> list[tuple[str, Any, Any]] | None:
-    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML."""
+def _differing_keys(old: str, new: str, normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                    ) -> list[tuple[str, Any, Any]] | None:
+    """``(dotted key, old value, new value)`` of every key that differs; ``None`` if either is not TOML.
+
+    With ``normalize`` (the run layer passes :func:`apfast.run.config.comparable_settings`) both sides
+    are read under the current keys, so a config stored with keys that have since moved (``diffim.*``)
+    equals the same settings written now.
+    """
+    norm = normalize if normalize is not None else (lambda flat: flat)
     try:
-        a, b = _flatten(tomllib.loads(old)), _flatten(tomllib.loads(new))
+        a = norm(_flatten(tomllib.loads(old)))
+        b = norm(_flatten(tomllib.loads(new)))
     except tomllib.TOMLDecodeError:
         return None
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, _UNSET) != b.get(k, _UNSET))
@@ -359,7 +391,8 @@ def _line_difference(old: str, new: str) -> str:
     return "differing lines: " + " | ".join(diff[:10])
 
 
-def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool = False) -> str:
+def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool = False,
+                 normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
     """Persist the run configuration in ``<repo>/config/apfast.toml`` (+ ``.sha256``).
 
     Parameters
@@ -370,6 +403,9 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
         The effective configuration (``apfast config show`` text).
     clobber : bool
         Overwrite a stored config that differs (Gen 2 ``--clobber-config``).
+    normalize : callable, optional
+        Maps a flat ``{dotted key: value}`` config to the current keys before comparing
+        (:func:`apfast.run.config.comparable_settings`); by default keys are compared as written.
 
     Returns
     -------
@@ -384,14 +420,14 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
 
     Notes
     -----
-    Keys of :data:`apfast.run.config.NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
-    sections, ``ingest.mode``) are left out of the comparison: a run that differs
+    Keys of :data:`NON_PRODUCT_KEYS` (the ``apdb`` and ``process``
+    sections) are left out of the comparison: a run that differs
     from the stored config only there replaces it (the full config is stored
     either way), so ``process-ccd`` then ``process -c apdb.db_url=...`` into one
-    rerun works.
+    rerun works. With ``normalize`` both configs are compared under the current keys, so a
+    config an earlier version stored with keys that have since moved or been removed
+    (:func:`apfast.run.config.comparable_settings`) equals the same settings now.
     """
-    from apfast.run.config import is_product_key
-
     base = repo.write_root if isinstance(repo, Repository) else Path(repo)
     sha = hashlib.sha256(toml_text.encode("utf-8")).hexdigest()
     path = base / CONFIG_RELPATH
@@ -403,9 +439,9 @@ def write_config(repo: str | Path | Repository, toml_text: str, *, clobber: bool
             if not sha_path.is_file():
                 _write_text_atomic(sha_path, sha + "\n")
             return sha
-        diffs = _differing_keys(old, toml_text)
+        diffs = _differing_keys(old, toml_text, normalize)
         product = None if diffs is None else [d for d in diffs if is_product_key(d[0])]
-        # only keys that cannot change a product (apfast.run.config.NON_PRODUCT_KEYS)
+        # only keys that cannot change a product (NON_PRODUCT_KEYS)
         if diffs is not None and product == []:
             log.info("%s: updating run settings that do not change products: %s", path, _describe(diffs))
         elif not clobber:

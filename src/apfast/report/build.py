@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from apfast.report.html import esc, fmt, light_curve_svg, marker_legend, page, table, thumbnail_svg
+from apfast.report.psfmatch import psfmatch_html, read_psfmatch
 
 __all__ = ["ReportResult", "build_report"]
 
@@ -205,6 +206,8 @@ def _read_ccd(
         info["diag_png"] = f"img/{stem}_diag.png"
         info["has_matched"] = butler.datasetExists("deepDiff_matchedExp", did)
         info["pngs"].append(img_dir / f"{stem}_diag.png")
+        info["psfmatch"] = read_psfmatch(butler, did, img_dir, stem)
+        info["pngs"] += info["psfmatch"].get("pngs", [])
         del diff
     dia = get("deepDiff_diaSrc")
     if dia is not None:
@@ -650,6 +653,7 @@ def _ccd_html(cv: Any, info: dict[str, Any], shown: set[int], url: str | None) -
             "</p>"
         )
     body.append("</div></div>")
+    body.append(psfmatch_html(info.get("psfmatch")))
     rows = []
     for r in sorted(info["dia"], key=lambda r: -abs(float(r.get("snr") or 0))):
         oid = r.get("diaObjectId")

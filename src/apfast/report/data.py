@@ -108,11 +108,12 @@ def resolve_db_url(out: Path, overrides: Sequence[str]) -> str | None:
     Other ``-c`` keys are validated as config overrides (an unknown key is a ConfigError) and ignored.
     """
     from apfast.repo.repository import CONFIG_RELPATH
-    from apfast.run.config import load_config
+    from apfast.run.config import canonical_key, load_config
 
     if overrides:
         cfg = load_config((), list(overrides))
-        if any(o.split("=", 1)[0].strip() == "apdb.db_url" for o in overrides):
+        # Rubin's -c diaPipe.apdb.db_url=... means apdb.db_url too
+        if any(canonical_key(o.split("=", 1)[0].strip()) == "apdb.db_url" for o in overrides):
             return str(cfg.apdb.db_url)
     stored = out / CONFIG_RELPATH
     if stored.is_file():

@@ -29,11 +29,13 @@ th{background:#e9edf3;position:sticky;top:0}
 td.l,th.l{text-align:left}
 tr.failed td{background:#fde8e8}
 tr.skipped td{background:#fff7e0}
-.scroll{max-height:460px;overflow:auto;display:inline-block;border:1px solid #d5d9e0}
+.scroll{max-height:460px;max-width:100%;overflow:auto;display:inline-block;border:1px solid #d5d9e0}
+.hscroll{max-width:100%;overflow-x:auto}
 .wrap{white-space:normal;max-width:420px;text-align:left}
 .flex{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
 .card{background:#fff;border:1px solid #d5d9e0;padding:6px}
 .card .cap{font-size:12px;color:#444;margin-top:3px}
+.card img{max-width:100%;height:auto}
 img.pix{image-rendering:pixelated}
 .legend span{display:inline-block;margin-right:12px;font-size:12px}
 .kv td{text-align:left}
@@ -81,7 +83,12 @@ def table(
     row_classes: Sequence[str] | None = None,
     scroll: bool = False,
 ) -> str:
-    """An HTML table; ``head`` is escaped, cells are HTML already (use :func:`fmt`/:func:`esc`)."""
+    """An HTML table; ``head`` is escaped, cells are HTML already (use :func:`fmt`/:func:`esc`).
+
+    The table sits in its own container that scrolls sideways when the table is wider than the
+    page (so the page itself never does); with ``scroll`` the container also scrolls vertically
+    beyond 460 px.
+    """
     th = "".join(
         f'<th class="l">{esc(h)}</th>' if i in left else f"<th>{esc(h)}</th>" for i, h in enumerate(head)
     )
@@ -91,7 +98,7 @@ def table(
         tds = "".join(f'<td class="l">{c}</td>' if i in left else f"<td>{c}</td>" for i, c in enumerate(r))
         body.append(f"<tr{cls}>{tds}</tr>")
     t = f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-    return f'<div class="scroll">{t}</div>' if scroll else t
+    return f'<div class="{"scroll" if scroll else "hscroll"}">{t}</div>'
 
 
 #: Marker styles over thumbnails: kind -> (stroke colour, label)

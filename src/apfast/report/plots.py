@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from apfast._constants import MAD_TO_SIGMA
+
 __all__ = [
     "bin_image",
     "ccd_diagnostics",
@@ -56,7 +58,7 @@ def _robust(a: np.ndarray) -> tuple[float, float]:
     if v.size == 0:
         return 0.0, 1.0
     med = float(np.median(v))
-    sig = 1.4826 * float(np.median(np.abs(v - med)))
+    sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
     if not sig > 0:
         sig = float(np.std(v)) or 1.0
     return med, sig
@@ -181,7 +183,7 @@ def ccd_diagnostics(
     if pull.size:
         core = pull[np.abs(pull) < 50]
         med = float(np.median(core))
-        rstd = 1.4826 * float(np.median(np.abs(core - med)))
+        rstd = MAD_TO_SIGMA * float(np.median(np.abs(core - med)))
         stats.update(mean=float(np.mean(core)), std=float(np.std(core)), robust_std=rstd)
         edges = np.linspace(-6, 6, 121)
         h, _ = np.histogram(pull, bins=edges)

@@ -237,7 +237,7 @@ def _template_visit(tokens: Sequence[str] | None) -> int | None:
 def _cmd_make_templates(args: argparse.Namespace) -> int:
     from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml
+    from apfast.run.config import comparable_settings, config_to_toml
     from apfast.run.pipeline import make_templates
     from apfast.run.warmup import ensure_kernel_cache, write_compile_report
 
@@ -247,7 +247,7 @@ def _cmd_make_templates(args: argparse.Namespace) -> int:
         _show(args, cfg, rows)
         return 0
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output or "templates")
-    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config, normalize=comparable_settings)
     butler = Butler(out_repo, calib=args.calib, output=cfg.output)
     ensure_kernel_cache()
     outcomes, paths = make_templates(butler, rows, cfg, doraise=args.doraise, progress=_progress)
@@ -294,6 +294,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from apfast.repo.dataid import parse_ids
+    from apfast.run.verify import format_verify, run_verify, write_json
+
+    res = run_verify(args.out, truth=args.truth, config_overrides=args.config or (),
+                     ids=[dict(e) for e in parse_ids(args.id or [])], match_radius=args.match_radius)
+    for line in format_verify(res):
+        _out(line)
+    if args.json:
+        _out(f"numbers written to {write_json(res, args.json)}")
+    return 0
+
+
 def _show(args: argparse.Namespace, cfg, rows: list[dict]) -> None:  # PipelineConfig
     from apfast.repo.dataid import format_table
     from apfast.run.config import config_to_toml
@@ -317,6 +330,10 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
         require_distributed()  # before anything is written
     cfg = _load_cfg(args)
+    if args.command == "process" and cfg.inject.catalog:
+        from apfast.run.inject import check_catalog
+
+        check_catalog(cfg.inject)  # a bad catalogue stops the run here, with one line (exit 2)
     rows = _select(args)
     if args.show:
         _show(args, cfg, rows)
@@ -375,12 +392,12 @@ def _run_selected(args: argparse.Namespace, cfg: Any, rows: list[dict], apdb: An
 
     from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml
+    from apfast.run.config import comparable_settings, config_to_toml
     from apfast.run.pipeline import run_process, run_process_ccd
     from apfast.run.warmup import ensure_kernel_cache, write_compile_report
 
     out_repo = create_output_repo(args.repo, rerun=args.rerun, output=args.output)
-    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config)
+    write_config(out_repo, config_to_toml(cfg), clobber=args.clobber_config, normalize=comparable_settings)
     ensure_kernel_cache()  # before any worker starts: workers then load every kernel, none compiles
     if cfg.process.n_threads:
         # numba.config sets its settings at run time; its module has no declaration for them
@@ -507,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Shard a reference catalogue (Gaia, PS1 or a generic table) into HEALPix FITS shards under\n"
              "REPO/ref_cats/NAME; running it again with new files merges them.")
     p.add_argument("repo", help=_REPO_HELP)
-    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (the config's refcat names)")
+    p.add_argument("name", help="catalogue name, e.g. gaia or ps1 (config calibrate.astrometry_refcat and "
+                        "calibrate.photometry_refcat name the ones used)")
     p.add_argument("files", nargs="+", help="CSV or FITS tables")
     p.add_argument("--kind", choices=["auto", "gaia", "ps1", "generic"], default="auto",
                    help="the table's column convention (default: guessed from the columns)")
@@ -562,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     ps = _sub(csub, "show", "print the effective config as TOML",
               "Print the effective configuration (defaults, then -C files, then -c overrides) as TOML, with\n"
-              "each key's documentation.")
+              "each key's documentation. Its header lists the other spellings accepted (Rubin's ap_pipe keys\n"
+              "such as diaPipe.apdb.db_url, keys of earlier apfast versions such as diffim.*) and the keys they\n"
+              "set, and the keys that were removed.")
     _add_config_args(ps)
     ps.set_defaults(func=_cmd_config_show)
 
@@ -635,6 +655,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
     p.set_defaults(func=_cmd_report)
+
+    p = _sub(sub, "verify", "completeness, flux pulls and false detections of a run against fakes and truth",
+             "Match each CCD-visit's DIA sources (APDB, or deepDiff_diaSrc without an APDB URL) to the fakes\n"
+             "injected by `apfast process -c inject.*` (injected_catalog) and to the simulated truth (--truth,\n"
+             "or the sim/ folder beside the input repository as `apfast demo` writes it). Prints per CCD-visit\n"
+             "counts, completeness vs magnitude and expected S/N, flux pulls of the fakes and the false\n"
+             "(unexplained) detections per CCD-visit.")
+    p.add_argument("out", help="the output repository of `apfast process` (REPO/rerun/NAME or the --output DIR)")
+    p.add_argument("--truth", default=None, metavar="SIM_DIR",
+                   help="simulation folder (or its truth/ folder); default: REPO/../sim when it exists")
+    p.add_argument("--id", action="append", nargs="+", metavar="KEY=VALUES",
+                   help="only these CCD-visits, e.g. visit=1^2 ccdnum=35 (repeatable)")
+    p.add_argument("--match-radius", type=float, default=1.0, metavar="ARCSEC",
+                   help="largest distance of a DIA source from a fake or transient it matches (default 1.0)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON to FILE")
+    p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -18,13 +18,18 @@ An override value is parsed as a TOML literal (``999``, ``false``, ``"text"``,
 TOML string is taken as is, so ``-c apdb.isolation_level=READ_UNCOMMITTED`` and
 ``-c apdb.db_url=sqlite:///apdb/association.db`` work unquoted. A field typed
 ``X | None`` is set to ``None`` with the string ``none`` (``-c
-calibs.validity_days=none``, or ``validity_days = "none"`` in a file).
+difference.decorrelation.kernel_size=none``, or ``kernel_size = "none"`` in a file).
+
+Other spellings of keys are accepted where they mean the same (:data:`RUBIN_KEYS`, the ap_pipe
+spellings users copy from Rubin's documentation, and :data:`MOVED_KEYS`, keys of earlier apfast
+versions); keys that were removed (:data:`REMOVED_KEYS`) are refused on the command line with what
+replaced them, and ignored in files (an older rerun's stored config lists them).
 
 Examples
 --------
->>> cfg = load_config(overrides=["apdb.isolation_level=READ_UNCOMMITTED", "calibs.validity_days=999"])
->>> cfg.apdb.isolation_level, cfg.calibs.validity_days
-('READ_UNCOMMITTED', 999.0)
+>>> cfg = load_config(overrides=["apdb.isolation_level=READ_UNCOMMITTED", "difference.decorrelation.kernel_size=31"])
+>>> cfg.apdb.isolation_level, cfg.difference.decorrelation.kernel_size
+('READ_UNCOMMITTED', 31)
 >>> load_config(overrides=["apdb.db_ur=x"])
 Traceback (most recent call last):
 ...
@@ -38,14 +43,14 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
-import re
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from apfast._configbase import (
     _MISSING,
@@ -59,22 +64,29 @@ from apfast._configbase import (
     _is_text,
     _union_args,
     describe_type,
+    key_prefix,
     opt,
     subsection,
 )
 from apfast.errors import ConfigError
+from apfast.repo.repository import NON_PRODUCT_KEYS, is_product_key
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ApdbConfig",
     "ConfigSection",
-    "CalibsConfig",
     "FieldInfo",
-    "IngestConfig",
     "NON_PRODUCT_KEYS",
     "PipelineConfig",
+    "MOVED_KEYS",
     "ProcessConfig",
-    "RefcatConfig",
+    "REMOVED_KEYS",
+    "RUBIN_KEYS",
+    "alias_lines",
     "apply_overrides",
+    "canonical_key",
+    "comparable_settings",
     "config_fields",
     "config_sha256",
     "config_to_toml",
@@ -90,106 +102,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # The sections
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IngestConfig(ConfigSection):
-    """How raw files enter the repository (``apfast ingest``)."""
-
-    mode: Literal["link", "copy", "move"] = opt(
-        "link",
-        "How each raw file is placed in the repository.",
-        choices={
-            "link": "symlink to the original file (fast; the original must stay in place)",
-            "copy": "copy the file (safe; doubles disk use)",
-            "move": "move the file into the repository (the original path disappears)",
-        },
-    )
-    camera: str = opt(
-        "DECam", "Camera name of a built-in camera (e.g. DECam) or the path of a camera TOML file."
-    )
-
-    def _validate(self) -> None:
-        if not self.camera.strip():
-            self._fail(
-                "camera", self.camera, "give a built-in camera name such as 'DECam' or a camera TOML path"
-            )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CalibsConfig(ConfigSection):
-    """Master calibrations (bias, flat, defects) and how long each stays valid."""
-
-    validity_days: float | None = opt(
-        None,
-        "Days either side of a calibration's date during which it may be used; none = per-format defaults.",
-    )
-
-    def _validate(self) -> None:
-        v = self.validity_days
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            self._fail("validity_days", v, "use a finite number of days >= 0, or none for the defaults")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RefcatConfig(ConfigSection):
-    """Reference catalogues for astrometry and photometry."""
-
-    astrometry: str = opt(
-        "gaia", "Name of the reference catalogue used for astrometry (folder under ref_cats/)."
-    )
-    photometry: str = opt(
-        "ps1", "Name of the reference catalogue used for photometry (folder under ref_cats/)."
-    )
-    nside: int = opt(32, "HEALPix nside (a power of 2) of the catalogue shards; 32 gives ~1.8 deg pixels.")
-
-    def _validate(self) -> None:
-        for name in ("astrometry", "photometry"):
-            value = getattr(self, name)
-            if not value.strip() or "/" in value or "\\" in value:
-                self._fail(
-                    name, value, "give a catalogue folder name under ref_cats/, such as 'gaia' or 'ps1'"
-                )
-        n = self.nside
-        if n < 1 or n > 2**13 or n & (n - 1):
-            self._fail("nside", n, "use a power of 2 between 1 and 8192, e.g. 32")
-
-
-_DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*://")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ApdbConfig(ConfigSection):
-    """The Alert Production Database (DIA objects, sources and forced sources)."""
-
-    db_url: str = opt(
-        "sqlite:///apdb/association.db",
-        "SQLAlchemy URL of the APDB, e.g. sqlite:///apdb/association.db or postgresql://host/db.",
-    )
-    isolation_level: Literal["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"] = opt(
-        "READ_COMMITTED",
-        "Transaction isolation level of APDB connections.",
-        choices={
-            "READ_COMMITTED": "see only committed rows (the usual choice)",
-            "READ_UNCOMMITTED": "also see uncommitted rows (what Rubin uses with SQLite)",
-            "REPEATABLE_READ": "rows read stay unchanged for the transaction",
-            "SERIALIZABLE": "full isolation; slowest with concurrent writers",
-        },
-    )
-    connection_timeout: float = opt(60.0, "Seconds to wait for a connection or a database lock (> 0).")
-    connection_pool: bool = opt(True, "Keep a pool of open connections; false opens one per transaction.")
-
-    def _validate(self) -> None:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in self.db_url):
-            self._fail("db_url", self.db_url.encode("unicode_escape").decode("ascii"),
-                       "remove the control characters (newline, NUL, ...) from the URL")
-        if not _DB_URL_RE.match(self.db_url):
-            self._fail(
-                "db_url", self.db_url, "give an SQLAlchemy URL such as 'sqlite:///apdb/association.db'"
-            )
-        t = self.connection_timeout
-        if not (math.isfinite(t) and t > 0):
-            self._fail("connection_timeout", t, "use a finite number of seconds > 0, e.g. 60")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,19 +122,20 @@ class ProcessConfig(ConfigSection):
             self._fail("n_threads", self.n_threads, "use 0 for all cores or a positive thread count")
 
 
-# The stage sections are defined beside their stages (they import only apfast._configbase).
+# The stage sections are defined beside their stages (they import only apfast._configbase); ApdbConfig
+# is re-exported here, where it was defined before.
 from apfast.ccd.calibrate import CalibrateConfig  # noqa: E402
 from apfast.ccd.characterize import CharacterizeConfig  # noqa: E402
+from apfast.ccd.inject import InjectConfig  # noqa: E402
 from apfast.ccd.isr import IsrConfig  # noqa: E402
 from apfast.dia.alerts import AlertsConfig  # noqa: E402
+from apfast.dia.apdb import ApdbConfig  # noqa: E402
 from apfast.dia.association import AssociationConfig  # noqa: E402
 from apfast.dia.diapipe import DiaPipeConfig  # noqa: E402
 from apfast.dia.diasource import DiaSourceConfig  # noqa: E402
 from apfast.dia.filtering import DiaFilterConfig  # noqa: E402
 from apfast.dia.reliability import ReliabilityConfig  # noqa: E402
 from apfast.diffim.coadd import CoaddConfig  # noqa: E402
-from apfast.diffim.decorrelate import DecorrelationConfig  # noqa: E402
-from apfast.diffim.psfmatch import PsfMatchConfig  # noqa: E402
 from apfast.diffim.stage import DifferenceConfig  # noqa: E402
 from apfast.diffim.template import TemplateConfig  # noqa: E402
 from apfast.diffim.warp import WarpConfig  # noqa: E402
@@ -233,9 +146,6 @@ from apfast.repo.writer import OutputConfig  # noqa: E402
 class PipelineConfig(ConfigSection):
     """The whole pipeline: one section per stage (add a section with one line here)."""
 
-    ingest: IngestConfig = subsection(IngestConfig)
-    calibs: CalibsConfig = subsection(CalibsConfig)
-    refcat: RefcatConfig = subsection(RefcatConfig)
     apdb: ApdbConfig = subsection(ApdbConfig)
     process: ProcessConfig = subsection(ProcessConfig)
     output: OutputConfig = subsection(OutputConfig)
@@ -246,37 +156,50 @@ class PipelineConfig(ConfigSection):
     coadd: CoaddConfig = subsection(CoaddConfig)
     template: TemplateConfig = subsection(TemplateConfig)
     difference: DifferenceConfig = subsection(DifferenceConfig)
-    diffim: PsfMatchConfig = subsection(PsfMatchConfig)
-    decorrelation: DecorrelationConfig = subsection(DecorrelationConfig)
     dia: DiaSourceConfig = subsection(DiaSourceConfig)
     dia_filter: DiaFilterConfig = subsection(DiaFilterConfig)
     reliability: ReliabilityConfig = subsection(ReliabilityConfig)
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
+    inject: InjectConfig = subsection(InjectConfig)
 
 
-#: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
-#: of a run: where the APDB lives and how it is reached, threads, error handling and overwriting. A
-#: rerun's stored config (``config/apfast.toml``) that differs from a new run's only in these keys is
-#: not a configuration change: the new run's config replaces it without ``--clobber-config``. The
-#: command-line options ``-j``, ``--executor`` and the log level are not config keys, so never compared.
-NON_PRODUCT_KEYS: tuple[str, ...] = (
-    "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
-    "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
-    "ingest.mode",  # link/copy/move of raws: the same pixels either way
-)
+#: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
+#: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
+ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.")
 
 
-def is_product_key(key: str) -> bool:
-    """Whether dotted config ``key`` can change a product (it is not covered by :data:`NON_PRODUCT_KEYS`).
+def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings of a stored config under the current keys, so an old rerun's config compares fairly.
+
+    Old spellings (:data:`MOVED_KEYS`, :data:`RUBIN_KEYS`) become the keys they mean, keys that never had
+    an effect (:data:`REMOVED_KEYS`) are left out, and the keys of
+    :data:`ADDED_SECTIONS` a config lacks get their defaults as TOML would read them back (tuples as
+    lists). Keys this version does not know are kept as they are.
+
+    Parameters
+    ----------
+    flat : mapping of str to object
+        ``{"difference.psfmatch.kernel_size": 21, ...}``: a parsed TOML config flattened to dotted keys.
+
+    Returns
+    -------
+    dict of str to object
+        The same settings under the current keys.
 
     Examples
     --------
-    >>> is_product_key("diffim.kernel_size"), is_product_key("apdb.db_url")
-    (True, False)
+    >>> flat = comparable_settings({"diffim.kernel_size": 25, "dia.threshold": 6.0})
+    >>> flat["difference.psfmatch.kernel_size"], flat["dia.detection.threshold"], flat["dia.detection.polarity"]
+    (25, 6.0, 'both')
     """
-    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_PRODUCT_KEYS)
+    out = {canonical_key(k): v for k, v in flat.items() if canonical_key(k) not in REMOVED_KEYS}
+    if ADDED_SECTIONS:
+        for key, info in config_fields().items():
+            if key.startswith(ADDED_SECTIONS) and key not in out and info.default is not None:
+                out[key] = list(info.default) if isinstance(info.default, tuple) else info.default
+    return out
 
 
 class FieldInfo(NamedTuple):
@@ -292,12 +215,25 @@ class FieldInfo(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-def _register_prefixes(cls: type, prefix: str) -> None:
-    """Tell every nested section class its dotted prefix, so its messages name full keys."""
-    cls._key_prefix = prefix  # type: ignore[attr-defined]
+def _section_places(cls: type, prefix: str, out: dict[type, list[str]]) -> dict[type, list[str]]:
+    """Every dotted prefix at which each section class sits below ``cls``."""
+    out.setdefault(cls, []).append(prefix)
     for name, tp in _hints(cls).items():
         if _is_section(tp):
-            _register_prefixes(tp, f"{prefix}{name}.")
+            _section_places(tp, f"{prefix}{name}.", out)
+    return out
+
+
+def _register_prefixes(cls: type, prefix: str) -> None:
+    """Tell every section class used in one place its dotted prefix, so its messages name full keys.
+
+    A class used in several places (``DetectionConfig``, ``MeasurementConfig``, ``BackgroundConfig``)
+    keeps its own short prefix for direct construction; the loader names the full key of the place
+    it builds (:func:`apfast._configbase.key_prefix`).
+    """
+    for section, places in _section_places(cls, prefix, {}).items():
+        if len(places) == 1:
+            section._key_prefix = places[0]  # type: ignore[attr-defined]
 
 
 _register_prefixes(PipelineConfig, "")
@@ -402,14 +338,22 @@ class _Setting(NamedTuple):
     source: str
 
 
-def _leaf_settings(key: str, value: Any, source: str) -> list[_Setting]:
-    """Type-check one value for ``key``; a table given for a section is expanded into its keys."""
+def _leaf_settings(key: str, value: Any, source: str, *, in_file: bool = False) -> list[_Setting]:
+    """Type-check one value for ``key``; a table given for a section is expanded into its keys.
+
+    ``in_file``: the value comes from a ``-C`` file, where removed keys are ignored instead of refused.
+    """
+    key = canonical_key(key)
+    if key in REMOVED_KEYS:
+        return _removed(key, value, source, in_file=in_file)
+    if isinstance(value, Mapping) and _is_alias_section(key):
+        return [s for sub, v in value.items() for s in _leaf_settings(f"{key}.{sub}", v, source, in_file=in_file)]
     tp = _resolve(key, source)
     if _is_section(tp):
         if isinstance(value, Mapping):
             out: list[_Setting] = []
             for sub, v in value.items():
-                out.extend(_leaf_settings(f"{key}.{sub}", v, source))
+                out.extend(_leaf_settings(f"{key}.{sub}", v, source, in_file=in_file))
             return out
         example = next(iter(config_fields(tp)))
         msg = (
@@ -434,6 +378,87 @@ RUBIN_KEYS: dict[str, str] = {
     "diaPipe.apdb.connection_timeout": "apdb.connection_timeout",
 }
 
+#: Keys of earlier apfast versions that moved, and where they live now; a name ending in ``.`` moves
+#: every key of that section. They are accepted wherever keys are (``-c``, ``-C`` files, the config a
+#: rerun stored), so old command lines and reruns keep working; ``apfast config show`` lists them.
+MOVED_KEYS: dict[str, str] = {
+    "diffim.": "difference.psfmatch.",
+    "decorrelation.": "difference.decorrelation.",
+    "dia.threshold": "dia.detection.threshold",
+    "dia.grow_footprint": "dia.detection.grow_merge",
+}
+
+
+#: Keys earlier versions had that never changed anything, with their old default and what does the job.
+#: ``-c`` with one is a ConfigError saying so; a ``-C`` file may hold them (every rerun stored them):
+#: they are ignored there, with a warning unless they have their old default.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "ingest.mode": ("link", "use `apfast ingest --mode` (or `apfast ingest-calibs --mode`)"),
+    "ingest.camera": ("DECam", "use `apfast ingest --camera` (the camera of a new repository)"),
+    "calibs.validity_days": (None, "use `apfast ingest-calibs --validity DAYS`"),
+    "refcat.astrometry": ("gaia", "use calibrate.astrometry_refcat"),
+    "refcat.photometry": ("ps1", "use calibrate.photometry_refcat"),
+    "refcat.nside": (32, "use `apfast ingest-refcat --nside N`"),
+}
+
+
+def _removed(key: str, value: Any, source: str, *, in_file: bool) -> list[_Setting]:
+    """Refuse a removed key given on the command line or in code; ignore it in a config file."""
+    default, instead = REMOVED_KEYS[key]
+    if not in_file:
+        msg = f"config key '{key}' was removed (it never had an effect); {instead} ({source})"
+        raise _ConfigError(msg, key)
+    if value != default and not (default is None and isinstance(value, str) and value.lower() == NONE_TEXT):
+        log.warning("ignoring config key '%s' = %r (%s): it was removed (it never had an effect); %s",
+                    key, value, source, instead)
+    return []
+
+
+def canonical_key(key: str) -> str:
+    """The current dotted key meant by ``key``, which may be a Rubin or an earlier apfast spelling.
+
+    Parameters
+    ----------
+    key : str
+        A dotted key (a leaf or a section) as typed or stored.
+
+    Returns
+    -------
+    str
+        The key it maps to (:data:`RUBIN_KEYS`, :data:`MOVED_KEYS`), or ``key`` itself.
+
+    Examples
+    --------
+    >>> canonical_key("diffim.kernel_size"), canonical_key("diffim"), canonical_key("diaPipe.apdb.db_url")
+    ('difference.psfmatch.kernel_size', 'difference.psfmatch', 'apdb.db_url')
+    >>> canonical_key("apdb.db_url")
+    'apdb.db_url'
+    """
+    for table in (RUBIN_KEYS, MOVED_KEYS):
+        if key in table:
+            return table[key]
+        for old, new in table.items():
+            if old.endswith("."):
+                if key == old[:-1]:
+                    return new[:-1]
+                if key.startswith(old):
+                    return new + key[len(old):]
+    return key
+
+
+def _is_alias_section(key: str) -> bool:
+    """Whether ``key`` only starts alias or removed spellings (``diaPipe``, ``refcat``): a table of them."""
+    return any(a.startswith(f"{key}.") for a in (*RUBIN_KEYS, *MOVED_KEYS, *REMOVED_KEYS))
+
+
+def alias_lines() -> list[str]:
+    """The accepted alias spellings and what they mean, one per line (``apfast config show`` prints them)."""
+    lines = [f"-c {old}=... -> {new}" for old, new in RUBIN_KEYS.items()]
+    lines.append("-C .../config/calexpTemplates.py -> the built-in calexpTemplates.toml")
+    lines.extend(f"{old}* -> {new}*" if old.endswith(".") else f"{old} -> {new}" for old, new in MOVED_KEYS.items())
+    lines.extend(f"{old}: removed (it never had an effect); {instead}" for old, (_, instead) in REMOVED_KEYS.items())
+    return lines
+
 
 def _parse_override(text: str) -> list[_Setting]:
     """Parse one ``-c key=value`` string (value is a TOML literal, or raw text for string keys)."""
@@ -446,7 +471,9 @@ def _parse_override(text: str) -> list[_Setting]:
             "e.g. -c apdb.connection_timeout=30 or -c apdb.db_url=sqlite:///apdb/association.db"
         )
         raise ConfigError(msg)
-    key = RUBIN_KEYS.get(key, key)
+    key = canonical_key(key)
+    if key in REMOVED_KEYS:
+        return _removed(key, raw, source, in_file=False)
     tp = _resolve(key, source)
     raw = raw.strip()
     value: Any = _MISSING
@@ -478,13 +505,13 @@ def _example(tp: Any) -> str:
     return {bool: "true", int: "4", float: "2.5"}.get(tp, "[1, 2]" if typing.get_origin(tp) is tuple else "x")
 
 
-def _mapping_settings(overrides: Mapping[str, object], source: str) -> list[_Setting]:
+def _mapping_settings(overrides: Mapping[str, object], source: str, *, in_file: bool = False) -> list[_Setting]:
     out: list[_Setting] = []
     for key, value in overrides.items():
         if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
             msg = f"config key {key!r} ({source}) is not a dotted name such as 'apdb.db_url'"
             raise ConfigError(msg)
-        out.extend(_leaf_settings(key, value, source))
+        out.extend(_leaf_settings(key, value, source, in_file=in_file))
     return out
 
 
@@ -504,7 +531,7 @@ def _file_settings(path: str | Path) -> list[_Setting]:
         # tomllib's message ends "(at line N, column M)": keep it, it is the location.
         msg = f"config file {str(p)!r} is not valid TOML: {exc}; fix the file at that line"
         raise ConfigError(msg) from None
-    return _mapping_settings(data, f"in file {p}")
+    return _mapping_settings(data, f"in file {p}", in_file=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,10 +548,11 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
+def _from_dict(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = _hints(cls)
-    kwargs = {k: (_from_dict(hints[k], v) if _is_section(hints[k]) else v) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {k: (_from_dict(hints[k], v, f"{prefix}{k}.") if _is_section(hints[k]) else v) for k, v in data.items()}
+    with key_prefix(prefix):  # a shared section class names the key where it sits
+        return cls(**kwargs)
 
 
 def _apply(cfg: PipelineConfig, settings: Sequence[_Setting]) -> PipelineConfig:
@@ -624,8 +652,9 @@ def load_config(
 
     Examples
     --------
-    >>> cfg = load_config(overrides=["calibs.validity_days=999", "calibs.validity_days=none"])
-    >>> cfg.calibs.validity_days is None
+    >>> cfg = load_config(overrides=["difference.decorrelation.kernel_size=31",
+    ...                              "difference.decorrelation.kernel_size=none"])
+    >>> cfg.difference.decorrelation.kernel_size is None
     True
 
     """
@@ -695,15 +724,18 @@ def config_to_toml(cfg: PipelineConfig) -> str:
     lines = [
         "# apfast effective configuration. Load it with `apfast ... -C this.toml`;",
         "# override single keys with -c section.key=value (later settings win).",
-        "# Rubin's ap_pipe spellings are accepted and mean the apfast keys: "
-        + "; ".join(f"-c {k}=... -> {v}" for k, v in RUBIN_KEYS.items())
-        + "; -C .../config/calexpTemplates.py -> the built-in calexpTemplates.toml.",
+        "#",
+        "# Aliases: these spellings (Rubin ap_pipe's, and keys of earlier apfast versions) are accepted in",
+        "# -c overrides, -C files and stored configs, and set the key after the arrow; removed keys are",
+        "# refused by -c and ignored in files:",
+        *(f"#   {line}" for line in alias_lines()),
     ]
     _section_toml(cfg, "", lines)
     return "\n".join(lines) + "\n"
 
 
-def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
+def _section_toml(cfg: Any, prefix: str, lines: list[str], doc: str | None = None) -> None:
+    """Append the TOML of section ``cfg`` at ``prefix``, headed by ``doc`` (default: its class's first doc line)."""
     cls = type(cfg)
     hints = _hints(cls)
     fields = dataclasses.fields(cfg)
@@ -711,7 +743,8 @@ def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
     if leaves:
         lines.append("")
         if prefix:
-            lines.extend(_comment((cls.__doc__ or "").strip().splitlines()[0].replace("``", "`")))
+            head = doc if doc is not None else (cls.__doc__ or "").strip().splitlines()[0]
+            lines.extend(_comment(head.replace("``", "`")))
             lines.append(f"[{prefix.rstrip('.')}]")
     for f in leaves:
         tp = hints[f.name]
@@ -731,7 +764,8 @@ def _section_toml(cfg: Any, prefix: str, lines: list[str]) -> None:
             lines.append(f"{f.name} = {_toml_value(value)}")
     for f in fields:
         if _is_section(hints[f.name]):
-            _section_toml(getattr(cfg, f.name), f"{prefix}{f.name}.", lines)
+            # a nested section is headed by what it does where it sits (characterize's detection: bright stars)
+            _section_toml(getattr(cfg, f.name), f"{prefix}{f.name}.", lines, f.metadata.get("doc") if prefix else None)
 
 
 def _canonical(value: Any) -> Any:

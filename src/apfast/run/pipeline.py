@@ -277,8 +277,15 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
         root = template_root if template_root is not None else butler.repo.root
         template = get_template(root, calexp, filter=str(row["filter"]), config=cfg.template, warp_config=cfg.warp)
     timings["template"] = time.perf_counter() - t
-    res = run_image_difference(calexp, template, sources=src, psfmatch=cfg.diffim,
-                               decorrelation=cfg.decorrelation, config=dcfg)
+    if cfg.inject.enabled:  # fakes in memory only: the calexp on disk stays as processCcd wrote it
+        from apfast.run.inject import inject_for_difference
+
+        t = time.perf_counter()
+        calexp, template, _ = inject_for_difference(writer if writer is not None else butler, calexp, template,
+                                                    visit=did["visit"], ccdnum=did["ccdnum"], config=cfg.inject,
+                                                    sources=src)
+        timings["inject"] = time.perf_counter() - t
+    res = run_image_difference(calexp, template, sources=src, config=dcfg)
     timings.update(res.timings)
     t = time.perf_counter()
     for k, v in res.stats.items():
@@ -287,9 +294,22 @@ def process_diffim(butler: Butler, row: dict[str, Any], cfg: Any, *, template_ro
     out.put(res.difference, "deepDiff_differenceExp", did)
     if cfg.output.write_matched:  # the DIA stage of this CCD gets it in memory (products) either way
         out.put(res.matched, "deepDiff_matchedExp", did)
+    _put_psfmatch_record(out, res, did)
     timings["diff_write"] = time.perf_counter() - t
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, dict(res.stats),
                       products={"calexp": calexp, "difference": res.difference, "matched": res.matched})
+
+
+def _put_psfmatch_record(out: Butler | OutputWriter, res: Any, did: dict[str, Any]) -> None:
+    """Hand over ``deepDiff_psfMatch``, the PSF-matching record of the difference (always: ~0.2 MB, ~1 ms).
+
+    It is a diagnostic (``apfast report`` draws it), not an input of a later stage, so it is not
+    among :data:`DIFFIM_OUTPUTS`: an output repository without it (written before it existed) is
+    complete and is not redone.
+    """
+    from apfast.diffim.diagnostics import psfmatch_diagnostics
+
+    out.put(psfmatch_diagnostics(res.subtraction), "deepDiff_psfMatch", did)
 
 
 def _guarded(outcome: CcdOutcome, tag: str, what: str, fn: Callable[[], Any], *, doraise: bool) -> Any:
@@ -511,9 +531,12 @@ def process_dia_stage(
     if done and not redo:
         return
     from apfast.dia.diapipe import process_dia
+    from apfast.run.inject import dia_products
 
     t = time.perf_counter()
-    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, products=o.products, writer=writer),
+    # with injection on, a calexp read back from disk gets the fakes the difference saw, again
+    r = _guarded(o, tag, "DIA", lambda: process_dia(butler, row, cfg, apdb, writer=writer,
+                                                    products=dia_products(butler, did, cfg.inject, o.products)),
                  doraise=doraise)
     if r is None:
         return

@@ -16,7 +16,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from apfast.errors import ConfigError
 
@@ -46,14 +48,6 @@ def run_demo(
     progress : callable, optional
         Receives progress messages of the long steps.
     """
-    from apfast.repo.butler import Butler
-    from apfast.repo.calibs import ingest_calibs
-    from apfast.repo.dataid import format_table
-    from apfast.repo.ingest import ingest_raws
-    from apfast.repo.refcat import ingest_refcat, load_polygon
-    from apfast.repo.registry import Registry
-    from apfast.sim.simulate import simulate
-
     root = Path(directory).resolve()
     sim_dir, repo = root / "sim", root / "repo"
     timings: list[tuple[str, float]] = []
@@ -68,6 +62,83 @@ def run_demo(
 
     out(f"apfast demo in {root}")
     done = step("simulate")
+    inputs = _simulate_or_reuse(root, sim_dir, seed=seed, full=full, out=out)
+    done()
+
+    done = step("ingest")
+    _ingest_raws(repo, sim_dir, inputs, out=out, progress=progress)
+    done()
+
+    done = step("ingest-calibs")
+    _ingest_calibs(repo, sim_dir, inputs, out=out, progress=progress)
+    done()
+
+    done = step("ingest-refcat")
+    _ingest_refcats(repo, inputs, out=out, progress=progress)
+    done()
+
+    done = step("select")
+    all_visits = "^".join(str(v) for v in inputs.visits)
+    rows = _select(repo, inputs.visits, all_visits, out=out)
+    done()
+
+    done = step("butler")
+    first = rows[0]
+    data_id = {"visit": first["visit"], "ccdnum": first["ccdnum"]}
+    _read_back(repo, first, data_id, out=out)
+    done()
+
+    done = step("process-ccd")
+    cfg, out_repo, outcomes = _process_ccds(repo, rows, data_id, all_visits, out=out, progress=progress)
+    done()
+    failed = sum(o.status == "failed" for o in outcomes)
+
+    done = step("templates")
+    tmpl_root = _make_templates(root, repo, out_repo, cfg, rows, outcomes, inputs.template_visits, out=out,
+                                progress=progress)  # fmt: skip
+    if tmpl_root is None:
+        return 1
+    done()
+
+    done = step("make-apdb")
+    cfg, apdb, apdb_path = _make_apdb(root, cfg, out=out)
+    done()
+
+    done = step("process")
+    sci_rows = [r for r in rows if int(r["visit"]) not in inputs.template_visits]
+    diff_out = _process_science(repo, out_repo, tmpl_root, cfg, apdb, apdb_path, sci_rows, out=out,
+                                progress=progress)  # fmt: skip
+    done()
+    failed += sum(o.status == "failed" for o in diff_out)
+
+    _report_and_wrap_up(out_repo, repo, sim_dir, tmpl_root, apdb_path, diff_out, timings,
+                        sci_rows[0] if sci_rows else first, out=out)  # fmt: skip
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of run_demo
+# --------------------------------------------------------------------------------------------------
+
+#: Receives lines of the report (``out``) or progress messages (``progress``).
+_Lines = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _DemoInputs:
+    """The simulated inputs the later steps ingest, and which visits are the template epoch."""
+
+    raw_files: list[Path]
+    calib_files: list[Path]
+    refcats: tuple[Path, ...]
+    visits: list[int]
+    template_visits: set[int]
+
+
+def _simulate_or_reuse(root: Path, sim_dir: Path, *, seed: int, full: bool, out: _Lines) -> _DemoInputs:
+    """[1/10] Reuse a complete simulation made with the same settings, else clear the folder and simulate."""
+    from apfast.sim.simulate import simulate
+
     marker = root / _MARKER
     wanted = {"seed": int(seed), "full": bool(full)}
     reuse = _read_marker(marker) == wanted and _simulation_complete(sim_dir)
@@ -86,19 +157,20 @@ def run_demo(
     if reuse:
         from apfast.sim.simulate import load_truth
 
-        summary = None
         truth = load_truth(sim_dir)
         raw_files = sorted((sim_dir / "raw").glob("*.fits.fz"))
         calib_files = sorted(p for p in (sim_dir / "calib").iterdir() if p.is_file())
-        refcats = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
+        refcats: tuple[Path, ...] = (sim_dir / "refcat" / "gaia.csv", sim_dir / "refcat" / "ps1.csv")
         out(f"[1/10] reusing the complete simulation in {sim_dir} (seed {seed}; delete it to re-simulate)")
         visits = sorted({int(v) for v in truth.visits["visit"]})
+        tmpl_visits = {int(r["visit"]) for r in truth.visits if str(r["epoch"]) == "template"}
     else:
         summary = simulate(sim_dir, small=not full, seed=seed)  # it logs its own progress
         raw_files = list(summary.raw_files)
         calib_files = list(summary.calib_files)
         refcats = summary.refcat_files
         visits = list(summary.visits)
+        tmpl_visits = set(summary.template_visits)
         out(
             f"[1/10] simulated {len(summary.visits)} DECam visits ({len(summary.template_visits)} template epoch, "
             f"{len(summary.science_visits)} science) x {len(summary.ccdnums)} full-size CCDs with truth "
@@ -106,50 +178,67 @@ def run_demo(
         )
         marker.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
     out(f"      $ apfast simulate {sim_dir}{'' if full else ' --small'} --seed {seed}")
-    done()
+    return _DemoInputs(raw_files=raw_files, calib_files=calib_files, refcats=tuple(refcats), visits=visits,
+                       template_visits=tmpl_visits)  # fmt: skip
 
-    done = step("ingest")
-    rep = ingest_raws(repo, raw_files, mode="link", progress=progress)
+
+def _ingest_raws(repo: Path, sim_dir: Path, inputs: _DemoInputs, *, out: _Lines, progress: _Lines | None) -> None:
+    """[2/10] Ingest the raws into the repository (linked)."""
+    from apfast.repo.ingest import ingest_raws
+
+    rep = ingest_raws(repo, inputs.raw_files, mode="link", progress=progress)
     out(
         f"[2/10] ingested {len(rep.ingested)} raw file(s) ({rep.n_rows} CCDs; {len(rep.already_present)} already "
         f"present) -> {repo / 'registry.sqlite3'}"
     )
     out(f"      $ apfast ingest {repo} {sim_dir / 'raw'}/c4d_*_ori.fits.fz")
-    done()
 
-    done = step("ingest-calibs")
-    crep = ingest_calibs(repo / "calibs", calib_files, progress=progress)
+
+def _ingest_calibs(repo: Path, sim_dir: Path, inputs: _DemoInputs, *, out: _Lines, progress: _Lines | None) -> None:
+    """[3/10] Register the master calibrations under ``repo/calibs``."""
+    from apfast.repo.calibs import ingest_calibs
+
+    crep = ingest_calibs(repo / "calibs", inputs.calib_files, progress=progress)
     out(
         f"[3/10] registered {crep.n_added} calibration row(s) (bias, flats, defects, crosstalk; "
         f"{len(crep.skipped)} already present) -> {repo / 'calibs' / 'calibRegistry.sqlite3'}"
     )
     out(f"      $ apfast ingest-calibs {repo / 'calibs'} {sim_dir / 'calib'}/*")
-    done()
 
-    done = step("ingest-refcat")
-    for name, path in zip(("gaia", "ps1"), refcats, strict=True):
+
+def _ingest_refcats(repo: Path, inputs: _DemoInputs, *, out: _Lines, progress: _Lines | None) -> None:
+    """[4/10] Shard the Gaia and Pan-STARRS catalogues by HEALPix."""
+    from apfast.repo.refcat import ingest_refcat
+
+    for name, path in zip(("gaia", "ps1"), inputs.refcats, strict=True):
         rr = ingest_refcat(repo, name, [path], progress=progress)
         out(
             f"[4/10] reference catalogue {name}: {rr.n_total} sources in {len(list(rr.path.glob('*.fits')))} "
             f"HEALPix shard(s) -> {rr.path}"
         )
         out(f"      $ apfast ingest-refcat {repo} {name} {path}")
-    done()
 
-    done = step("select")
+
+def _select(repo: Path, visits: list[int], all_visits: str, *, out: _Lines) -> list[dict[str, Any]]:
+    """[5/10] The registry rows of every simulated visit, printed as ``--show data`` does."""
+    from apfast.repo.dataid import format_table
+    from apfast.repo.registry import Registry
+
     with Registry(repo) as reg:
         rows = reg.select([{"visit": visits}])
-    all_visits = "^".join(str(v) for v in visits)
     out(f"[5/10] {len(rows)} CCD(s) selectable; `apfast process {repo} --id visit={all_visits} --show data` "
         "prints:")
     for line in format_table(rows, ["visit", "ccdnum", "detector", "filter", "date", "expTime"]).splitlines():
         out("      " + line)
-    done()
+    return rows
 
-    done = step("butler")
+
+def _read_back(repo: Path, first: dict[str, Any], data_id: dict[str, Any], *, out: _Lines) -> None:
+    """[6/10] Read the first CCD's raw, calibrations and Gaia stars back through the Butler."""
+    from apfast.repo.butler import Butler
+    from apfast.repo.refcat import load_polygon
+
     butler = Butler(repo)
-    first = rows[0]
-    data_id = {"visit": first["visit"], "ccdnum": first["ccdnum"]}
     raw = butler.get("raw", data_id)
     bias = butler.get("bias", data_id)
     flat = butler.get("flat", data_id)
@@ -160,16 +249,26 @@ def run_demo(
     out(f"[6/10] read back through apfast.Butler({str(repo)!r}) for {data_id}:")
     out(f"      raw {raw.image.shape} {raw.image.dtype}, bias {_shape(bias)}, flat {_shape(flat)}, "
         f"{len(defects)} defect box(es); {len(gaia)} Gaia star(s) on the CCD from shards {list(gaia.shards_read)}")
-    done()
 
-    done = step("process-ccd")
+
+def _process_ccds(
+    repo: Path,
+    rows: list[dict[str, Any]],
+    data_id: dict[str, Any],
+    all_visits: str,
+    *,
+    out: _Lines,
+    progress: _Lines | None,
+) -> tuple[Any, Path, list[Any]]:
+    """[7/10] processCcd of every CCD into the ``demo`` rerun; return the config, the rerun and the outcomes."""
+    from apfast.repo.butler import Butler
     from apfast.repo.repository import create_output_repo, write_config
-    from apfast.run.config import config_to_toml, load_config
+    from apfast.run.config import comparable_settings, config_to_toml, load_config
     from apfast.run.pipeline import format_summary, run_process_ccd
 
     cfg = load_config()
     out_repo = create_output_repo(repo, rerun="demo")
-    write_config(out_repo, config_to_toml(cfg), clobber=True)
+    write_config(out_repo, config_to_toml(cfg), clobber=True, normalize=comparable_settings)
     out(f"[7/10] ISR, characterize and calibrate every CCD into {out_repo} (the first CCD includes compiling "
         "the parallel kernels):")
     out(f"      $ apfast process-ccd {repo} --rerun demo --id visit={all_visits}")
@@ -184,34 +283,48 @@ def run_demo(
     if calexp is not None:
         out(f"      calexp {data_id}: {calexp.image.shape} image/mask/variance, PSF {type(calexp.psf).__name__}, "
             f"zero point {calexp.photo_calib.zero_point:.3f} (electrons), WCS {calexp.wcs.wcs.ctype[0]}")
-    done()
-    failed = sum(o.status == "failed" for o in outcomes)
+    return cfg, out_repo, outcomes
 
-    done = step("templates")
+
+def _make_templates(
+    root: Path,
+    repo: Path,
+    out_repo: Path,
+    cfg: Any,
+    rows: list[dict[str, Any]],
+    outcomes: list[Any],
+    tmpl_visits: set[int],
+    *,
+    out: _Lines,
+    progress: _Lines | None,
+) -> Path | None:
+    """[8/10] Coadd the template-epoch calexps into ``root/templates``; None when none was processed."""
     from apfast.diffim.template import build_templates
-    from apfast.run.pipeline import run_process
+    from apfast.repo.butler import Butler
+    from apfast.repo.repository import create_output_repo, write_config
+    from apfast.run.config import comparable_settings, config_to_toml
 
-    tmpl_visits = set(summary.template_visits) if summary is not None else {
-        int(r["visit"]) for r in truth.visits if str(r["epoch"]) == "template"}
     # an output repository, as `apfast make-templates --output` makes, so the printed command works on it
     tmpl_root = create_output_repo(repo, output=root / "templates")
-    write_config(tmpl_root, config_to_toml(cfg), clobber=True)
+    write_config(tmpl_root, config_to_toml(cfg), clobber=True, normalize=comparable_settings)
     butler = Butler(out_repo)
     calexps = [butler.get("calexp", visit=int(r["visit"]), ccdnum=int(r["ccdnum"]))
                for r, o in zip(rows, outcomes, strict=True)
                if int(r["visit"]) in tmpl_visits and o.status != "failed"]
     if not calexps:
         out("[8/10] no template-epoch CCD was processed (see the failures above); stopping")
-        return 1
+        return None
     paths = build_templates({str(rows[0]["filter"]): calexps}, tmpl_root, coadd_config=cfg.coadd,
                             warp_config=cfg.warp, progress=progress)
     out(f"[8/10] coadded {len(calexps)} template-epoch calexps into {len(paths) - 1} deepCoadd patch(es) -> "
         f"{tmpl_root / 'deepCoadd'}")
     out(f"      $ apfast make-templates {repo} --id visit={'^'.join(str(v) for v in sorted(tmpl_visits))} "
         f"--output {tmpl_root}")
-    done()
+    return tmpl_root
 
-    done = step("make-apdb")
+
+def _make_apdb(root: Path, cfg: Any, *, out: _Lines) -> tuple[Any, Any, Path]:
+    """[9/10] A fresh SQLite APDB in ``root/apdb``; return the config pointing at it, the open APDB and its path."""
     from dataclasses import replace as _replace
 
     from apfast.dia.apdb import Apdb, make_apdb
@@ -222,11 +335,26 @@ def run_demo(
     apdb = Apdb(cfg.apdb)
     out(f"[9/10] created an empty APDB at {apdb_path}")
     out(f"      $ apfast make-apdb --drop -c apdb.db_url=sqlite:///{apdb_path}")
-    done()
+    return cfg, apdb, apdb_path
 
-    done = step("process")
-    sci_rows = [r for r in rows if int(r["visit"]) not in tmpl_visits]
-    diff_out = run_process(butler, sci_rows, cfg, template_root=tmpl_root, apdb=apdb, progress=progress)
+
+def _process_science(
+    repo: Path,
+    out_repo: Path,
+    tmpl_root: Path,
+    cfg: Any,
+    apdb: Any,
+    apdb_path: Path,
+    sci_rows: list[dict[str, Any]],
+    *,
+    out: _Lines,
+    progress: _Lines | None,
+) -> list[Any]:
+    """[10/10] Difference imaging, DIA sources, association and alerts of every science CCD; closes ``apdb``."""
+    from apfast.repo.butler import Butler
+    from apfast.run.pipeline import format_summary, run_process
+
+    diff_out = run_process(Butler(out_repo), sci_rows, cfg, template_root=tmpl_root, apdb=apdb, progress=progress)
     out("[10/10] per science CCD: warp the template, PSF-match (Alard-Lupton), subtract, decorrelate, detect and")
     out("      measure DIA sources, associate them with DiaObjects in the APDB, forced photometry, Avro alerts:")
     sci_visits = "^".join(str(v) for v in sorted({int(r["visit"]) for r in sci_rows}))
@@ -234,14 +362,27 @@ def run_demo(
         f"-c apdb.db_url=sqlite:///{apdb_path}")
     for line in format_summary(diff_out).splitlines():
         out("      " + line)
-    failed += sum(o.status == "failed" for o in diff_out)
     counts = {t: apdb.count(t) for t in ("DiaObject", "DiaSource", "DiaForcedSource")}
     n_obj = len(apdb.dia_objects(latest=True).get("diaObjectId", ()))
     apdb.close()
     out(f"      APDB: {n_obj} DiaObjects ({counts['DiaObject']} versions), {counts['DiaSource']} DiaSources, "
         f"{counts['DiaForcedSource']} DiaForcedSources; alerts in {out_repo / 'alerts'}")
-    done()
+    return diff_out
 
+
+def _report_and_wrap_up(
+    out_repo: Path,
+    repo: Path,
+    sim_dir: Path,
+    tmpl_root: Path,
+    apdb_path: Path,
+    diff_out: list[Any],
+    timings: list[tuple[str, float]],
+    example: dict[str, Any],
+    *,
+    out: _Lines,
+) -> None:
+    """Write the HTML report, then print the step timings and where every output is."""
     from apfast.report import build_report, write_summary_json
 
     write_summary_json(out_repo, diff_out)  # what `apfast process` writes next to summary.txt
@@ -252,10 +393,8 @@ def run_demo(
     out("step timings: " + ", ".join(f"{n} {t:.2f} s" for n, t in timings))
     out(f"outputs: repository {repo}, calexps and differences {out_repo} (deepDiff/), templates {tmpl_root}, "
         f"simulated inputs and truth {sim_dir}, APDB {apdb_path}")
-    example = sci_rows[0] if sci_rows else first
     out(f"read them: apfast.Butler({str(out_repo)!r}).get('deepDiff_diaSrc', visit={int(example['visit'])}, "
         f"ccdnum={int(example['ccdnum'])}); the APDB with any SQLite client or lsst.dax.apdb")
-    return 1 if failed else 0
 
 
 #: What a demo writes in its folder besides the marker; a run that cannot reuse them deletes them.

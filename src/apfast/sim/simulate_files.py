@@ -1,18 +1,15 @@
 """File writers of the DECam simulator: raw MEF headers, master calibrations, refcats, truth tables.
 
-Every writer goes through :func:`atomic_path`, so a reader never sees a half-written
-file. Formats follow the project contract (raw files exactly as NOIRLab serves them,
-masters like the DECam Community Pipeline).
+Every writer goes through :func:`apfast._fileio.atomic_path` (files end up mode 0644), so a
+reader never sees a half-written file. Formats are those of the real files: raws exactly as
+NOIRLab serves them, masters like the DECam Community Pipeline's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +17,10 @@ import numpy as np
 from astropy.coordinates import Angle
 from astropy.io import fits
 
+from apfast._fileio import atomic_path
 from apfast.sim.simulate_scene import FILTER_STRINGS
 
 __all__ = [
-    "atomic_path",
     "ccd_header",
     "primary_header",
     "write_crosstalk",
@@ -33,22 +30,6 @@ __all__ = [
     "write_master",
     "write_raw",
 ]
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s directory and move it into place on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmpp = Path(tmp)
-    try:
-        yield tmpp
-        os.chmod(tmpp, 0o644)
-        os.replace(tmpp, path)
-    finally:
-        if tmpp.exists():
-            tmpp.unlink()
 
 
 def primary_header(visit: Mapping[str, Any], nccd: int) -> fits.Header:
@@ -142,7 +123,7 @@ def write_raw(path: Path, primary: fits.Header, ccds: Sequence[tuple[np.ndarray,
     hdus: list[Any] = [fits.PrimaryHDU(header=primary)]
     for data, hdr in ccds:
         hdus.append(fits.CompImageHDU(data=data, header=hdr, compression_type="RICE_1"))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o644) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
 
 
@@ -168,7 +149,7 @@ def write_master(path: Path, obstype: str, date_obs: str, mjd: float, ccds: Sequ
         hdu.header["CCDNUM"] = int(ccdnum)
         hdu.header["DETPOS"] = name
         hdus.append(hdu)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o644) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
 
 
@@ -183,7 +164,7 @@ def write_defects(path: Path, date_obs: str, mjd: float,
         hdu.header["CCDNUM"] = int(ccdnum)
         hdu.header["DETPOS"] = name
         hdus.append(hdu)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o644) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
 
 
@@ -202,7 +183,7 @@ def write_crosstalk(path: Path, calib_date: str, coeffs: Mapping[int, Mapping[st
         c = coeffs[ccd]
         lines.append(f"ccd{ccd:02d}A ccd{ccd:02d}B {c['A<-B']:.6e}")
         lines.append(f"ccd{ccd:02d}B ccd{ccd:02d}A {c['B<-A']:.6e}")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o644) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
 
@@ -220,7 +201,7 @@ def write_csv(path: Path, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> 
     """Write equal-length columns as CSV with a header row (NaN as an empty field)."""
     names = list(columns)
     n = len(columns[names[0]]) if names else 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(path, mode=0o644) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(names)
         cols = [list(columns[k]) for k in names]
@@ -243,5 +224,5 @@ def _json_default(o: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (numpy scalars and arrays converted)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o644) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
