@@ -29,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 
 from apfast._configbase import ConfigSection, opt
+from apfast._constants import MAD_TO_SIGMA
 from apfast.camera import Section
 from apfast.masks import bitmask
 
@@ -37,7 +38,7 @@ __all__ = ["AmpOffsetConfig", "AmpOffsetResult", "AmpStep", "measure_amp_offsets
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AmpOffsetConfig(ConfigSection):
-    """Background steps between the amps of a CCD: measured always, warned about, optionally removed (``amp_offset``)."""
+    """Background steps between the amps of a CCD: measured, warned about, optionally removed (``amp_offset``)."""
 
     _key_prefix: ClassVar[str] = "amp_offset."
 
@@ -90,16 +91,27 @@ class AmpOffsetResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _clipped_median(v: np.ndarray, n_sigma: float) -> float:
-    v = v[np.isfinite(v)]
-    if v.size < 8:
-        return math.nan
-    med = float(np.median(v))
-    sig = 1.4826 * float(np.median(np.abs(v - med)))
-    if sig > 0:
-        v = v[np.abs(v - med) <= n_sigma * sig]
-        med = float(np.median(v)) if v.size else math.nan
-    return med
+def _row_medians(v: np.ndarray) -> np.ndarray:
+    """Median of the finite values of each row (NaN where none); one sort, NaNs sort last."""
+    srt = np.sort(v, axis=1)
+    n = np.isfinite(srt).sum(axis=1)
+    rows = np.arange(v.shape[0])
+    lo, hi = np.maximum((n - 1) // 2, 0), np.maximum(n // 2, 0)
+    out = 0.5 * (srt[rows, lo] + srt[rows, np.minimum(hi, v.shape[1] - 1)])
+    out[n == 0] = np.nan
+    return out
+
+
+def _clipped_medians(v: np.ndarray, n_sigma: float) -> np.ndarray:
+    """Per row of ``v`` (NaN = excluded): the median after one ``n_sigma`` clip about the median (NaN if < 8)."""
+    with np.errstate(invalid="ignore"):
+        med = _row_medians(v)
+        dev = np.abs(v - med[:, None])
+        sig = MAD_TO_SIGMA * _row_medians(dev)
+        clipped = np.where((dev <= n_sigma * sig[:, None]) | ~(sig[:, None] > 0), v, np.nan)
+        out = _row_medians(clipped)
+    out[np.isfinite(v).sum(axis=1) < 8] = np.nan
+    return out
 
 
 def _boundary(a: Section, b: Section) -> tuple[str, int, int, int] | None:
@@ -115,28 +127,31 @@ def _boundary(a: Section, b: Section) -> tuple[str, int, int, int] | None:
     return None
 
 
-def _measure_step(image: np.ndarray, bad: np.ndarray, axis: str, pos: int, lo: int, hi: int,
+def _measure_step(image: np.ndarray, mask: np.ndarray, bad_bits: int, axis: str, pos: int, lo: int, hi: int,
                   a_first: bool, cfg: AmpOffsetConfig) -> tuple[float, float, float, int]:
     w = cfg.strip_width
     img = image if axis == "x" else image.T
-    msk = bad if axis == "x" else bad.T
-    left = np.where(msk[lo:hi, max(pos - w, 0):pos], np.nan, img[lo:hi, max(pos - w, 0):pos])
-    right = np.where(msk[lo:hi, pos:pos + w], np.nan, img[lo:hi, pos:pos + w])
-    diffs, skies = [], []
-    for s in range(0, hi - lo, cfg.bin_size):
-        ml = _clipped_median(left[s:s + cfg.bin_size].ravel(), cfg.n_sigma)
-        mr = _clipped_median(right[s:s + cfg.bin_size].ravel(), cfg.n_sigma)
-        if math.isfinite(ml) and math.isfinite(mr):
-            diffs.append(mr - ml)
-            skies.append(0.5 * (ml + mr))
-    if not diffs:
+    msk = mask if axis == "x" else mask.T
+    nb = (hi - lo) // cfg.bin_size
+    if nb < 1:
         return math.nan, math.nan, math.nan, 0
-    d = np.asarray(diffs)
+    stop = lo + nb * cfg.bin_size
+
+    def side(c0: int, c1: int) -> np.ndarray:
+        v = np.where((msk[lo:stop, c0:c1] & bad_bits) != 0, np.nan, img[lo:stop, c0:c1]).astype(np.float64)
+        return _clipped_medians(v.reshape(nb, -1), cfg.n_sigma)
+
+    ml, mr = side(max(pos - w, 0), pos), side(pos, pos + w)
+    ok = np.isfinite(ml) & np.isfinite(mr)
+    if not ok.any():
+        return math.nan, math.nan, math.nan, 0
+    d = (mr - ml)[ok]
     step = float(np.median(d))
-    scatter = 1.4826 * float(np.median(np.abs(d - step))) if d.size > 2 else math.nan
+    scatter = MAD_TO_SIGMA * float(np.median(np.abs(d - step))) if d.size > 2 else math.nan
     err = 1.2533 * scatter / math.sqrt(d.size) if d.size > 2 else math.nan
+    sky = float(np.median(0.5 * (ml + mr)[ok]))
     # the boundary's left/lower side belongs to the amp listed first only if a_first
-    return (step if a_first else -step), err, float(np.median(skies)), int(d.size)
+    return (step if a_first else -step), err, sky, int(d.size)
 
 
 def measure_amp_offsets(
@@ -169,7 +184,7 @@ def measure_amp_offsets(
     names = list(amps)
     if not cfg.do_measure or len(names) < 2:
         return res
-    bad = (mask & bitmask(["BAD", "SAT", "CR", "INTRP", "SUSPECT", "NO_DATA", "EDGE", "DETECTED"])) != 0
+    bad_bits = bitmask(["BAD", "SAT", "CR", "INTRP", "SUSPECT", "NO_DATA", "EDGE", "DETECTED"])
     rows: list[tuple[int, int, float]] = []
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
@@ -179,7 +194,7 @@ def measure_amp_offsets(
                 continue
             axis, pos, lo, hi = edge
             a_low = (amps[a].x0 < pos) if axis == "x" else (amps[a].y0 < pos)
-            step, err, sky, nb = _measure_step(image, bad, axis, pos, lo, hi, a_low, cfg)
+            step, err, sky, nb = _measure_step(image, mask, bad_bits, axis, pos, lo, hi, a_low, cfg)
             if not math.isfinite(step):
                 continue
             st = AmpStep(a, b, step, err, sky, nb)
@@ -195,9 +210,10 @@ def measure_amp_offsets(
                     if abs(frac) > 0.02
                     else "a bias or overscan level differs between the amps: check the bias and the overscan fit"
                 )
+                nsig = abs(step) / err if err and math.isfinite(err) else math.inf
                 res.warnings.append(
                     f"amps {a} and {b}: background step {step:+.2f} ({100 * frac:+.1f}% of the sky, "
-                    f"{abs(step) / err if err and math.isfinite(err) else float('inf'):.0f} sigma); likely cause: {cause}"
+                    f"{nsig:.0f} sigma); likely cause: {cause}"
                 )
     if rows:
         # least-squares pedestals p: p[b] - p[a] = step for every boundary, mean(p) = 0

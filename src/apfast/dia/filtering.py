@@ -191,9 +191,9 @@ def filter_dia_sources(
     y = np.asarray(sources["y"], float)
 
     flagged = np.zeros(n, bool)
-    if cfg.centre_planes:
+    if cfg.centre_planes and difference.mask is not None:
         flagged |= (_centre_bits(difference.mask, x, y) & bitmask(cfg.centre_planes)) != 0
-    if cfg.science_centre_planes:
+    if cfg.science_centre_planes and science.mask is not None:
         flagged |= (_centre_bits(science.mask, x, y) & bitmask(cfg.science_centre_planes)) != 0
     if cfg.reject_border:
         for col in ("pixelFlags_edge", "pixelFlags_offimage"):

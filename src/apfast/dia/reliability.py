@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from apfast._configbase import ConfigSection, opt
-from apfast.dia.diasource import FWHM_PER_SIGMA
+from apfast._constants import FWHM_PER_SIGMA
 from apfast.exposure import Exposure
 from apfast.masks import bitmask
 
@@ -91,7 +91,9 @@ def _stamp_features(diff: Exposure, x: np.ndarray, y: np.ndarray, sign: np.ndarr
     sigma = max(fwhm / FWHM_PER_SIGMA, 0.5)
     r = int(math.ceil(2.0 * fwhm))
     bad = bitmask(_MASKED)
-    img, var, msk = diff.image, diff.variance, diff.mask
+    img = diff.image
+    var = diff.variance if diff.variance is not None else np.ones(diff.shape, np.float32)
+    msk = diff.mask if diff.mask is not None else np.zeros(diff.shape, np.int32)
     for i in range(n):
         if not (np.isfinite(x[i]) and np.isfinite(y[i])):
             continue

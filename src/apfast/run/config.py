@@ -124,6 +124,7 @@ class ProcessConfig(ConfigSection):
 
 # The stage sections are defined beside their stages (they import only apfast._configbase); ApdbConfig
 # is re-exported here, where it was defined before.
+from apfast.ccd.ampoffset import AmpOffsetConfig  # noqa: E402
 from apfast.ccd.calibrate import CalibrateConfig  # noqa: E402
 from apfast.ccd.characterize import CharacterizeConfig  # noqa: E402
 from apfast.ccd.inject import InjectConfig  # noqa: E402
@@ -150,6 +151,7 @@ class PipelineConfig(ConfigSection):
     process: ProcessConfig = subsection(ProcessConfig)
     output: OutputConfig = subsection(OutputConfig)
     isr: IsrConfig = subsection(IsrConfig)
+    amp_offset: AmpOffsetConfig = subsection(AmpOffsetConfig)
     characterize: CharacterizeConfig = subsection(CharacterizeConfig)
     calibrate: CalibrateConfig = subsection(CalibrateConfig)
     warp: WarpConfig = subsection(WarpConfig)

@@ -181,6 +181,10 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
     timings["isr"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    amp_stats = _amp_offsets(isr, amps, cfg.amp_offset, did)
+    timings["amp_offset"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     char = run_characterize(isr.image, isr.mask, isr.variance, config=cfg.characterize)
     timings["characterize"] = time.perf_counter() - t
 
@@ -213,7 +217,7 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
     stats.update(ZP=round(cal.photocal.zero_point, 5), ZP_ERR=round(cal.photocal.zero_point_err, 5),
                  ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
                  ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog),
-                 N_SAT=int(isr.n_saturated))
+                 N_SAT=int(isr.n_saturated), **amp_stats)
     for k, v in stats.items():
         meta[k] = v
     for k, v, c in cal.apcorr.to_header_cards():
@@ -232,6 +236,31 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
     stats["PSF_FWHM_ARCSEC"] = round(stats["PSF_FWHM"] * camera.pixel_scale, 3)
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats,
                       products={"calexp": calexp, "src": cal.catalog})
+
+
+def _amp_offsets(isr: Any, amps: Any, acfg: Any, did: dict[str, Any]) -> dict[str, float]:
+    """Measure (and with ``amp_offset.do_correct`` remove) background steps between amps; warn on large ones.
+
+    Returns the header cards ``AMPSTEPn`` (step across the n-th shared boundary, image units) and
+    ``AMPPEDn`` (pedestal subtracted from amp n).
+    """
+    from apfast.ccd.ampoffset import measure_amp_offsets
+
+    if not acfg.do_measure:
+        return {}
+    sections = {a.name: a.trimmed_section for a in amps}
+    res = measure_amp_offsets(isr.image, isr.mask, sections, config=acfg)
+    for w in res.warnings:
+        log.warning("visit=%d ccdnum=%d: %s", did["visit"], did["ccdnum"], w)
+    cards: dict[str, float] = {}
+    for i, st in enumerate(res.steps):
+        cards[f"AMPSTEP{i + 1}"] = round(st.step, 4)
+    if acfg.do_correct and res.steps:
+        for i, (name, ped) in enumerate(res.pedestals.items()):
+            sec = sections[name]
+            isr.image[sec.y0:sec.y1, sec.x0:sec.x1] -= np.float32(ped)
+            cards[f"AMPPED{i + 1}"] = round(ped, 4)
+    return cards
 
 
 def _background_image(butler: Butler, did: dict[str, Any]) -> np.ndarray:
