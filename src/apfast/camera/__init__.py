@@ -192,6 +192,13 @@ class Camera:
     amplifiers: tuple[Amplifier, ...]
     detectors: dict[int, dict[str, Any]] = field(default_factory=dict)
     dead_detectors: tuple[int, ...] = ()
+    #: ``[photometry]``: colour terms from the photometric reference catalogue to this camera's bands
+    #: (``'band:ref1-ref2:c0,c1,...'``: ``m_camera = m_ref + c0 + c1 x + c2 x^2 + ...``, ``x = ref1 - ref2``).
+    colour_terms: tuple[str, ...] = ()
+    #: Reference colour range ``(lo, hi)`` where the colour terms hold; stars outside it are not used.
+    colour_range: tuple[float, float] | None = None
+    #: Reference-catalogue band of each camera band where the names differ (DECam ``Y`` -> PS1 ``y``).
+    ref_bands: dict[str, str] = field(default_factory=dict)
     source: str = ""
 
     def detector_name(self, ccdnum: int) -> str:
@@ -255,6 +262,14 @@ def _camera_from_dict(d: dict[str, Any], source: str, where: str) -> Camera:
             )
         )
     detectors = {int(k): dict(v) for k, v in d.get("detectors", {}).items()}
+    phot = d.get("photometry", {})
+    if not isinstance(phot, dict) or not isinstance(phot.get("colour_terms", []), list):
+        msg = f"camera description {where}: [photometry] colour_terms must be a list of 'band:ref1-ref2:c0,c1,...'"
+        raise ConfigError(msg)
+    rng = phot.get("colour_range")
+    if rng is not None and (not isinstance(rng, list) or len(rng) != 2):
+        msg = f"camera description {where}: [photometry] colour_range must be [low, high], got {rng!r}"
+        raise ConfigError(msg)
     multi = bool(d.get("multi_extension", False))
     raw_shape = d.get("raw_shape")
     return Camera(
@@ -272,6 +287,10 @@ def _camera_from_dict(d: dict[str, Any], source: str, where: str) -> Camera:
         amplifiers=tuple(amps),
         detectors=detectors,
         dead_detectors=tuple(int(x) for x in d.get("dead_detectors", ())),
+        colour_terms=tuple(str(t) for t in phot.get("colour_terms", ())),
+        colour_range=(float(phot["colour_range"][0]), float(phot["colour_range"][1])) if "colour_range" in phot
+        else None,
+        ref_bands={str(k): str(v) for k, v in phot.get("ref_bands", {}).items()},
         source=source,
     )
 

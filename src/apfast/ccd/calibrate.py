@@ -107,7 +107,7 @@ def mjd_to_epoch(mjd: float) -> float:
 def run_calibrate(
     image: np.ndarray, mask: np.ndarray, variance: np.ndarray, *, psf: PsfModel, psf_sigma: float,
     initial_wcs: WCS, astrom_refs: RefCatalog, photom_refs: RefCatalog, config: CalibrateConfig | None = None,
-    colour_coeffs: tuple[float, ...] = (),
+    colour_coeffs: tuple[float, ...] = (), colour_range: tuple[float, float] | None = None,
 ) -> CalibrateResult:
     """Detect, measure and calibrate one characterized CCD; inputs are not modified.
 
@@ -124,6 +124,8 @@ def run_calibrate(
     config : CalibrateConfig, optional
     colour_coeffs : tuple of float
         Colour-term polynomial in ``photom_refs.colour`` (empty: none).
+    colour_range : (float, float), optional
+        Reference colours where the colour term holds; other stars are left out of the zero point.
 
     Raises
     ------
@@ -193,7 +195,7 @@ def run_calibrate(
     try:
         pc = fit_zero_point(cat["psfFlux_apCorr"][si], cat["psfFluxErr_apCorr"][si], photom_refs.mag[ri],
                             photom_refs.mag_err[ri], colour=colour, colour_coeffs=colour_coeffs,
-                            config=cfg.photocal)
+                            config=cfg.photocal, colour_range=colour_range)
     except PhotoCalError as exc:
         msg = (
             f"{exc} ({len(si)} source(s) matched to {photom_refs.name or 'the photometric refcat'} within "

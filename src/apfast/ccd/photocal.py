@@ -11,6 +11,19 @@ point is the median after ``n_iter`` rounds of ``n_sigma`` clipping about the
 median, keeping only stars whose combined error is below ``sigma_max`` mag. Its
 error is ``1.2533 * robust_sigma / sqrt(n)`` (the standard error of a median).
 Magnitudes are AB, so ``PhotoCalib(zero_point)`` converts counts to nJy.
+
+**Which flux the zero point refers to.** The instrumental fluxes are PSF fluxes multiplied by the
+aperture correction, i.e. put on the scale of the *calibration aperture* (``calibrate.calib_flux_radius``,
+12 pixels = 3.2" on DECam, as Rubin's ``base_CircularApertureFlux_12_0``). The zero point therefore
+calibrates calibration-aperture fluxes, not total fluxes: the light of a point source outside that
+aperture (about 1-2% on DECam) is not included, in the calexp's ``PhotoCalib`` and everything made from
+it (DIA-source and forced fluxes in nJy). The calexp header says so (``ZPFLUX``).
+
+**Colour terms.** The reference magnitudes are put into the camera's natural system first,
+``m = m_ref + c0 + c1 x + c2 x^2 + ...`` with ``x`` a reference colour, from
+``calibrate.photocal.colour_terms`` or else the camera description's ``[photometry]`` table (DECam:
+the Legacy Surveys PS1 -> DECam terms in ``g - i``, used only for ``0.4 < g - i < 2.7``). Without them
+a PS1-calibrated DECam g zero point is off by the mean colour term of the stars, ~0.05 mag.
 """
 
 from __future__ import annotations
@@ -55,6 +68,11 @@ class PhotoCalConfig(ConfigSection):
         (),
         "Colour terms as 'band:ref1-ref2:c0,c1,...', e.g. 'g:g-r:0.0,-0.02' adds "
         "c0 + c1*(g-r) to the reference magnitude of band g.",
+    )
+    camera_colour_terms: bool = opt(
+        True,
+        "Use the camera description's colour terms ([photometry] of its TOML; DECam: PS1 -> DECam) for bands "
+        "colour_terms does not list.",
     )
     apcorr_order: int = opt(1, "Polynomial degree of the aperture correction map.")
     apcorr_min_stars: int = opt(5, "Fewest stars for an aperture correction.")
@@ -201,6 +219,7 @@ def fit_aperture_correction(
 def fit_zero_point(
     inst_flux: np.ndarray, inst_flux_err: np.ndarray, ref_mag: np.ndarray, ref_mag_err: np.ndarray, *,
     colour: np.ndarray | None = None, colour_coeffs: tuple[float, ...] = (), config: PhotoCalConfig | None = None,
+    colour_range: tuple[float, float] | None = None,
 ) -> PhotoCalResult:
     """Clipped-median zero point from matched instrumental fluxes and reference magnitudes.
 
@@ -212,6 +231,8 @@ def fit_zero_point(
         Reference AB magnitudes and errors in the image's band.
     colour : ndarray (n,), optional
         Reference colour for the colour term; ``colour_coeffs`` are polynomial coefficients in it.
+    colour_range : (float, float), optional
+        With a colour term: stars whose colour lies outside it are not used (the term does not hold there).
 
     Raises
     ------
@@ -224,6 +245,10 @@ def fit_zero_point(
     if colour is not None and colour_coeffs:
         m = m + np.polyval(list(colour_coeffs)[::-1], np.asarray(colour, float))
     ok = np.isfinite(f) & (f > 0) & np.isfinite(m)
+    if colour is not None and colour_coeffs and colour_range is not None:
+        c = np.asarray(colour, float)
+        with np.errstate(invalid="ignore"):
+            ok &= (c >= colour_range[0]) & (c <= colour_range[1])
     me = np.where(np.isfinite(me), me, 0.0)
     err = np.sqrt(me**2 + (1.0857 * np.where(ok, fe / np.where(f > 0, f, 1), np.inf)) ** 2)
     n_match = int(ok.sum())

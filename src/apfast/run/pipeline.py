@@ -199,16 +199,16 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
     astrom_refs = _refs(root, cfg.calibrate.astrometry_refcat, corners_ra, corners_dec, margin,
                         mag_col=cfg.calibrate.astrometry_mag, epoch=epoch, did=did)
     band = str(row["filter"])
-    term = cfg.calibrate.photocal.colour_term(band)
+    term, colour_range = _colour_term(cfg.calibrate.photocal, camera, band)
     photom_refs = _refs(root, cfg.calibrate.photometry_refcat, corners_ra, corners_dec, margin,
-                        mag_col=f"{band}_mag", epoch=None, did=did,
+                        mag_col=f"{camera.ref_bands.get(band, band)}_mag", epoch=None, did=did,
                         colour=(term[0], term[1]) if term else None)
     timings["refcat"] = time.perf_counter() - t
 
     t = time.perf_counter()
     cal = run_calibrate(char.image, char.mask, char.variance, psf=char.psf, psf_sigma=char.psf_sigma,
                         initial_wcs=initial_wcs, astrom_refs=astrom_refs, photom_refs=photom_refs,
-                        config=cfg.calibrate, colour_coeffs=term[2] if term else ())
+                        config=cfg.calibrate, colour_coeffs=term[2] if term else (), colour_range=colour_range)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -220,6 +220,10 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
                  N_SAT=int(isr.n_saturated), **amp_stats)
     for k, v in stats.items():
         meta[k] = v
+    meta["ZPCTERM"] = (",".join(str(x) for x in (*term[:2], *term[2])) if term else "none",
+                       "colour term ref1,ref2,c0,c1,... added to the ref mags")
+    meta["ZPFLUX"] = (f"calib aperture r={cfg.calibrate.calib_flux_radius:g} px",
+                      "ZP calibrates PSF fluxes aperture-corrected to this")
     for k, v, c in cal.apcorr.to_header_cards():
         meta[k] = (v, c)
     calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
@@ -236,6 +240,21 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
     stats["PSF_FWHM_ARCSEC"] = round(stats["PSF_FWHM"] * camera.pixel_scale, 3)
     return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats,
                       products={"calexp": calexp, "src": cal.catalog})
+
+
+def _colour_term(pcfg: Any, camera: Any, band: str
+                 ) -> tuple[tuple[str, str, tuple[float, ...]] | None, tuple[float, float] | None]:
+    """The colour term of ``band``: ``calibrate.photocal.colour_terms``, else the camera description's."""
+    from apfast.ccd.photocal import PhotoCalConfig
+
+    term = pcfg.colour_term(band)
+    if term is not None:
+        return term, None
+    if pcfg.camera_colour_terms and camera.colour_terms:
+        term = PhotoCalConfig(colour_terms=camera.colour_terms).colour_term(band)
+        if term is not None:
+            return term, camera.colour_range
+    return None, None
 
 
 def _amp_offsets(isr: Any, amps: Any, acfg: Any, did: dict[str, Any]) -> dict[str, float]:
