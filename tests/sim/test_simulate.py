@@ -12,6 +12,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from apfast.camera import get_camera, parse_section
+from apfast.ccd.photocal import PhotoCalConfig
 from apfast.errors import InputError
 from apfast.sim.simulate import load_truth, psf_fwhm, simulate, truth_image
 
@@ -291,6 +292,7 @@ def test_refcat_magnitudes_match_zero_point(sim, truth, science):
     with np.load(f"{truth.root}/ccd_{science['visit']}_35.npz") as z:
         sid, sx, sy, sk = z["static_id"], z["static_x"], z["static_y"], z["static_kind"]
     img = science["sources"]
+    coeffs = PhotoCalConfig(colour_terms=get_camera("DECam").colour_terms).colour_term("g")[2]
     diffs = []
     ps1_by_id = {int(i) - 108_000_000_000_000_000: k for k, i in enumerate(ps1["obj_id"])}
     for k in np.flatnonzero(sk == 0):
@@ -305,7 +307,10 @@ def test_refcat_magnitudes_match_zero_point(sim, truth, science):
         xi, yi = int(round(sx[k])), int(round(sy[k]))
         flux = img[yi - 25:yi + 26, xi - 25:xi + 26].sum()
         amp = "B" if sx[k] < 1023.5 else "A"
-        diffs.append(row["g_mean_psf_mag"] - (meta["amps"][amp]["zero_point_adu"] - 2.5 * np.log10(flux)))
+        # PS1 magnitudes are in the PS1 system: the DECam camera's colour term brings them to DECam g
+        gi = row["g_mean_psf_mag"] - row["i_mean_psf_mag"]
+        g_decam = row["g_mean_psf_mag"] + np.polyval(list(coeffs)[::-1], gi)
+        diffs.append(g_decam - (meta["amps"][amp]["zero_point_adu"] - 2.5 * np.log10(flux)))
     diffs = np.array(diffs)
     assert diffs.size > 10
     assert abs(np.median(diffs)) < 0.01

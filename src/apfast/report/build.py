@@ -39,7 +39,8 @@ _DIPOLE_FLAGS = (
 )
 
 
-_COUNT_ATTR = {"positive": "n_pos", "negative": "n_neg", "dipole": "n_dipole", "flagged": "n_flagged"}
+_COUNT_ATTR = {"positive": "n_pos", "negative": "n_neg", "dipole": "n_dipole", "flagged": "n_flagged",
+               "filtered": "n_filtered"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +238,16 @@ def _read_ccd(
             )
     elif rec.get("n_dia") is not None:
         cv.n_dia = rec.get("n_dia")
+    rejected = get("deepDiff_diaSrcRejected")
+    if rejected is not None:
+        cols = set(rejected.colnames)
+        cv.n_filtered = len(rejected)
+        for r in rejected:
+            info["dia"].append(
+                {k: (r[k].item() if hasattr(r[k], "item") else r[k])
+                 for k in ("diaSourceId", "x", "y", "psfFlux", "psfFluxErr", "snr", "ra", "dec") if k in cols}
+                | {"kind": "filtered", "reason": str(r["filterReason"]) if "filterReason" in cols else ""}
+            )
     alerts = get("alerts")
     for a in alerts or ():
         sid = int(a.get("diaSourceId") or a.get("diaSource", {}).get("diaSourceId") or 0)
@@ -276,6 +287,7 @@ def _summary_rows(ccds: Sequence[Any]) -> tuple[list[str], list[list[str]], list
         "-",
         "dipole",
         "flagged",
+        "filtered",
         "reason",
     ]
     rows, classes = [], []
@@ -300,6 +312,7 @@ def _summary_rows(ccds: Sequence[Any]) -> tuple[list[str], list[list[str]], list
                 str(c.n_neg),
                 str(c.n_dipole),
                 str(c.n_flagged),
+                str(c.n_filtered),
                 f'<span class="wrap">{esc(c.record.get("reason", ""))}</span>',
             ]
         )
@@ -593,7 +606,7 @@ def _ccd_html(cv: Any, info: dict[str, Any], shown: set[int], url: str | None) -
     for r in info["dia"]:
         if "x" in r and "y" in r:
             tip = (
-                f"diaSourceId {r.get('diaSourceId')} ({r['kind']}) "
+                f"diaSourceId {r.get('diaSourceId')} ({r['kind']}{': ' + r['reason'] if r.get('reason') else ''}) "
                 f"x={float(r['x']):.1f} y={float(r['y']):.1f} "
                 f"psfFlux={float(r.get('psfFlux') or 0):.0f} nJy S/N={float(r.get('snr') or 0):.1f}"
             )
@@ -625,7 +638,7 @@ def _ccd_html(cv: Any, info: dict[str, Any], shown: set[int], url: str | None) -
         (
             "DIA sources",
             f"{fmt(cv.n_dia)} ({cv.n_pos} positive, {cv.n_neg} negative, {cv.n_dipole} dipole, "
-            f"{cv.n_flagged} flagged)",
+            f"{cv.n_flagged} flagged); {cv.n_filtered} filtered before association",
         ),
         ("alerts", fmt(info.get("n_alerts"))),
     ]
@@ -666,7 +679,7 @@ def _ccd_html(cv: Any, info: dict[str, Any], shown: set[int], url: str | None) -
             [
                 fmt(r.get("diaSourceId")),
                 olink,
-                esc(r["kind"]),
+                esc(r["kind"] + (f" ({r['reason']})" if r.get("reason") else "")),
                 fmt(r.get("x"), ".1f"),
                 fmt(r.get("y"), ".1f"),
                 fmt(r.get("ra"), ".6f"),

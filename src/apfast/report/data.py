@@ -64,6 +64,7 @@ class CcdVisit:
     n_neg: int = 0
     n_dipole: int = 0
     n_flagged: int = 0
+    n_filtered: int = 0  # rejected before association (deepDiff_diaSrcRejected)
 
     @property
     def key(self) -> tuple[int, int]:

@@ -107,6 +107,7 @@ MARKERS = {
     "negative": ("#ff1744", "negative"),
     "dipole": ("#ffd600", "dipole"),
     "flagged": ("#2979ff", "flagged (pixel flags)"),
+    "filtered": ("#9e9e9e", "filtered before association (artefact rules)"),
 }
 
 
@@ -123,7 +124,7 @@ def thumbnail_svg(
     ]
     for px, py, kind, tip in marks:
         colour = MARKERS.get(kind, ("#ffffff", ""))[0]
-        dash = ' stroke-dasharray="2,1.5"' if kind == "flagged" else ""
+        dash = ' stroke-dasharray="2,1.5"' if kind in ("flagged", "filtered") else ""
         out.append(
             f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="none" stroke="{colour}" '
             f'stroke-width="1.2"{dash}><title>{esc(tip)}</title></circle>'

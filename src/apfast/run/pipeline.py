@@ -220,10 +220,9 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
                  N_SAT=int(isr.n_saturated), **amp_stats)
     for k, v in stats.items():
         meta[k] = v
-    meta["ZPCTERM"] = (",".join(str(x) for x in (*term[:2], *term[2])) if term else "none",
-                       "colour term ref1,ref2,c0,c1,... added to the ref mags")
-    meta["ZPFLUX"] = (f"calib aperture r={cfg.calibrate.calib_flux_radius:g} px",
-                      "ZP calibrates PSF fluxes aperture-corrected to this")
+    # which reference colour term and which flux the zero point refers to (see apfast.ccd.photocal)
+    meta["ZPCTERM"] = (",".join(str(x) for x in (*term[:2], *term[2])) if term else "none", "ZP colour term")
+    meta["ZPFLUX"] = (f"calib aperture r={cfg.calibrate.calib_flux_radius:g} px", "ZP calibrates fluxes in it")
     for k, v, c in cal.apcorr.to_header_cards():
         meta[k] = (v, c)
     calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
@@ -687,7 +686,7 @@ def _exists_here(butler: Butler, dataset: str, did: dict[str, Any]) -> bool:
 
 #: Width the default (compact) summary keeps to: a 120-column terminal.
 SUMMARY_WIDTH = 120
-_CALEXP_STAGES = ("read", "isr", "characterize", "refcat", "calibrate", "write")
+_CALEXP_STAGES = ("read", "isr", "amp_offset", "characterize", "refcat", "calibrate", "write")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -696,6 +695,12 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return lines
+
+
+def _n_filtered(stats: dict[str, Any]) -> str:
+    """DIA sources rejected before association (the N_FILT_* counts, alert thresholds aside), or '-'."""
+    n = [v for k, v in stats.items() if k.startswith("N_FILT_") and not k.startswith("N_FILT_ALERT")]
+    return str(sum(n)) if n else "-"
 
 
 def format_summary(outcomes: Sequence[CcdOutcome], *, wide: bool = False) -> str:
@@ -730,7 +735,7 @@ def format_summary(outcomes: Sequence[CcdOutcome], *, wide: bool = False) -> str
     stages.append("total")
     head = ["visit", "ccdnum", "status", *stages, "fwhm\"", "zp", "astr_mas", "n_src"]
     if dia:
-        head += ["n_dia", "new_obj", "upd_obj"]
+        head += ["n_dia", "filt", "new_obj", "upd_obj"]
 
     def seconds(o: CcdOutcome, k: str) -> str:
         if k == "calexp":
@@ -747,7 +752,8 @@ def format_summary(outcomes: Sequence[CcdOutcome], *, wide: bool = False) -> str
             + [seconds(o, k) for k in stages]
             + [str(s.get("PSF_FWHM_ARCSEC", "-")), f"{s['ZP']:.3f}" if "ZP" in s else "-",
                f"{s['ASTR_RMS'] * 1000:.0f}" if "ASTR_RMS" in s else "-", str(s.get("N_SRC", "-"))]
-            + ([str(s.get(k, "-")) for k in ("N_DIA", "N_NEW_OBJ", "N_UPD_OBJ")] if dia else [])
+            + ([str(s.get("N_DIA", "-")), _n_filtered(s), str(s.get("N_NEW_OBJ", "-")), str(s.get("N_UPD_OBJ", "-"))]
+               if dia else [])
         )
     lines = _table(head, rows)
     for o in outcomes:
