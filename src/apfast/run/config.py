@@ -220,6 +220,7 @@ from apfast.dia.diapipe import DiaPipeConfig  # noqa: E402
 from apfast.dia.diasource import DiaSourceConfig  # noqa: E402
 from apfast.diffim.coadd import CoaddConfig  # noqa: E402
 from apfast.diffim.decorrelate import DecorrelationConfig  # noqa: E402
+from apfast.diffim.pair import SubtractConfig  # noqa: E402
 from apfast.diffim.psfmatch import PsfMatchConfig  # noqa: E402
 from apfast.diffim.stage import DifferenceConfig  # noqa: E402
 from apfast.diffim.template import TemplateConfig  # noqa: E402
@@ -250,6 +251,7 @@ class PipelineConfig(ConfigSection):
     association: AssociationConfig = subsection(AssociationConfig)
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
+    subtract: SubtractConfig = subsection(SubtractConfig)
 
 
 #: Config keys (a section name ending in ``.`` covers the whole section) that cannot change any product
@@ -261,6 +263,7 @@ NON_PRODUCT_KEYS: tuple[str, ...] = (
     "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
     "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
     "ingest.mode",  # link/copy/move of raws: the same pixels either way
+    "subtract.",  # only `apfast subtract` reads these
 )
 
 
