@@ -5,7 +5,8 @@
 1. clears ``DETECTED`` / ``DETECTED_NEGATIVE`` and detects both polarities at
    ``dia.threshold`` sigma of the per-pixel variance of the PSF-smoothed
    difference (:func:`apfast.ccd.detection.detect_sources`, PSF sigma from the
-   difference PSF's FWHM at the CCD centre), footprints grown by 2.4 PSF sigma plus
+   difference PSF's half-maximum FWHM at the CCD centre,
+   :func:`apfast.diffim.subtract.matching_fwhm`), footprints grown by 2.4 PSF sigma plus
    ``dia.grow_footprint`` pixels and merged, so a dipole is one source;
 2. measures every footprint (:func:`apfast.ccd.measurement.measure_sources`:
    centroid, adaptive moments, PSF and aperture fluxes);
@@ -49,6 +50,7 @@ from apfast._configbase import ConfigSection, opt
 from apfast.ccd.detection import DetectionConfig, check_planes, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
 from apfast.ccd.psf import GaussianPsf, ImagePsf, PolynomialPixelPsf, PsfModel
+from apfast.diffim.subtract import matching_fwhm
 from apfast.errors import InputError
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.kernels import dia_noise as _kn
@@ -662,7 +664,8 @@ def run_dia_detection(
     img, var, msk = _exposure_planes(difference, "difference")
     ny, nx = img.shape
     x0, y0 = difference.xy0
-    psf_sigma = float(difference.psf.fwhm(0.5 * (nx - 1) + x0, 0.5 * (ny - 1) + y0)) / FWHM_PER_SIGMA
+    # the half-maximum width, as differencing uses (the second moments of a measured PSF are wing-dominated)
+    psf_sigma = matching_fwhm(difference.psf, 0.5 * (nx - 1) + x0, 0.5 * (ny - 1) + y0) / FWHM_PER_SIGMA
     noise_scale = noise_scale_factor(img, var, msk, psf_sigma) if cfg.scale_variance else 1.0
     var = _scaled_variance(var, noise_scale, template, cfg.template_flux_error)
     det_cfg = DetectionConfig(
