@@ -138,3 +138,46 @@ def test_help_documents_positionals_and_columns(capsys: pytest.CaptureFixture[st
     for part in ("science", "template", "--science-variance", "--template-weight", "--detect", "--hdu",
                  "DIFFKSUM", "flux_err"):
         assert part in text
+
+
+ZTF = "ztf_quadrant/ztf_20200924431759_000655_zr_c13_o_q3_{}_cut1024.fits.fz"
+
+
+def test_cli_sky_mask_weight_and_hdu(real_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A ZTF cut with its ~160 DN sky and mask file, against a template with 450 DN more sky, scaled by
+    0.6, on a grid shifted by (12, 7) px, given with a weight file in HDU 1: kernel sum 0.6."""
+    from scipy import ndimage
+
+    with fits.open(real_data / ZTF.format("sciimg")) as hdul:
+        hdr = hdul[1].header.copy()
+        data = np.asarray(hdul[1].data[:400, :400], dtype=np.float64)
+    zmask = fits.getdata(real_data / ZTF.format("mskimg"), 1)[:400, :400].astype(np.int32)
+    hdr["NAXIS1"], hdr["NAXIS2"] = 400, 400
+    sci = _write(tmp_path / "sci.fits", data.astype(np.float32), hdr)
+    msk = _write(tmp_path / "msk.fits", zmask)
+    rng = np.random.default_rng(7)
+    conv = 0.6 * ndimage.gaussian_filter(np.nan_to_num(data), 1.4) + 450.0 + rng.normal(0.0, 2.0, data.shape)
+    thdr = hdr.copy()
+    thdr["CRPIX1"] -= 12
+    thdr["CRPIX2"] -= 7
+    tvar = np.full(conv[7:, 12:].shape, 4.0, np.float32) + (0.36 * np.clip(conv[7:, 12:] - 450.0, 0, None) / 6.0
+                                                            ).astype(np.float32)
+    tmpl = tmp_path / "tmpl.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(conv[7:, 12:].astype(np.float32), header=thdr, name="SCI")]
+                 ).writeto(tmpl)
+    wgt = tmp_path / "wgt.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(1.0 / tvar)]).writeto(wgt)
+    out = tmp_path / "d.fits"
+    rc = main(["-q", "subtract", str(sci), str(tmpl), "-o", str(out), "--science-mask", str(msk),
+               "--template-weight", str(wgt), "--hdu", "0", "SCI", "-c", "subtract.mask_ignore_bits=2050"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    with fits.open(out) as hdul:
+        assert hdul[0].header["DIFFMODE"] == "convolveScience"
+        assert hdul[0].header["DIFFKSUM"] == pytest.approx(0.6, abs=0.015)
+        assert hdul[0].header["DIFFOVLP"] == pytest.approx((393 / 400) * (388 / 400), abs=0.03)
+        mask = hdul["MASK"].data
+    bad = fits.getheader(out, "MASK")["MP_BAD"]
+    # ZTF's flagged pixels (other than source/dirt bits) are BAD in the difference
+    flagged = (zmask & ~2050) != 0
+    assert flagged.any() and ((mask[flagged] >> bad) & 1).all()

@@ -42,6 +42,7 @@ from apfast.ccd.background import BackgroundConfig, NoGoodBackgroundPixelsError,
 from apfast.ccd.characterize import CharacterizeConfig, run_characterize
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.diffim.decorrelate import DecorrelationConfig
+from apfast.diffim.pair_columns import DIA_TABLE_COLUMNS
 from apfast.diffim.psfmatch import SIGMA_PER_FWHM, PsfMatchConfig
 from apfast.diffim.stage import DifferenceConfig, DiffimResult, run_image_difference
 from apfast.diffim.warp import WarpConfig, warp_exposure
@@ -67,21 +68,6 @@ log = logging.getLogger(__name__)
 _UNIT_ZP = 31.4
 _BAD_FOR_STATS = bitmask(["BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT"])
 
-#: The columns of :func:`dia_table` and what they hold (also the CSV/FITS column documentation).
-DIA_TABLE_COLUMNS: dict[str, str] = {
-    "id": "source number, 1..n",
-    "x": "column (0-based pixels of the science image)",
-    "y": "row (0-based pixels of the science image)",
-    "ra": "right ascension (degrees, science WCS)",
-    "dec": "declination (degrees, science WCS)",
-    "flux": "PSF flux on the difference in science image units (DN), positive = brighter in the science",
-    "flux_err": "1-sigma error of flux (same units)",
-    "snr": "flux / flux_err",
-    "is_negative": "true when the source is fainter in the science than in the template",
-    "is_dipole": "true when a dipole (positive and negative lobe: a misalignment or a moving source)",
-    "flags": "bitmask: 1 PSF flux failed, 2 edge or off image, 4 bad or no-data pixels, 8 saturated, "
-             "16 cosmic ray or interpolated, 32 suspect",
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

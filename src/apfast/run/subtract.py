@@ -35,12 +35,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from apfast.diffim.pair import DIA_TABLE_COLUMNS, PairResult
+from apfast.diffim.pair_columns import DIA_TABLE_COLUMNS
 from apfast.errors import AlgorithmError, InputError
+
+if TYPE_CHECKING:  # the CLI builds its parser from this module: the stages load only when a command runs
+    import numpy as np
+
+    from apfast.diffim.pair import PairResult
 
 __all__ = ["SUBTRACT_DEFAULTS", "SubtractFitsResult", "add_subtract_parser", "subtract_config", "subtract_fits"]
 
@@ -306,6 +309,11 @@ DIFF.fits holds IMAGE, MASK and VARIANCE HDUs plus the difference PSF; its prima
 DIFFMODE (which image was convolved), DIFFKSUM (kernel sum), DIFFNSTP (stamps) and more. With
 --detect, DIA sources go to DIFF_diaSrc.fits and DIFF_diaSrc.csv with columns
 """ + "\n".join(f"  {k:<12} {v}" for k, v in DIA_TABLE_COLUMNS.items()) + """
+
+Config: -c/-C set any key `apfast config show` lists. Defaults that differ from `apfast process`,
+for single images of any size: diffim.mode = auto (convolve the sharper image),
+characterize.detection.include_threshold_multiplier = 2, characterize.psf.min_stars = 3,
+diffim.min_stamps = 3, diffim.fft_planner = decorrelation.fft_planner = FFTW_ESTIMATE.
 
 Errors in the inputs (missing or non-FITS files, no WCS, images that do not overlap, too few
 stars) exit with status 2 and a one-line message naming the file or the config key to change."""
