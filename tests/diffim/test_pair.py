@@ -258,3 +258,35 @@ def test_overlap_and_plane_errors(real_data: Path) -> None:
     nowcs = Exposure(sci.image, sci.mask, sci.variance)
     with pytest.raises(InputError, match="template image has no celestial WCS"):
         subtract_pair(sci, nowcs)
+
+
+def test_small_image_passes_the_default_stamp_minimum() -> None:
+    """A 120 px image: one 128 px cell held at most 3 stars, under min_stamps 5; the cells now shrink.
+
+    (The stamp plus kernel margin, ~36 px here, leaves only the central 48 px for kernel stars.)
+    """
+    from apfast.diffim.psfmatch import effective_cell_size
+
+    rng = np.random.default_rng(11)
+    n = 120
+    yy, xx = np.mgrid[:n, :n]
+
+    def scene(sigma: float, scale: float) -> np.ndarray:
+        img = np.zeros((n, n))
+        for x0 in (38.3, 50.1, 61.7, 74.2):
+            for y0 in (37.8, 50.4, 62.2, 73.9):
+                r2 = (xx - x0) ** 2 + (yy - y0) ** 2
+                img += scale * 2e4 * np.exp(-0.5 * r2 / sigma**2) / (2 * np.pi * sigma**2)
+        return img + rng.normal(0.0, 5.0, img.shape)
+
+    var = np.full((n, n), 25.0)
+    sci = Exposure(scene(1.8, 1.1), variance=var, psf=GaussianPsf(1.8, 21))
+    tmp = Exposure(scene(1.3, 1.0), variance=var, psf=GaussianPsf(1.3, 21))
+    cfg = PsfMatchConfig()
+    assert effective_cell_size(n, n, cfg) < cfg.size_cell
+    # a catalogue: detection merges stars this close into one footprint
+    gx, gy = np.meshgrid((38.3, 50.1, 61.7, 74.2), (37.8, 50.4, 62.2, 73.9))
+    cat = {"x": gx.ravel(), "y": gy.ravel(), "snr": np.full(16, 300.0)}
+    res = subtract_images(sci, tmp, sources=cat, config=cfg)
+    assert res.n_stamps_used >= cfg.min_stamps
+    assert res.kernel.sum(59.5, 59.5) == pytest.approx(1.1, abs=0.01)
