@@ -27,13 +27,8 @@ from apfast.ccd.characterize import CharacterizeConfig, run_characterize
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.psf import GaussianPsf
 from apfast.ccd.psf_determiner import PsfDeterminerConfig, halfmax_fwhm
-from apfast.diffim.pair import (
-    SubtractConfig,
-    dia_table,
-    make_exposure,
-    overlap_fraction,
-    subtract_pair,
-)
+from apfast.dia.pair import detect_pair_sources, dia_table
+from apfast.diffim.pair import SubtractConfig, make_exposure, overlap_fraction, subtract_pair
 from apfast.diffim.psfmatch import InsufficientKernelSourcesError, PsfMatchConfig
 from apfast.diffim.subtract import matching_fwhm, subtract_images
 from apfast.errors import InputError
@@ -61,7 +56,7 @@ def _decam(real_data: Path, which: str) -> Exposure:
 @pytest.fixture(scope="module")
 def decam(real_data: Path) -> dict[str, Any]:
     sci, tmp = _decam(real_data, "04a"), _decam(real_data, "18a")
-    res = subtract_pair(sci, tmp, characterize=CHAR, psfmatch=PSFM, detect=True)
+    res = detect_pair_sources(subtract_pair(sci, tmp, characterize=CHAR, psfmatch=PSFM))
     return {"sci": sci, "tmp": tmp, "res": res}
 
 

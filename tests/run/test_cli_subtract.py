@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 
 import apfast
-from apfast.diffim.pair import DIA_TABLE_COLUMNS
+from apfast.dia.pair import DIA_TABLE_COLUMNS
 from apfast.run.cli import main
 
 SCI = "decam_sfft/DEC-OBS04a.mini.fits"

@@ -22,8 +22,8 @@ after reading the files (:mod:`apfast.repo.pairio`):
    kernel stars detected on the warped, sky-subtracted template).
 6. **Quality numbers** (:func:`difference_quality`): pull statistics of the
    difference in source-free pixels and the residual left at the kernel stars.
-7. Optionally **DIA sources** (:func:`apfast.dia.diasource.run_dia_detection`) and a
-   compact table of them (:func:`dia_table`).
+
+DIA sources on the result are a DIA-layer step: :func:`apfast.dia.pair.detect_pair_sources`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from apfast.ccd.background import BackgroundConfig, NoGoodBackgroundPixelsError,
 from apfast.ccd.characterize import CharacterizeConfig, run_characterize
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.diffim.decorrelate import DecorrelationConfig
-from apfast.diffim.pair_columns import DIA_TABLE_COLUMNS
 from apfast.diffim.psfmatch import SIGMA_PER_FWHM, PsfMatchConfig
 from apfast.diffim.stage import DifferenceConfig, DiffimResult, run_image_difference
 from apfast.diffim.warp import WarpConfig, warp_exposure
@@ -51,10 +50,8 @@ from apfast.exposure import Exposure, PhotoCalib
 from apfast.masks import bitmask
 
 __all__ = [
-    "DIA_TABLE_COLUMNS",
     "PairResult",
     "SubtractConfig",
-    "dia_table",
     "difference_quality",
     "estimate_variance",
     "make_exposure",
@@ -117,14 +114,14 @@ class PairResult:
     diffim : DiffimResult
         Everything the differencing stage returned (kernel, stamps, timings).
     sources : dict of str to ndarray or None
-        DIA sources (APDB ``DiaSource`` columns) when ``detect`` was asked for.
+        DIA sources (APDB ``DiaSource`` columns) once :func:`apfast.dia.pair.detect_pair_sources` ran.
     table : dict of str to ndarray or None
-        The compact DIA table (:data:`DIA_TABLE_COLUMNS`).
+        Their compact table (:data:`apfast.dia.pair.DIA_TABLE_COLUMNS`).
     stats : dict
         ``mode``, ``fwhm_science``, ``fwhm_template`` (half-maximum, pixels),
         ``kernel_sum``, ``n_stamps``, ``overlap``, ``pull_median``, ``pull_std``,
         ``n_pull_pixels``, ``star_residual`` (median over the kernel stars of
-        ``sum |difference| / science flux`` within one FWHM), ``n_dia_sources``.
+        ``sum |difference| / science flux`` within one FWHM), ``n_dia_sources`` (None before detection).
     timings : dict of str to float
         Seconds per step.
     """
@@ -369,46 +366,6 @@ def difference_quality(diff: Exposure, science: Exposure, template: Exposure, st
     }
 
 
-# --------------------------------------------------------------------------- DIA table
-def dia_table(sources: dict[str, np.ndarray], photo_calib: PhotoCalib | None) -> dict[str, np.ndarray]:
-    """The compact table of :data:`DIA_TABLE_COLUMNS` from DIA source columns.
-
-    Fluxes go back from nJy to science image units with ``photo_calib`` (the
-    difference's); without one they already are in image units.
-    """
-    n = int(np.asarray(sources["x"]).shape[0])
-    scale = photo_calib.njy_per_instflux if photo_calib is not None else 1.0
-    flux = np.asarray(sources["psfFlux"], np.float64) / scale
-    err = np.asarray(sources["psfFluxErr"], np.float64) / scale
-
-    def col(name: str) -> np.ndarray:
-        return np.asarray(sources[name], bool) if name in sources else np.zeros(n, bool)
-
-    flags = np.zeros(n, np.int32)
-    flags |= np.where(col("psfFlux_flag"), 1, 0).astype(np.int32)
-    flags |= np.where(col("pixelFlags_edge") | col("pixelFlags_offimage") | col("psfFlux_flag_edge"), 2, 0
-                      ).astype(np.int32)
-    flags |= np.where(col("pixelFlags_bad") | col("pixelFlags_nodata"), 4, 0).astype(np.int32)
-    flags |= np.where(col("pixelFlags_saturated"), 8, 0).astype(np.int32)
-    flags |= np.where(col("pixelFlags_cr") | col("pixelFlags_interpolated"), 16, 0).astype(np.int32)
-    flags |= np.where(col("pixelFlags_suspect"), 32, 0).astype(np.int32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.where(err > 0, flux / err, np.nan)
-    return {
-        "id": np.arange(1, n + 1, dtype=np.int64),
-        "x": np.asarray(sources["x"], np.float64),
-        "y": np.asarray(sources["y"], np.float64),
-        "ra": np.asarray(sources.get("ra", np.full(n, np.nan)), np.float64),
-        "dec": np.asarray(sources.get("dec", np.full(n, np.nan)), np.float64),
-        "flux": flux,
-        "flux_err": err,
-        "snr": snr,
-        "is_negative": col("isNegative"),
-        "is_dipole": col("isDipole"),
-        "flags": flags,
-    }
-
-
 # --------------------------------------------------------------------------- the chain
 def _characterized(exp: Exposure, cfg: CharacterizeConfig, role: str) -> tuple[Exposure, Any]:
     """Sky-subtracted, CR-repaired planes and the measured PSF of one image."""
@@ -426,7 +383,7 @@ def subtract_pair(
     science: Exposure, template: Exposure, *, config: SubtractConfig | None = None,
     characterize: CharacterizeConfig | None = None, warp: WarpConfig | None = None,
     psfmatch: PsfMatchConfig | None = None, decorrelation: DecorrelationConfig | None = None,
-    difference: DifferenceConfig | None = None, dia: Any = None, detect: bool = False,
+    difference: DifferenceConfig | None = None,
 ) -> PairResult:
     """Difference two exposures of one sky on different pixel grids (module docstring); inputs unchanged.
 
@@ -440,10 +397,6 @@ def subtract_pair(
         Background, cosmic rays and PSF measurement of each image.
     warp, psfmatch, decorrelation, difference : optional
         Configs of the warp and of :func:`apfast.diffim.stage.run_image_difference`.
-    dia : DiaSourceConfig, optional
-        DIA detection and measurement, with ``detect``.
-    detect : bool
-        Detect and measure DIA sources on the difference.
 
     Returns
     -------
@@ -503,16 +456,6 @@ def subtract_pair(
     quality = difference_quality(diff, sci, tpl, sub.solution.stamp_x, sub.solution.stamp_y,
                                  max(meta["fwhm_science"], meta["fwhm_template"]))
     timings["quality"] = time.perf_counter() - t
-    sources = table = None
-    if detect:
-        from apfast.dia.diasource import DiaSourceConfig, run_dia_detection
-
-        t = time.perf_counter()
-        ref = tpl if sub.mode == "convolveScience" else res.matched
-        dres = run_dia_detection(diff, sci, ref, config=dia or DiaSourceConfig())
-        sources = dres.sources
-        table = dia_table(sources, diff.photo_calib)
-        timings["dia"] = time.perf_counter() - t
     xc, yc = (science.shape[1] - 1) / 2.0, (science.shape[0] - 1) / 2.0
     stats: dict[str, Any] = {
         "mode": sub.mode,
@@ -526,9 +469,9 @@ def subtract_pair(
         "n_candidates": int(meta["n_candidates"]),
         "overlap": overlap,
         "residual_background": float(res.stats.get("DIFFBKG", 0.0)),
-        "n_dia_sources": None if table is None else int(table["id"].size),
+        "n_dia_sources": None,
         **quality,
     }
     timings["total"] = time.perf_counter() - t0
     return PairResult(difference=diff, science=sci, template=tpl, matched=res.matched, diffim=res,
-                      sources=sources, table=table, stats=stats, timings=timings)
+                      sources=None, table=None, stats=stats, timings=timings)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apfast.diffim.pair_columns import DIA_TABLE_COLUMNS
+from apfast.dia.pair_columns import DIA_TABLE_COLUMNS
 from apfast.errors import AlgorithmError, InputError
 
 if TYPE_CHECKING:  # the CLI builds its parser from this module: the stages load only when a command runs
@@ -69,7 +69,7 @@ class SubtractFitsResult:
     difference : Exposure
         The decorrelated ``science - template`` on the science grid (science units).
     table : dict of str to ndarray or None
-        DIA sources (:data:`apfast.diffim.pair.DIA_TABLE_COLUMNS`) when ``detect``.
+        DIA sources (:data:`apfast.dia.pair.DIA_TABLE_COLUMNS`) when ``detect``.
     stats : dict
         Mode, half-maximum FWHMs, kernel sum, stamps, pull statistics ... (:class:`apfast.diffim.pair.PairResult`).
     pair : PairResult
@@ -219,8 +219,11 @@ def subtract_fits(
         exposures[0], exposures[1], config=scfg, characterize=keys["CharacterizeConfig"][1],
         warp=keys["WarpConfig"][1], psfmatch=keys["PsfMatchConfig"][1],
         decorrelation=keys["DecorrelationConfig"][1], difference=keys["DifferenceConfig"][1],
-        dia=keys["DiaSourceConfig"][1], detect=detect,
     )
+    if detect:
+        from apfast.dia.pair import detect_pair_sources
+
+        res = detect_pair_sources(res, config=keys["DiaSourceConfig"][1])
     outputs: list[Path] = []
     if output is not None:
         st = res.stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["DIA_TABLE_COLUMNS"]
 
-#: The columns of :func:`dia_table` and what they hold (also the CSV/FITS column documentation).
+#: The columns of :func:`apfast.dia.pair.dia_table` and what they hold (also the CSV/FITS column documentation).
 DIA_TABLE_COLUMNS: dict[str, str] = {
     "id": "source number, 1..n",
     "x": "column (0-based pixels of the science image)",
