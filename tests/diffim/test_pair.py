@@ -236,7 +236,8 @@ def test_too_few_kernel_stars_names_the_keys() -> None:
     img = rng.normal(0.0, 5.0, (96, 96)).astype(np.float32)
     var = np.full(img.shape, 25.0, np.float32)
     e = Exposure(img, np.zeros(img.shape, np.int32), var, psf=GaussianPsf(1.5, 21))
-    with pytest.raises(InsufficientKernelSourcesError, match=r"difference\.psfmatch\.n_star_per_cell .*difference\.psfmatch\.size_cell"):
+    keys = r"difference\.psfmatch\.n_star_per_cell .*difference\.psfmatch\.size_cell"
+    with pytest.raises(InsufficientKernelSourcesError, match=keys):
         subtract_images(e, e.copy())
 
 
