@@ -26,14 +26,18 @@ _LAZY = {
     "PhotoCalib": "apfast.exposure",
     "VisitInfo": "apfast.exposure",
     "read_exposure": "apfast.exposure",
+    "subtract_fits": "apfast.run.subtract",
     "write_exposure": "apfast.exposure",
 }
 
 if TYPE_CHECKING:
     from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure, write_exposure
     from apfast.repo.butler import Butler
+    from apfast.run.subtract import subtract_fits
 
-__all__ = ["Butler", "Exposure", "PhotoCalib", "VisitInfo", "__version__", "read_exposure", "write_exposure"]
+__all__ = [
+    "Butler", "Exposure", "PhotoCalib", "VisitInfo", "__version__", "read_exposure", "subtract_fits", "write_exposure",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,7 +31,13 @@ from apfast.ccd.background import BackgroundConfig, BackgroundModel, measure_bac
 from apfast.ccd.cosmicray import CosmicRayConfig, find_cosmic_rays
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, MeasurementResult, measure_sources
-from apfast.ccd.psf_determiner import PsfDeterminerConfig, PsfResult, determine_psf, stellar_locus_size
+from apfast.ccd.psf_determiner import (
+    NoPsfStarsError,
+    PsfDeterminerConfig,
+    PsfResult,
+    determine_psf,
+    stellar_locus_size,
+)
 from apfast.masks import bitmask
 from apfast.psf import PsfModel
 
@@ -108,6 +114,20 @@ def clean_star_flags(cat: MeasurementResult) -> np.ndarray:
         if name in cat:
             ok &= ~np.asarray(cat[name], bool)
     return ok
+
+
+def _with_detection_hint(exc: NoPsfStarsError, det: DetectionConfig) -> NoPsfStarsError:
+    """The error plus the option that most often helps: bright-source detection keeps only strong peaks.
+
+    With Rubin's includeThresholdMultiplier 10 only footprints peaking at 10x the 5-sigma
+    threshold become PSF candidates; a small or sparse image (a 256 px cutout) has too few.
+    """
+    msg = (
+        f"{exc}; only sources peaking above {det.threshold * det.include_threshold_multiplier:g} x the "
+        f"{det.threshold_type} noise are PSF candidates: lower characterize.detection.include_threshold_multiplier "
+        f"(now {det.include_threshold_multiplier:g}, e.g. 1) to use fainter stars"
+    )
+    return NoPsfStarsError(msg, **exc.metadata)
 
 
 def _add_backgrounds(a: BackgroundModel, b: BackgroundModel) -> BackgroundModel:
@@ -189,10 +209,13 @@ def run_characterize(
         t = time.perf_counter()
         size = np.sqrt(0.5 * (np.asarray(cat["Ixx"], float) + np.asarray(cat["Iyy"], float)))
         flux = np.asarray(cat["gaussianFlux"] if psf is None else cat["psfFlux"], float)
-        psf_res = determine_psf(
-            img, var, (msk & bad_bits) != 0, np.asarray(cat["x"], float), np.asarray(cat["y"], float), flux,
-            np.asarray(cat["snr"], float), size, clean_star_flags(cat), config=cfg.psf,
-        )
+        try:
+            psf_res = determine_psf(
+                img, var, (msk & bad_bits) != 0, np.asarray(cat["x"], float), np.asarray(cat["y"], float), flux,
+                np.asarray(cat["snr"], float), size, clean_star_flags(cat), config=cfg.psf,
+            )
+        except NoPsfStarsError as exc:
+            raise _with_detection_hint(exc, cfg.detection) from None
         psf = psf_res.psf
         sigma = psf_res.fwhm_center / FWHM_PER_SIGMA
         timings["psf"] += time.perf_counter() - t

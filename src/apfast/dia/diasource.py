@@ -4,10 +4,10 @@
 
 1. clears ``DETECTED`` / ``DETECTED_NEGATIVE`` and detects with ``dia.detection``
    (:func:`apfast.ccd.detection.detect_sources`, PSF sigma from the difference PSF's
-   FWHM at the CCD centre): by default both polarities at ``dia.detection.threshold``
-   = 5 sigma of the per-pixel variance of the PSF-smoothed difference, footprints
-   grown by ``n_sigma_to_grow`` = 2.4 PSF sigma plus ``grow_merge`` = 2 pixels and
-   merged, so a dipole is one source;
+   half-maximum FWHM at the CCD centre, :func:`apfast.diffim.subtract.matching_fwhm`):
+   by default both polarities at ``dia.detection.threshold`` = 5 sigma of the per-pixel
+   variance of the PSF-smoothed difference, footprints grown by ``n_sigma_to_grow`` =
+   2.4 PSF sigma plus ``grow_merge`` = 2 pixels and merged, so a dipole is one source;
 2. measures every footprint (:func:`apfast.ccd.measurement.measure_sources`:
    centroid, adaptive moments, PSF and aperture fluxes);
 3. fits footprints holding both a positive and a negative peak with the dipole
@@ -50,6 +50,7 @@ from apfast._configbase import ConfigSection, opt, subsection
 from apfast._constants import FWHM_PER_SIGMA, MAD_TO_SIGMA
 from apfast.ccd.detection import DetectionConfig, check_planes, detect_sources
 from apfast.ccd.measurement import MeasurementConfig, aperture_name, measure_sources
+from apfast.diffim.subtract import matching_fwhm
 from apfast.errors import InputError
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.kernels import dia_noise as _kn
@@ -668,7 +669,8 @@ def run_dia_detection(
     img, var, msk = _exposure_planes(difference, "difference")
     ny, nx = img.shape
     x0, y0 = difference.xy0
-    psf_sigma = float(difference.psf.fwhm(0.5 * (nx - 1) + x0, 0.5 * (ny - 1) + y0)) / FWHM_PER_SIGMA
+    # the half-maximum width, as differencing uses (the second moments of a measured PSF are wing-dominated)
+    psf_sigma = matching_fwhm(difference.psf, 0.5 * (nx - 1) + x0, 0.5 * (ny - 1) + y0) / FWHM_PER_SIGMA
     noise_scale = noise_scale_factor(img, var, msk, psf_sigma) if cfg.scale_variance else 1.0
     var = _scaled_variance(var, noise_scale, template, cfg.template_flux_error)
     det = detect_sources(img, var, msk, psf_sigma=psf_sigma, config=cfg.detection)

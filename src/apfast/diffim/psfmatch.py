@@ -25,7 +25,8 @@ Algorithm
    stamp_snr_max]``, no flags, no masked pixel in the stamp window of either
    image, no other source within ``isolation_fwhm_scaling`` FWHM; the
    ``n_star_per_cell`` brightest in each ``size_cell`` square cell (Rubin
-   ``SpatialCellSet``), at most ``max_stamps`` in all (first-ranked stars of every
+   ``SpatialCellSet``; smaller cells on small images, :func:`effective_cell_size`),
+   at most ``max_stamps`` in all (first-ranked stars of every
    cell first). A stamp has half-size ``max(stamp_fwhm_scaling * FWHM, kernel
    half-size)``: it must be wider than the kernel, or the constant background is
    nearly degenerate with the kernel wings (Rubin grows footprints by 30 px).
@@ -40,7 +41,8 @@ Algorithm
    accounts for the convolved reference noise.
 4. **Spatial fit**: each coefficient is a polynomial of order
    ``spatial_kernel_order`` of the stamp position and the background one of
-   order ``spatial_bg_order``; the global weighted least squares is assembled
+   order ``spatial_bg_order`` (each lowered until there are at least two stamps
+   per polynomial term: 6 for order 1, 12 for order 2); the global weighted least squares is assembled
    from the per-stamp normal equations (exactly Rubin's approach), with up to
    ``max_spatial_iterations`` rounds of rejecting stamps the spatial model fits
    badly.
@@ -71,6 +73,7 @@ __all__ = [
     "STAMP_STATUS",
     "PsfMatchConfig",
     "SpatialKernel",
+    "effective_cell_size",
     "make_basis",
     "n_poly_terms",
     "select_stamps",
@@ -517,6 +520,26 @@ def _catalogue_arrays(sources: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return x, y, snr, ok
 
 
+def effective_cell_size(nx: int, ny: int, config: PsfMatchConfig) -> int:
+    """Side (pixels) of the stamp cells on an ``nx`` x ``ny`` image: ``size_cell``, smaller on small images.
+
+    The cells must be able to hold ``2 * min_stamps`` stars at ``n_star_per_cell``
+    each, or an image under ~128 px (one cell of 3 stars) could never reach the
+    ``min_stamps`` (5) the spatial fit needs. The side shrinks to
+    ``sqrt(nx * ny * n_star_per_cell / (2 * min_stamps))`` when that is smaller, but not
+    below 16 px. Full CCDs keep ``size_cell``.
+
+    Examples
+    --------
+    >>> cfg = PsfMatchConfig()
+    >>> effective_cell_size(2048, 4096, cfg), effective_cell_size(256, 256, cfg), effective_cell_size(100, 100, cfg)
+    (128, 128, 54)
+    """
+    need = 2 * config.min_stamps
+    fit = int(math.sqrt(nx * ny * config.n_star_per_cell / need))
+    return max(min(config.size_cell, fit), 16)
+
+
 def select_stamps(
     x: np.ndarray, y: np.ndarray, snr: np.ndarray, ok: np.ndarray, bad: np.ndarray, *, half: int, r: int,
     isolation: float, config: PsfMatchConfig,
@@ -563,7 +586,8 @@ def select_stamps(
         if bad[iy[i] - m : iy[i] + m + 1, ix[i] - m : ix[i] + m + 1].any():
             use[i] = False
     idx = np.nonzero(use)[0]
-    cell = (iy[idx] // config.size_cell) * (nx // config.size_cell + 1) + ix[idx] // config.size_cell
+    size_cell = effective_cell_size(nx, ny, config)
+    cell = (iy[idx] // size_cell) * (nx // size_cell + 1) + ix[idx] // size_cell
     order = np.lexsort((-snr[idx], cell))
     idx, cell = idx[order], cell[order]
     first = np.r_[0, np.nonzero(np.diff(cell))[0] + 1]
@@ -676,6 +700,17 @@ def solve_kernel(
     xc, yc, xsc, ysc = (nx - 1) / 2.0, (ny - 1) / 2.0, nx / 2.0, ny / 2.0
     kord = config.spatial_kernel_order
     bord = config.spatial_bg_order if with_bg else 0
+    # a spatial polynomial needs about two stamps per term, or it fits the stamps' noise (a cutout with
+    # 4 kernel stars cannot tell a tilt from a bad stamp): lower the orders the stamps cannot carry,
+    # as the PSF determiner does
+    n_keep = int(keep.sum())
+    while kord > 0 and n_keep < 2 * n_poly_terms(kord):
+        kord -= 1
+    while bord > 0 and n_keep < 2 * n_poly_terms(bord):
+        bord -= 1
+    if (kord, bord) != (config.spatial_kernel_order, config.spatial_bg_order if with_bg else 0):
+        logger.info("%d kernel stamps: spatial kernel order %d, background order %d (configured %d, %d)",
+                    n_keep, kord, bord, config.spatial_kernel_order, config.spatial_bg_order)
     nk, nbg = n_poly_terms(kord), n_poly_terms(bord) if with_bg else 0
     pk = _poly((cx - xc) / xsc, (cy - yc) / ysc, kord)  # (ns, nk)
     pb = _poly((cx - xc) / xsc, (cy - yc) / ysc, bord)
@@ -716,10 +751,12 @@ def solve_kernel(
 
 def _require(n: int, config: PsfMatchConfig, what: str, **meta: object) -> None:
     if n < config.min_stamps:
+        p = config._key_prefix or "diffim."
         msg = (
             f"only {n} {what} for the PSF-matching kernel, {config.min_stamps} needed; check the images overlap "
-            f"and have stars, or relax difference.psfmatch.stamp_snr_min (now {config.stamp_snr_min}), "
-            f"difference.psfmatch.candidate_residual_std_max ({config.candidate_residual_std_max}), "
-            f"difference.psfmatch.max_ksum_sigma ({config.max_ksum_sigma}) or difference.psfmatch.min_stamps"
+            f"and have stars, take more stars per area with {p}n_star_per_cell (now {config.n_star_per_cell}) "
+            f"or a smaller {p}size_cell ({config.size_cell}), or relax {p}stamp_snr_min ({config.stamp_snr_min}), "
+            f"{p}candidate_residual_std_max ({config.candidate_residual_std_max}), "
+            f"{p}max_ksum_sigma ({config.max_ksum_sigma}) or {p}min_stamps"
         )
         raise InsufficientKernelSourcesError(msg, n_sources=n, n_required=config.min_stamps, **meta)

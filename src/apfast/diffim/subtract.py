@@ -29,6 +29,15 @@ Modes, sign, units, variance, mask and PSF
 * ``auto``: ``convolveTemplate`` when the science FWHM >= template FWHM at the
   image centre, otherwise ``convolveScience``.
 
+FWHM
+----
+Every width used here (basis sigmas, kernel size, stamp size, isolation radius,
+candidate detection, ``auto``) is :func:`matching_fwhm`: the half-maximum FWHM of
+the PSF model at the image centre, the number characterize reports
+(``PsfResult.fwhm_center``). The second-moment width (``PsfModel.fwhm``) of a
+measured pixel PSF is dominated by its wings: 9-10 px for a real PSF whose
+half-maximum FWHM is 2.5 px, which oversized every derived length.
+
 ``K_c`` is the kernel at the image centre: the variance is convolved with the
 centre kernel squared (the spatial variation of ``sum K^2`` across a CCD is a
 fraction of a percent for order-1 kernels). The mask is the target mask OR the
@@ -48,7 +57,9 @@ from typing import Any, Literal
 import numpy as np
 import scipy.fft
 
+from apfast.ccd.background import BackgroundConfig, NoGoodBackgroundPixelsError, measure_background
 from apfast.ccd.detection import DetectionConfig, detect_sources
+from apfast.ccd.psf_determiner import halfmax_fwhm
 from apfast.diffim.fftw import convolve_full, rfft2_pair
 from apfast.diffim.psfmatch import (
     SIGMA_PER_FWHM,
@@ -72,9 +83,9 @@ from apfast.kernels.convolve import (
     planes_finite,
 )
 from apfast.masks import MASK_BITS, bitmask
-from apfast.psf import ImagePsf, PsfModel
+from apfast.psf import GaussianPsf, ImagePsf, PsfModel
 
-__all__ = ["SubtractionResult", "fft_convolve_terms", "subtract_images"]
+__all__ = ["SubtractionResult", "fft_convolve_terms", "matching_fwhm", "subtract_images"]
 
 logger = logging.getLogger(__name__)
 _THREADS = 2
@@ -198,6 +209,39 @@ def fft_convolve_terms(image: np.ndarray, kernels: np.ndarray, *, planner: str =
     return out
 
 
+def matching_fwhm(psf: PsfModel, x: float, y: float) -> float:
+    """The FWHM (pixels) differencing sizes everything from: the PSF's half-maximum width at ``(x, y)``.
+
+    The same number :func:`apfast.ccd.characterize.run_characterize` reports for a
+    measured PSF (``psf_result.fwhm_center``, :func:`apfast.ccd.psf_determiner.halfmax_fwhm`
+    of the model stamp), and the analytic ``2 sqrt(2 ln 2) sigma`` of a
+    :class:`~apfast.ccd.psf.GaussianPsf`. Not the second-moment width
+    (:meth:`PsfModel.fwhm`): the wings of a real PSF make that several times larger.
+
+    Parameters
+    ----------
+    psf : PsfModel
+        Any PSF model.
+    x, y : float
+        Parent-image pixel position.
+
+    Returns
+    -------
+    float
+        FWHM in pixels.
+
+    Examples
+    --------
+    >>> round(matching_fwhm(GaussianPsf(2.0, 25), 0.0, 0.0), 4)
+    4.7096
+    >>> round(matching_fwhm(ImagePsf(GaussianPsf(2.0, 25).compute_image(0, 0)), 0.0, 0.0), 1)
+    4.7
+    """
+    if isinstance(psf, GaussianPsf):
+        return float(psf.fwhm(x, y))
+    return halfmax_fwhm(psf.compute_image(x, y))
+
+
 def _planes(exp: Exposure, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not isinstance(exp, Exposure):
         msg = f"{name} must be an apfast.exposure.Exposure, got {type(exp).__name__}"
@@ -221,6 +265,21 @@ def _planes(exp: Exposure, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def _detect_candidates(img: np.ndarray, var: np.ndarray, msk: np.ndarray, fwhm: float,
                        config: PsfMatchConfig) -> tuple[np.ndarray, ...]:
+    """Kernel-star candidates detected on ``img`` minus its sky.
+
+    An image that still has its sky (a calexp template with the background added back, a
+    raw pair: ZTF has 200-600 DN) is one footprint at a variance threshold, and its
+    peaks' S/N include the sky: the kernel was then fitted on whatever peaks came out
+    (kernel sums 0.15-0.77 on ZTF). The sky is measured on a mesh of at most 128 px
+    cells (half the image on small ones) and removed for the detection only.
+    """
+    ny, nx = img.shape
+    bcfg = BackgroundConfig(bin_size=max(16, min(128, min(ny, nx) // 2)))
+    try:
+        sky = measure_background(img, msk, config=bcfg).image()
+        img = (img - sky).astype(np.float32)
+    except NoGoodBackgroundPixelsError:  # nothing good to measure: detection finds nothing either
+        pass
     det = detect_sources(img, var, msk, psf_sigma=fwhm * SIGMA_PER_FWHM,
                          config=DetectionConfig(threshold=config.detect_threshold))
     x = det.peak_x.astype(np.float64)
@@ -289,8 +348,8 @@ def subtract_images(
     ny, nx = s_img.shape
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
     assert science.psf is not None and template.psf is not None  # _planes checked both
-    fwhm_s = float(science.psf.fwhm(science.xy0[0] + xc, science.xy0[1] + yc))
-    fwhm_t = float(template.psf.fwhm(template.xy0[0] + xc, template.xy0[1] + yc))
+    fwhm_s = matching_fwhm(science.psf, science.xy0[0] + xc, science.xy0[1] + yc)
+    fwhm_t = matching_fwhm(template.psf, template.xy0[0] + xc, template.xy0[1] + yc)
     mode = cfg.mode
     if mode == "auto":
         mode = "convolveTemplate" if fwhm_s >= fwhm_t else "convolveScience"

@@ -68,6 +68,7 @@ _CFG_FORMAT = "apfast-repository-1"
 NON_PRODUCT_KEYS: tuple[str, ...] = (
     "apdb.",  # db_url, isolation_level, connection_timeout, connection_pool: where rows go, not what they are
     "process.",  # n_threads, doraise, clobber_output, skip_missing_templates
+    "subtract.",  # only `apfast subtract` reads these
 )
 
 

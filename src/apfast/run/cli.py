@@ -673,6 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
     p.set_defaults(func=_cmd_verify)
+
+    from apfast.run.subtract import add_subtract_parser
+
+    add_subtract_parser(sub)
     return parser
 
 

@@ -137,6 +137,7 @@ from apfast.dia.diasource import DiaSourceConfig  # noqa: E402
 from apfast.dia.filtering import DiaFilterConfig  # noqa: E402
 from apfast.dia.reliability import ReliabilityConfig  # noqa: E402
 from apfast.diffim.coadd import CoaddConfig  # noqa: E402
+from apfast.diffim.pair import SubtractConfig  # noqa: E402
 from apfast.diffim.stage import DifferenceConfig  # noqa: E402
 from apfast.diffim.template import TemplateConfig  # noqa: E402
 from apfast.diffim.warp import WarpConfig  # noqa: E402
@@ -165,11 +166,12 @@ class PipelineConfig(ConfigSection):
     alerts: AlertsConfig = subsection(AlertsConfig)
     dia_pipe: DiaPipeConfig = subsection(DiaPipeConfig)
     inject: InjectConfig = subsection(InjectConfig)
+    subtract: SubtractConfig = subsection(SubtractConfig)
 
 
 #: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
 #: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
-ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.")
+ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.")
 
 
 def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
