@@ -9,11 +9,11 @@ numbers read as "what filtering and scoring add to it". The model load is timed 
 from __future__ import annotations
 
 import pytest
-from test_bench_diasource import ccd  # noqa: F401  (the module fixture)
 
 from apfast.dia.diasource import run_dia_detection
 from apfast.dia.filtering import filter_dia_sources
 from apfast.dia.reliability import load_model, score_sources
+from test_bench_diasource import ccd  # noqa: F401  (the module fixture)
 
 GROUP = "dia-filter-and-reliability-full-ccd"
 
