@@ -85,6 +85,8 @@ class CcdVisitCounts:
     n_truth: int = 0
     n_truth_matched: int = 0
     n_unexplained: int = 0
+    n_alerts: int = 0  # DIA sources at or above alerts.min_reliability (or unscored)
+    n_false_alerts: int = 0  # unexplained ones among them
 
 
 @dataclass(slots=True)
@@ -102,6 +104,11 @@ class VerifyResult:
     truth_by_snr: list[CompletenessBin] = field(default_factory=list)
     fake_pulls: dict[str, float] = field(default_factory=dict)
     false_per_ccd_visit: dict[str, float] = field(default_factory=dict)
+    false_alerts_per_ccd_visit: dict[str, float] = field(default_factory=dict)
+    fakes_alerted_by_snr: list[CompletenessBin] = field(default_factory=list)
+    truth_alerted_by_snr: list[CompletenessBin] = field(default_factory=list)
+    reliability: dict[str, Any] = field(default_factory=dict)
+    alert_threshold: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able numbers (NaN and inf become ``None``)."""
@@ -126,6 +133,10 @@ class VerifyResult:
             "fakes": {"by_mag": bins(self.fakes_by_mag), "by_snr": bins(self.fakes_by_snr), "pulls": self.fake_pulls},
             "truth_transients": {"by_mag": bins(self.truth_by_mag), "by_snr": bins(self.truth_by_snr)},
             "false_per_ccd_visit": self.false_per_ccd_visit,
+            "false_alerts_per_ccd_visit": self.false_alerts_per_ccd_visit, "alert_threshold": self.alert_threshold,
+            "alerted": {"fakes_by_snr": bins(self.fakes_alerted_by_snr),
+                        "truth_by_snr": bins(self.truth_alerted_by_snr)},
+            "reliability_on_fakes": self.reliability,
         })
 
 
@@ -189,16 +200,40 @@ def _expected_snr(diff: Any, x: np.ndarray, y: np.ndarray, flux_njy: np.ndarray)
 
 
 def _dia_sources(butler: Any, reader: Any, key: tuple[int, int]) -> dict[str, np.ndarray] | None:
-    cols = ("ra", "dec", "psfFlux", "psfFluxErr", "pixelFlags_injectedCenter")
+    cols = ("ra", "dec", "psfFlux", "psfFluxErr", "pixelFlags_injectedCenter", "reliability")
     if reader is not None:
         rows = reader.sources_of([key])
-        return {c: np.array([r.get(c) for r in rows], dtype=float if c != "pixelFlags_injectedCenter" else bool)
+        return {c: np.array([np.nan if r.get(c) is None and c == "reliability" else r.get(c) for r in rows],
+                            dtype=float if c != "pixelFlags_injectedCenter" else bool)
                 for c in cols}
     try:
         t = butler.get("deepDiff_diaSrc", visit=key[0], ccdnum=key[1])
     except NoLocationsError:
         return None
-    return {c: (np.asarray(t[c]) if c in t.colnames else np.zeros(len(t), bool)) for c in cols}
+    out = {c: (np.asarray(t[c]) if c in t.colnames else np.zeros(len(t), bool)) for c in cols[:-1]}
+    out["reliability"] = np.asarray(t["reliability"], float) if "reliability" in t.colnames else np.full(len(t), np.nan)
+    return out
+
+
+def _alerted(rel: np.ndarray, threshold: float) -> np.ndarray:
+    """Sources that got an alert: reliability at or above the threshold, or no score at all."""
+    with np.errstate(invalid="ignore"):
+        return ~(rel < threshold)
+
+
+def _reliability_metrics(rel_real: np.ndarray, rel_bogus: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Purity and completeness of 'real' among fake-matched (real) and unexplained (bogus) DIA sources."""
+    out: dict[str, Any] = {"n_real": int(rel_real.size), "n_bogus": int(rel_bogus.size), "threshold": threshold}
+    if not (np.isfinite(rel_real).any() or np.isfinite(rel_bogus).any()):
+        return out
+    curve = []
+    for th in (0.1, 0.3, 0.5, 0.7, 0.9, threshold):
+        tp, fp = int(_alerted(rel_real, th).sum()), int(_alerted(rel_bogus, th).sum())
+        curve.append({"threshold": th, "purity": tp / max(tp + fp, 1), "completeness": tp / max(rel_real.size, 1)})
+    out["curve"] = sorted({c["threshold"]: c for c in curve}.values(), key=lambda c: c["threshold"])
+    at = next(c for c in out["curve"] if c["threshold"] == threshold)
+    out.update(purity=at["purity"], completeness=at["completeness"])
+    return out
 
 
 def _truth_tables(truth_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -261,8 +296,10 @@ def run_verify(out: str | Path, *, truth: str | Path | None = None, config_overr
     reader = ApdbReader(url) if url else None
     tr_all, truth_src = _truth_tables(truth_dir) if truth_dir is not None else (None, None)
     res = VerifyResult(out=str(outp), source=url or "deepDiff_diaSrc", truth=str(truth_dir) if truth_dir else None,
-                       match_radius=float(match_radius))
+                       match_radius=float(match_radius), alert_threshold=_alert_threshold(outp, config_overrides))
+    thr = res.alert_threshold
     fk_mag, fk_snr, fk_det, tr_mag, tr_snr, tr_det = [], [], [], [], [], []
+    fk_alert, tr_alert, rel_real, rel_bogus = [], [], [], []
     pulls_m, pulls_t, pulls_e = [], [], []
     try:
         for cv in visits:
@@ -273,6 +310,7 @@ def run_verify(out: str | Path, *, truth: str | Path | None = None, config_overr
                 continue
             c = CcdVisitCounts(key[0], key[1], n_dia=int(src["ra"].size))
             explained = np.zeros(c.n_dia, bool)
+            alerted = _alerted(src["reliability"], thr)
             fakes = _fakes(butler, key)
             if fakes is not None:
                 landed = np.asarray(fakes["injected"], bool)
@@ -293,7 +331,9 @@ def run_verify(out: str | Path, *, truth: str | Path | None = None, config_overr
                 fk_mag.append(np.asarray(fakes["mag"], float)[sci])
                 fk_snr.append(snr[sci])
                 fk_det.append((idx >= 0)[sci])
+                fk_alert.append(np.where(idx >= 0, alerted[np.maximum(idx, 0)], False)[sci])
                 m = sci & (idx >= 0)
+                rel_real.append(src["reliability"][idx[m]])
                 pulls_m.append(src["psfFlux"][idx[m]])
                 pulls_e.append(src["psfFluxErr"][idx[m]])
                 pulls_t.append(np.asarray(fakes["flux_nJy"], float)[m])
@@ -308,7 +348,11 @@ def run_verify(out: str | Path, *, truth: str | Path | None = None, config_overr
                 tr_mag.append(mag_of(np.abs(tr_all["flux_njy"][here].astype(float))))
                 tr_snr.append(np.abs(tr_all["snr_expected"][here].astype(float)))
                 tr_det.append(idx >= 0)
+                tr_alert.append(np.where(idx >= 0, alerted[np.maximum(idx, 0)], False))
             c.n_unexplained = int((~explained).sum())
+            c.n_alerts = int(alerted.sum())
+            c.n_false_alerts = int((alerted & ~explained).sum())
+            rel_bogus.append(src["reliability"][~explained])
             res.ccd_visits.append(c)
     finally:
         if reader is not None:
@@ -324,15 +368,34 @@ def run_verify(out: str | Path, *, truth: str | Path | None = None, config_overr
     if fk_mag:
         res.fakes_by_mag = completeness(cat(fk_mag), cat(fk_det, bool), _mag_edges(cat(fk_mag)))
         res.fakes_by_snr = completeness(cat(fk_snr), cat(fk_det, bool), SNR_EDGES)
+        res.fakes_alerted_by_snr = completeness(cat(fk_snr), cat(fk_alert, bool), SNR_EDGES)
         res.fake_pulls = pull_stats(cat(pulls_m), cat(pulls_t), cat(pulls_e))
+        res.reliability = _reliability_metrics(cat(rel_real), cat(rel_bogus), thr)
     if tr_mag:
         res.truth_by_mag = completeness(cat(tr_mag), cat(tr_det, bool), _mag_edges(cat(tr_mag)))
         res.truth_by_snr = completeness(cat(tr_snr), cat(tr_det, bool), SNR_EDGES)
+        res.truth_alerted_by_snr = completeness(cat(tr_snr), cat(tr_alert, bool), SNR_EDGES)
     if truth_dir is not None or fk_mag:
-        false = np.array([c.n_unexplained for c in res.ccd_visits], float)
-        res.false_per_ccd_visit = {"median": float(np.median(false)), "max": float(false.max()),
-                                   "total": float(false.sum())}
+        for attr, key_ in (("false_per_ccd_visit", "n_unexplained"), ("false_alerts_per_ccd_visit", "n_false_alerts")):
+            v = np.array([getattr(c, key_) for c in res.ccd_visits], float)
+            setattr(res, attr, {"median": float(np.median(v)), "max": float(v.max()), "total": float(v.sum())})
     return res
+
+
+def _alert_threshold(outp: Path, overrides: Sequence[str]) -> float:
+    """``alerts.min_reliability`` of the run: a ``-c`` override, the rerun's stored config, else the default."""
+    import tomllib
+
+    for o in overrides:
+        if o.split("=", 1)[0].strip() == "alerts.min_reliability":
+            return float(o.split("=", 1)[1])
+    try:
+        stored = tomllib.loads((outp / "config" / "apfast.toml").read_text(encoding="utf-8"))
+        return float(stored["alerts"]["min_reliability"])
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+        from apfast.dia.alerts import AlertsConfig
+
+        return AlertsConfig().min_reliability
 
 
 def _has_diff(butler: Any, key: tuple[int, int]) -> bool:
@@ -366,9 +429,9 @@ def format_verify(res: VerifyResult) -> list[str]:
     lines = [f"verify {res.out}: DIA sources from {res.source}; truth {res.truth or 'none (fakes only)'}; "
              f"match radius {res.match_radius:g}\""]
     head = ["visit", "ccdnum", "n_dia", "fakes", "found", "flagged", "tmpl_fakes", "tmpl_found", "truth", "found",
-            "unexplained"]
+            "unexplained", "alerts", "false_alerts"]
     keys = ("visit", "ccdnum", "n_dia", "n_fakes", "n_fakes_matched", "n_fakes_flagged", "n_template_fakes",
-            "n_template_fakes_detected", "n_truth", "n_truth_matched", "n_unexplained")
+            "n_template_fakes_detected", "n_truth", "n_truth_matched", "n_unexplained", "n_alerts", "n_false_alerts")
     rows = [[str(getattr(c, k)) for k in keys] for c in res.ccd_visits]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
@@ -377,6 +440,10 @@ def format_verify(res: VerifyResult) -> list[str]:
     lines += _bins_lines("fakes: completeness vs expected S/N", res.fakes_by_snr, "g")
     lines += _bins_lines("simulated transients: completeness vs magnitude", res.truth_by_mag, ".1f")
     lines += _bins_lines("simulated transients: completeness vs expected S/N", res.truth_by_snr, "g")
+    lines += _bins_lines(f"fakes alerted (reliability >= {res.alert_threshold:g}) vs expected S/N",
+                         res.fakes_alerted_by_snr, "g")
+    lines += _bins_lines(f"simulated transients alerted (reliability >= {res.alert_threshold:g}) vs expected S/N",
+                         res.truth_alerted_by_snr, "g")
     if res.fake_pulls.get("n"):
         p = res.fake_pulls
         lines.append(f"flux pulls of matched fakes, (psfFlux - injected) / psfFluxErr: n {p['n']}, median "
@@ -385,6 +452,15 @@ def format_verify(res: VerifyResult) -> list[str]:
         f = res.false_per_ccd_visit
         lines.append(f"false detections (unexplained DIA sources) per CCD-visit: median {f['median']:g}, max "
                      f"{f['max']:g} ({f['total']:g} in {len(res.ccd_visits)} CCD-visits)")
+    if res.false_alerts_per_ccd_visit:
+        f = res.false_alerts_per_ccd_visit
+        lines.append(f"false alerts (unexplained, reliability >= {res.alert_threshold:g}) per CCD-visit: median "
+                     f"{f['median']:g}, max {f['max']:g} ({f['total']:g} in all)")
+    r = res.reliability
+    if r.get("curve"):
+        lines.append(f"reliability on fakes ({r['n_real']} matched fakes real, {r['n_bogus']} unexplained bogus): "
+                     + ", ".join(f"{c['threshold']:g}: purity {c['purity']:.3f} completeness {c['completeness']:.3f}"
+                                 for c in r["curve"]))
     return lines
 
 
