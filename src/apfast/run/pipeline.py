@@ -155,6 +155,11 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
         Any stage failure, with a message naming the CCD and what to change.
     """
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    cal_row = butler.registry.calibrated_row(did["visit"], did["ccdnum"])
+    if cal_row is not None:  # ingested with --calibrated: ISR is skipped (apfast.run.calibrated)
+        from apfast.run.calibrated import process_calibrated_ccd
+
+        return process_calibrated_ccd(butler, row, cal_row, cfg, writer=writer)
     out: Butler | OutputWriter = writer if writer is not None else butler
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
