@@ -6,8 +6,9 @@ A calibrated camera is an ordinary camera TOML (so ``REPO/camera.toml`` loads wi
 - how the CCD number and the extra dataId keys come from the header (``ccdnum``, ``dataid``);
 - how the image, weight and mask files of one exposure are paired (``[calibrated.files]``: the
   token of each kind in the file name, e.g. ``_ooi_``/``_oow_``/``_ood_``);
-- the weight map's meaning (``weight_kind``), the gain and read noise used when there is no weight
-  map, the saturation level and the header zero point (``magzero``);
+- the weight map's meaning (``weight_kind``), the gain (pixels become electrons with ``electrons =
+  true``, the default, as ISR's output is; the variance without a weight map uses it too), the read
+  noise, the saturation level and the header zero point of the file's units (``magzero``);
 - how data-quality values become :mod:`apfast.masks` planes (``[calibrated.dq]``: ``mode = "bits"``
   maps bit numbers, ``mode = "values"`` maps whole integer values).
 
@@ -54,6 +55,7 @@ class CalibratedCamera:
     saturation: KeySpec | None
     magzero: KeySpec | None
     filter_map: dict[str, str]
+    to_electrons: bool
     dq_mode: str
     dq_map: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
@@ -144,6 +146,7 @@ def calibrated_from_camera(camera: Camera) -> CalibratedCamera:
         saturation=_spec(cal, "saturation", "calibrated"),
         magzero=_spec(cal, "magzero", "calibrated"),
         filter_map={str(k): str(v) for k, v in cal.get("filter_map", {}).items()},
+        to_electrons=bool(cal.get("electrons", True)),
         dq_mode=mode,
         dq_map=dq_map,
     )

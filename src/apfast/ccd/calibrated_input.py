@@ -1,8 +1,8 @@
 """The ISR-free start of processCcd for calibrated images: image, mask and variance planes.
 
 For a calibrated CCD (see :mod:`apfast.camera.calibrated`) ISR is skipped; this module turns the
-files' pixels into the planes :func:`apfast.ccd.characterize.run_characterize` takes, in the file's
-units (ADU/DN for DECam InstCal and ZTF, like ISR's output):
+files' pixels into the planes :func:`apfast.ccd.characterize.run_characterize` takes, in electrons
+(like ISR's output) when ``to_electrons`` and a gain are given, else in the file's units:
 
 - variance from the weight map (``inverse_variance``: 1/w, ``variance``: w, ``sigma``: w**2); a
   weight of 0 (or non-finite) is ``NO_DATA`` with variance 0 (what ISR writes for unusable pixels);
@@ -70,7 +70,7 @@ def mask_from_dq(dq: np.ndarray, *, mode: str, mapping: Mapping[int, Sequence[st
 def planes_from_calibrated(
     image: np.ndarray, *, weight: np.ndarray | None = None, dq: np.ndarray | None = None,
     weight_kind: str = "inverse_variance", dq_mode: str = "bits", dq_map: Mapping[int, Sequence[str]] | None = None,
-    gain: float | None = None, read_noise: float = 0.0, saturation: float | None = None,
+    gain: float | None = None, read_noise: float = 0.0, saturation: float | None = None, to_electrons: bool = False,
 ) -> CalibratedPlanes:
     """Build the characterize inputs of a calibrated CCD; inputs are not modified.
 
@@ -87,12 +87,16 @@ def planes_from_calibrated(
     read_noise : float
         Electrons; used with ``gain``.
     saturation : float, optional
-        Image-unit level at and above which pixels are ``SAT``.
+        Level (file units) at and above which pixels are ``SAT``.
+    to_electrons : bool
+        Multiply the image by ``gain`` (and the variance by ``gain**2``): a zero point of the file's
+        units then changes by ``2.5 log10(gain)``.
 
     Raises
     ------
     InputError
-        Shapes differ, or neither a weight map nor a positive gain is given.
+        Shapes differ, or neither a weight map nor a positive gain is given (or ``to_electrons``
+        without a positive gain).
     """
     img = np.array(image, dtype=np.float32, order="C")
     for name, arr in (("weight", weight), ("mask", dq)):
@@ -103,6 +107,10 @@ def planes_from_calibrated(
             else np.zeros(img.shape, dtype=np.int32))
     no_data = np.int32(bitmask("NO_DATA"))
     bad_pix = ~np.isfinite(img)
+    usable_gain = gain is not None and bool(np.isfinite(gain)) and gain > 0
+    if to_electrons and not usable_gain:
+        msg = f"cannot convert to electrons without a positive gain (got {gain!r}); set calibrated.gain"
+        raise InputError(msg)
     if weight is not None:
         w = np.asarray(weight, dtype=np.float64)
         good = np.isfinite(w) & (w > 0)
@@ -115,10 +123,11 @@ def planes_from_calibrated(
                 var = np.where(good, w * w, 0.0)
         bad_pix |= ~good
     else:
-        if gain is None or not np.isfinite(gain) or gain <= 0:
+        if not usable_gain:
             msg = (f"no weight map and no usable gain ({gain!r}) to derive the variance; give the weight file or "
                    "set calibrated.gain in the camera description")
             raise InputError(msg)
+        assert gain is not None
         rn = float(read_noise) / float(gain)
         with np.errstate(invalid="ignore"):
             var = np.maximum(np.where(np.isfinite(img), img, 0.0), 0.0) / float(gain) + rn * rn
@@ -127,5 +136,9 @@ def planes_from_calibrated(
     var = np.ascontiguousarray(np.where(bad_pix, 0.0, var), dtype=np.float32)
     if saturation is not None and np.isfinite(saturation):
         mask[img >= saturation] |= np.int32(bitmask("SAT"))
+    if to_electrons:
+        assert gain is not None
+        img *= np.float32(gain)
+        var *= np.float32(gain) ** 2
     n_sat = int(np.count_nonzero(mask & np.int32(bitmask("SAT"))))
     return CalibratedPlanes(img, mask, var, n_sat)

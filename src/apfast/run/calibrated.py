@@ -47,7 +47,7 @@ def calibrated_planes(butler: Butler, cal_row: dict[str, Any]) -> tuple[Calibrat
     planes = planes_from_calibrated(
         px.image, weight=px.weight, dq=px.mask, weight_kind=cal.weight_kind, dq_mode=cal.dq_mode,
         dq_map=cal.dq_map, gain=_value(cal.gain, h, "gain"), read_noise=_value(cal.read_noise, h, "read noise") or 0.0,
-        saturation=_value(cal.saturation, h, "saturation"),
+        saturation=_value(cal.saturation, h, "saturation"), to_electrons=cal.to_electrons,
     )
     return planes, px
 
