@@ -11,6 +11,7 @@ header WCS (TPV or SIP, as astropy reads it) and the zero point against the phot
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -52,6 +53,33 @@ def calibrated_planes(butler: Butler, cal_row: dict[str, Any]) -> tuple[Calibrat
     return planes, px
 
 
+def header_zero_point(butler: Butler, px: CalibratedPixels, did: dict[str, Any]) -> tuple[float, float]:
+    """``(zero point, 0)`` of the calibrated planes from the camera's ``magzero`` keyword.
+
+    The keyword gives the zero point of the file's units; when the pixels became electrons the
+    zero point grows by ``2.5 log10(gain)``.
+
+    Raises
+    ------
+    CalibrationError
+        The camera names no ``magzero`` keyword, or the header lacks it (one line naming both).
+    """
+    cal = get_calibrated_camera(butler.registry.camera)
+    tag = f"visit={did['visit']} ccdnum={did['ccdnum']}"
+    zp = _value(cal.magzero, px.header, "zero point")
+    if zp is None or not math.isfinite(zp):
+        key = cal.magzero.key if cal.magzero is not None else None
+        msg = (f"{tag}: calibrate.zero_point_source = 'header' but "
+               + (f"the header has no usable {key}" if key else f"camera {cal.camera.name} names no calibrated.magzero")
+               + "; set calibrate.zero_point_source = 'refcat' or fix the camera description")
+        raise CalibrationError(msg)
+    if cal.to_electrons:
+        gain = _value(cal.gain, px.header, "gain")
+        assert gain is not None  # planes_from_calibrated has checked it
+        zp += 2.5 * math.log10(gain)
+    return zp, 0.0
+
+
 def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[str, Any], cfg: Any, *,
                            writer: OutputWriter | None = None) -> Any:
     """processCcd of one calibrated CCD; returns a :class:`apfast.run.pipeline.CcdOutcome`.
@@ -88,18 +116,25 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
     corners_ra, corners_dec = [float(v) % 360.0 for v in cra], [float(v) for v in cdec]
     margin = cfg.calibrate.astrometry.max_offset_arcsec / 3600.0 + 0.01
     root = butler.repo.root
-    astrom_refs = _refs(root, cfg.calibrate.astrometry_refcat, corners_ra, corners_dec, margin,
-                        mag_col=cfg.calibrate.astrometry_mag, epoch=mjd_to_epoch(row["mjd"]), did=did)
+    ccfg = cfg.calibrate
+    astrom_refs = None
+    if ccfg.astrometry_source == "refcat":
+        astrom_refs = _refs(root, ccfg.astrometry_refcat, corners_ra, corners_dec, margin,
+                            mag_col=ccfg.astrometry_mag, epoch=mjd_to_epoch(row["mjd"]), did=did)
     band = str(row["filter"])
-    term = cfg.calibrate.photocal.colour_term(band)
-    photom_refs = _refs(root, cfg.calibrate.photometry_refcat, corners_ra, corners_dec, margin,
-                        mag_col=f"{band}_mag", epoch=None, did=did, colour=(term[0], term[1]) if term else None)
+    term = ccfg.photocal.colour_term(band)
+    photom_refs, header_zp = None, None
+    if ccfg.zero_point_source == "refcat":
+        photom_refs = _refs(root, ccfg.photometry_refcat, corners_ra, corners_dec, margin,
+                            mag_col=f"{band}_mag", epoch=None, did=did, colour=(term[0], term[1]) if term else None)
+    else:
+        header_zp = header_zero_point(butler, px, did)
     timings["refcat"] = time.perf_counter() - t
 
     t = time.perf_counter()
     cal = run_calibrate(char.image, char.mask, char.variance, psf=char.psf, psf_sigma=char.psf_sigma,
                         initial_wcs=initial_wcs, astrom_refs=astrom_refs, photom_refs=photom_refs,
-                        config=cfg.calibrate, colour_coeffs=term[2] if term else ())
+                        config=ccfg, colour_coeffs=term[2] if term else (), header_zero_point=header_zp)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -109,8 +144,11 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
                  ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
                  ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog), N_SAT=planes.n_saturated)
     for k, v in stats.items():
-        meta[k] = v
+        if not (isinstance(v, float) and not math.isfinite(v)):  # no astrometric fit: no ASTR_RMS card
+            meta[k] = v
     meta["CALINPUT"] = (True, "processed from a calibrated image (ISR skipped)")
+    meta["ASTRSRC"] = (ccfg.astrometry_source, "WCS: refcat fit or the input header's")
+    meta["ZPSRC"] = (ccfg.zero_point_source, "zero point: refcat fit or the input header's")
     for k, v, c in cal.apcorr.to_header_cards():
         meta[k] = (v, c)
     vi = VisitInfo(visit=did["visit"], ccdnum=did["ccdnum"], detector=row.get("detector"), filter=band,
