@@ -44,7 +44,10 @@ def write_instcal(sim_dir: Path, raw_file: Path, visit: int, ccdnum: int, out_di
     dq[SAT_BLOCK] = 3
     primary = fits.getheader(raw_file, 0)
     primary["PROCTYPE"] = "InstCal"
-    primary["ARAWGAIN"] = (float(0.5 * (gain_a + gain_b)), "[e/adu] Average raw gain")
+    arawgain = float(0.5 * (gain_a + gain_b))
+    primary["ARAWGAIN"] = (arawgain, "[e/adu] Average raw gain")
+    # the CP's zero point is of the image's ADU; per amplifier the truth differs by 2.5 log10(gain / ARAWGAIN)
+    primary["MAGZERO"] = (float(meta["zero_point_e"] - 2.5 * np.log10(arawgain)), "[mag] zero point (ADU)")
     ext = fits.Header()
     ext["CCDNUM"] = ccdnum
     ext["EXTNAME"] = meta["detector"]

@@ -14,7 +14,7 @@ from astropy.table import Table
 
 from apfast.camera.calibrated import get_calibrated_camera
 from apfast.ccd.calibrated_input import mask_from_dq, planes_from_calibrated
-from apfast.ccd.characterize import run_characterize
+from apfast.ccd.characterize import run_characterize, summarize
 from apfast.errors import ConfigError, IngestError, InputError
 from apfast.masks import bitmask
 from apfast.repo.butler import Butler
@@ -145,9 +145,9 @@ def test_ztf_planes_mask_mapping_variance_and_characterize(ztf_repo: Path) -> No
     mad_rms = float(rms)
     char = run_characterize(planes.image, planes.mask, planes.variance)
     # PSF FWHM (pixels) against the header SEEING (FWHM in pixels per its comment; IPAC's measurement)
-    fwhm = 2.3548 * char.psf_sigma
-    print(f"ZTF PSF FWHM {fwhm:.3f} px, header SEEING {px.header['SEEING']}")
-    assert fwhm == pytest.approx(float(px.header["SEEING"]), rel=0.5)
+    # apfast's seeing (pixel-deconvolved Moffat FWHM of the PSF stars) against IPAC's SEEING (pixels)
+    assert summarize(char)["SEEING"] == pytest.approx(float(px.header["SEEING"]), rel=0.05)
+    assert 1.3 < 2.3548 * char.psf_sigma < 2.2  # the pixel-integrated PSF: undersampled at 1.01"/px
     assert abs(float(np.median(char.background.image())) - float(np.median(sky))) < mad_rms / 4
 
 
@@ -165,6 +165,51 @@ def test_ztf_header_tpv_wcs_puts_the_vsx_variables_on_stars(ztf_repo: Path) -> N
         # a star peaks within 2 pixels (2 arcsec) of the catalogue position, well above the sky
         assert np.hypot(py - 3, pxl - 3) <= 2.0
         assert float(stamp.max()) > bkg + 20 * np.sqrt(bkg)
+
+
+def test_ztf_tpv_wcs_survives_the_calexp_header() -> None:
+    """wcslib reads TPV in full (0.25" of distortion on this cutout) and the calexp writes it back as PV cards."""
+    from apfast.exposure import _wcs_header, wcs_from_header
+
+    h = fits.getheader(SCI, 1)
+    w = wcs_from_header(h)
+    back = wcs_from_header(_wcs_header(w))
+    flat = h.copy()
+    flat["CTYPE1"], flat["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    for k in [k for k in flat if k.startswith("PV")]:
+        del flat[k]
+    gx, gy = np.meshgrid(np.linspace(0, 1023, 9), np.linspace(0, 1023, 9))
+
+    def sep(a: object, b: object) -> float:
+        r1, d1 = a.all_pix2world(gx.ravel(), gy.ravel(), 0)  # type: ignore[attr-defined]
+        r2, d2 = b.all_pix2world(gx.ravel(), gy.ravel(), 0)  # type: ignore[attr-defined]
+        return float(np.max(np.hypot((r1 - r2) * np.cos(np.radians(d1)), d1 - d2)) * 3600.0)
+
+    assert sep(w, back) < 1e-6
+    assert sep(w, wcs_from_header(flat)) > 0.2
+
+
+@pytest.mark.xfail(strict=True, reason="calibrate's aperture correction finds no star: the PSF model's adaptive "
+                   "moments (Ixx_psf) are NaN for this undersampled PSF (sigma 0.73 px), a kernel limitation")
+def test_ztf_process_ccd_with_header_wcs_and_magzp(ztf_repo: Path) -> None:
+    rc = main(["-q", "process-ccd", str(ztf_repo), "--output", str(ztf_repo.parent / "hdr"), "--doraise",
+               "-c", "calibrate.astrometry_source=header", "-c", "calibrate.zero_point_source=header"])
+    assert rc == 0
+    calexp = Butler(ztf_repo.parent / "hdr").get("calexp", visit=136243177, ccdnum=51)
+    assert calexp.photo_calib.zero_point == pytest.approx(26.285139 + 2.5 * np.log10(6.0))
+
+
+def test_raws_refuse_header_sources() -> None:
+    from types import SimpleNamespace
+
+    from apfast.errors import CalibrationError
+    from apfast.run.config import PipelineConfig, apply_overrides
+    from apfast.run.pipeline import process_ccd
+
+    cfg = apply_overrides(PipelineConfig(), ["calibrate.zero_point_source=header"])
+    butler = SimpleNamespace(registry=SimpleNamespace(calibrated_row=lambda v, c: None))
+    with pytest.raises(CalibrationError, match="is a raw: calibrate.astrometry_source and"):
+        process_ccd(butler, {"visit": 1, "ccdnum": 2}, cfg)  # type: ignore[arg-type]
 
 
 def test_ztf_process_ccd_without_refcat_is_a_clear_failure(ztf_repo: Path, capsys) -> None:
@@ -219,6 +264,31 @@ def test_instcal_process_ccd_matches_the_simulation(instcal: dict) -> None:
     assert np.all(m[:, BAD_COLUMN] & bitmask("BAD"))
     assert np.all(m[SAT_BLOCK] & bitmask("SAT"))
     assert np.all(m[ZERO_WEIGHT] & bitmask("NO_DATA"))
+
+
+def test_instcal_header_wcs_and_magzero_need_no_refcat(instcal: dict) -> None:
+    """calibrate.astrometry_source = zero_point_source = 'header': the input WCS and MAGZERO (ADU) + 2.5 log10(gain)."""
+    from apfast.exposure import wcs_from_header
+    from apfast.sim.simulate import load_truth
+
+    repo, s = instcal["repo"], instcal["summary"]
+    visit = int(s.science_visits[0])
+    out = repo.parent / "hdr"
+    assert main(["-q", "process-ccd", str(repo), "--id", f"visit={visit}", "--output", str(out), "--doraise",
+                 "-c", "calibrate.astrometry_source=header", "-c", "calibrate.zero_point_source=header"]) == 0
+    calexp = Butler(out).get("calexp", visit=visit, ccdnum=35)
+    image = next((repo / "calibrated").rglob(f"c4d_{visit}_ooi_*"))
+    h0, h1 = fits.getheader(image, 0), fits.getheader(image, 1)
+    zp = float(h0["MAGZERO"]) + 2.5 * np.log10(float(h0["ARAWGAIN"]))
+    assert calexp.photo_calib.zero_point == pytest.approx(zp, abs=1e-9)
+    assert zp == pytest.approx(load_truth(instcal["dir"] / "sim").ccd(visit, 35)["zero_point_e"], abs=1e-6)
+    assert (calexp.metadata["ASTRSRC"], calexp.metadata["ZPSRC"]) == ("header", "header")
+    assert "ASTR_RMS" not in calexp.metadata
+    w = wcs_from_header(h1)
+    gx, gy = np.meshgrid(np.linspace(0, 2047, 5), np.linspace(0, 2047, 5))
+    r1, d1 = calexp.wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
+    r2, d2 = w.all_pix2world(gx.ravel(), gy.ravel(), 0)
+    assert np.allclose(r1, r2, rtol=0, atol=1e-10) and np.allclose(d1, d2, rtol=0, atol=1e-10)
 
 
 @pytest.mark.slow
