@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from astropy.io import fits
 
@@ -26,6 +26,9 @@ from apfast.exposure import Exposure, VisitInfo
 from apfast.repo.butler import Butler
 from apfast.repo.calibrated import CalibratedPixels, read_calibrated
 from apfast.repo.writer import OutputWriter
+
+if TYPE_CHECKING:
+    from apfast.run.pipeline import CcdOutcome
 
 __all__ = ["calibrated_planes", "process_calibrated_ccd"]
 
@@ -81,7 +84,7 @@ def header_zero_point(butler: Butler, px: CalibratedPixels, did: dict[str, Any])
 
 
 def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[str, Any], cfg: Any, *,
-                           writer: OutputWriter | None = None) -> Any:
+                           writer: OutputWriter | None = None) -> CcdOutcome:
     """processCcd of one calibrated CCD; returns a :class:`apfast.run.pipeline.CcdOutcome`.
 
     Raises
@@ -90,7 +93,7 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
         A stage failure (the message names the CCD and what to change); ``CalibrationError`` if the
         image has no header WCS to start the astrometric fit from.
     """
-    from apfast.run.pipeline import CcdOutcome, _refs
+    from apfast.run.pipeline import CcdOutcome, _refs  # at call time: pipeline imports this module lazily
 
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
     out: Butler | OutputWriter = writer if writer is not None else butler
