@@ -275,13 +275,15 @@ class Registry:
         cols = ", ".join(f'"{c}"' for c in _COLUMN_NAMES)
         marks = ", ".join("?" * len(_COLUMN_NAMES))
         cal_cols = _CALIBRATED_COLUMNS
+        cal_names = ", ".join(f'"{c}"' for c in cal_cols)  # fixed identifiers of this module
+        cal_marks = ", ".join("?" * len(cal_cols))
         with self.conn:
             self.conn.executemany(
                 f"INSERT INTO raw ({cols}) VALUES ({marks})",
                 [tuple(_py(r.get(c)) for c in _COLUMN_NAMES) for r in rows],
             )
             self.conn.executemany(
-                f"INSERT INTO calibrated ({', '.join(cal_cols)}) VALUES ({', '.join('?' * len(cal_cols))})",
+                f"INSERT INTO calibrated ({cal_names}) VALUES ({cal_marks})",
                 [tuple(_py(r.get(c)) for c in cal_cols) for r in cal_rows],
             )
             self.conn.executemany(
