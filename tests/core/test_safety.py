@@ -193,7 +193,7 @@ def test_injection_through_cli_id_selects_nothing(repo: Path, capsys: pytest.Cap
 # Names that may be formatted into SQL text: fixed column lists, placeholders and WHERE
 # fragments built by the same modules from validated identifiers.
 _SAFE_SQL_NAMES = {
-    "repo/registry.py": {"where", "key", "cols", "marks"},
+    "repo/registry.py": {"where", "key", "cols", "marks", "cal_names", "cal_marks"},
     "repo/calibs.py": set(),
     "repo/refcat.py": set(),
     "repo/refcat_io.py": set(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from astropy.table import Table
@@ -33,6 +33,7 @@ from apfast.ccd.photocal import (
     fit_aperture_correction,
     fit_zero_point,
 )
+from apfast.exposure import PhotoCalib
 from apfast.psf import PsfModel
 
 __all__ = ["CalibrateConfig", "CalibrateResult", "RefCatalog", "mjd_to_epoch", "run_calibrate"]
@@ -56,6 +57,15 @@ class CalibrateConfig(ConfigSection):
     photometry_match_arcsec: float = opt(1.0, "Match radius (arcsec) of sources to photometric references.")
     calib_flux_radius: float = opt(12.0, "Aperture radius (pixels) of the calibration flux (Rubin: 12).")
     apcorr_min_snr: float = opt(50.0, "Lowest S/N of aperture-correction stars.")
+    astrometry_source: Literal["refcat", "header"] = opt(
+        "refcat", "Where the WCS comes from (a raw has no usable header WCS: refcat only).",
+        choices={"refcat": "fit TAN-SIP against astrometry_refcat, starting from the header WCS",
+                 "header": "a calibrated image's header WCS as it is (TPV/SIP), no reference catalogue"})
+    zero_point_source: Literal["refcat", "header"] = opt(
+        "refcat", "Where the zero point comes from (raws: refcat only).",
+        choices={"refcat": "fit against photometry_refcat",
+                 "header": "a calibrated image's zero point keyword (calibrated.magzero of the camera, e.g. ZTF "
+                           "MAGZP, DECam CP MAGZERO), + 2.5 log10(gain) when the pixels became electrons"})
     detection: DetectionConfig = subsection(
         DetectionConfig, doc="Source detection (5 sigma).", factory=_calib_detection
     )
@@ -106,8 +116,9 @@ def mjd_to_epoch(mjd: float) -> float:
 
 def run_calibrate(
     image: np.ndarray, mask: np.ndarray, variance: np.ndarray, *, psf: PsfModel, psf_sigma: float,
-    initial_wcs: WCS, astrom_refs: RefCatalog, photom_refs: RefCatalog, config: CalibrateConfig | None = None,
-    colour_coeffs: tuple[float, ...] = (), colour_range: tuple[float, float] | None = None,
+    initial_wcs: WCS, astrom_refs: RefCatalog | None, photom_refs: RefCatalog | None,
+    config: CalibrateConfig | None = None, colour_coeffs: tuple[float, ...] = (),
+    colour_range: tuple[float, float] | None = None, header_zero_point: tuple[float, float] | None = None,
 ) -> CalibrateResult:
     """Detect, measure and calibrate one characterized CCD; inputs are not modified.
 
@@ -119,13 +130,17 @@ def run_calibrate(
         The PSF model; ``psf_sigma`` its Gaussian-equivalent sigma (pixels).
     initial_wcs : astropy.wcs.WCS
         Approximate WCS on this (trimmed) pixel grid.
-    astrom_refs, photom_refs : RefCatalog
-        Astrometric (epoch-corrected) and photometric references in the image's band.
+    astrom_refs, photom_refs : RefCatalog or None
+        Astrometric (epoch-corrected) and photometric references in the image's band. ``None``
+        astrometric references keep ``initial_wcs`` as it is (a calibrated image's header WCS);
+        ``None`` photometric references take ``header_zero_point`` instead of a fit.
     config : CalibrateConfig, optional
     colour_coeffs : tuple of float
         Colour-term polynomial in ``photom_refs.colour`` (empty: none).
     colour_range : (float, float), optional
         Reference colours where the colour term holds; other stars are left out of the zero point.
+    header_zero_point : (float, float), optional
+        ``(zero point, error)`` of the image units, used when ``photom_refs`` is ``None``.
 
     Raises
     ------
@@ -170,8 +185,13 @@ def run_calibrate(
     t = time.perf_counter()
     use = clean & (psf_flux > 0)
     xerr = np.hypot(np.asarray(cat["xErr"], float), np.asarray(cat["yErr"], float))
-    astro = solve_astrometry(x[use], y[use], psf_flux[use], astrom_refs.ra, astrom_refs.dec, astrom_refs.mag,
-                             initial_wcs, shape=shape, config=cfg.astrometry, src_err=xerr[use])
+    if astrom_refs is None:  # the header WCS as given (no reference catalogue)
+        none = np.zeros(0, np.int64)
+        astro = AstrometryResult(initial_wcs, 0, float("nan"), none, none, np.zeros(0), 0.0, 0.0,
+                                 metadata={"source": "header"})
+    else:
+        astro = solve_astrometry(x[use], y[use], psf_flux[use], astrom_refs.ra, astrom_refs.dec, astrom_refs.mag,
+                                 initial_wcs, shape=shape, config=cfg.astrometry, src_err=xerr[use])
     wcs = astro.wcs
     ra, dec = wcs.all_pix2world(x, y, 0)
     cat["coord_ra"], cat["coord_dec"] = ra % 360.0, dec
@@ -182,6 +202,11 @@ def run_calibrate(
 
     # photometric zero point against the photometric catalogue
     t = time.perf_counter()
+    if photom_refs is None:
+        if header_zero_point is None:
+            msg = "run_calibrate needs photom_refs or header_zero_point"
+            raise ValueError(msg)
+        return _header_photocal(cat, wcs, apcorr, astro, header_zero_point, timings, t)
     px, py = wcs.all_world2pix(photom_refs.ra, photom_refs.dec, 0)
     on = np.isfinite(px) & np.isfinite(py) & (px > -5) & (px < shape[1] + 5) & (py > -5) & (py < shape[0] + 5)
     ref_idx = np.flatnonzero(on)
@@ -222,4 +247,20 @@ def run_calibrate(
     )
     cat.meta.update({"ZP": pc.zero_point, "ZP_ERR": pc.zero_point_err, "ASTR_RMS": astro.rms_arcsec,
                      "ASTR_N": astro.n_matches})
+    return CalibrateResult(cat, wcs, pc, apcorr, astro, matches, timings)
+
+
+def _header_photocal(cat: Table, wcs: WCS, apcorr: ApCorrModel, astro: AstrometryResult,
+                     zero_point: tuple[float, float], timings: dict[str, float], t: float) -> CalibrateResult:
+    """Finish :func:`run_calibrate` with a given zero point (a calibrated image's header MAGZERO)."""
+    zp, err = float(zero_point[0]), float(zero_point[1])
+    pc = PhotoCalResult(PhotoCalib(zp, err), zp, err, float("nan"), 0, np.zeros(0, bool))
+    cat["calib_photometry_used"] = np.zeros(len(cat), bool)
+    factor = pc.photo_calib.njy_per_instflux
+    cat["psfFlux_nJy"] = cat["psfFlux_apCorr"] * factor
+    cat["psfFluxErr_nJy"] = cat["psfFluxErr_apCorr"] * factor
+    timings["photocal"] = time.perf_counter() - t
+    matches = Table({"src_index": np.zeros(0, np.int64), "ref_ra": np.zeros(0), "ref_dec": np.zeros(0),
+                     "ref_mag": np.zeros(0), "distance_arcsec": np.zeros(0), "used": np.zeros(0, bool)})
+    cat.meta.update({"ZP": zp, "ZP_ERR": err, "ASTR_RMS": astro.rms_arcsec, "ASTR_N": astro.n_matches})
     return CalibrateResult(cat, wcs, pc, apcorr, astro, matches, timings)

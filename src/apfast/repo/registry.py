@@ -72,6 +72,11 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS raw_filter_date ON raw (filter, date)",
     "CREATE INDEX IF NOT EXISTS raw_file_fp ON raw_file (fingerprint)",
     "CREATE TABLE IF NOT EXISTS registry_info (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # calibrated inputs (ingest --calibrated): the raw row's file/hdu is the image; weight and mask beside it
+    "CREATE TABLE IF NOT EXISTS calibrated ("
+    "visit INTEGER NOT NULL, ccdnum INTEGER NOT NULL, image TEXT NOT NULL, image_hdu INTEGER NOT NULL, "
+    "weight TEXT, weight_hdu INTEGER, mask TEXT, mask_hdu INTEGER, dataid TEXT NOT NULL, "
+    "PRIMARY KEY (visit, ccdnum))",
 )
 SCHEMA_VERSION = "1"
 
@@ -262,6 +267,41 @@ class Registry:
                 "INSERT INTO raw_file (file, source, fingerprint, size, ingested, mode) VALUES (?, ?, ?, ?, ?, ?)",
                 [(f["file"], f["source"], f["fingerprint"], f["size"], f["ingested"], f["mode"]) for f in files],
             )
+
+
+    def insert_calibrated(self, rows: Iterable[Mapping[str, Any]], cal_rows: Iterable[Mapping[str, Any]],
+                          files: Iterable[Mapping[str, Any]]) -> None:
+        """Insert raw rows, their ``calibrated`` rows and the file rows in one transaction (all or nothing)."""
+        cols = ", ".join(f'"{c}"' for c in _COLUMN_NAMES)
+        marks = ", ".join("?" * len(_COLUMN_NAMES))
+        cal_cols = _CALIBRATED_COLUMNS
+        cal_names = ", ".join(f'"{c}"' for c in cal_cols)  # fixed identifiers of this module
+        cal_marks = ", ".join("?" * len(cal_cols))
+        with self.conn:
+            self.conn.executemany(
+                f"INSERT INTO raw ({cols}) VALUES ({marks})",
+                [tuple(_py(r.get(c)) for c in _COLUMN_NAMES) for r in rows],
+            )
+            self.conn.executemany(
+                f"INSERT INTO calibrated ({cal_names}) VALUES ({cal_marks})",
+                [tuple(_py(r.get(c)) for c in cal_cols) for r in cal_rows],
+            )
+            self.conn.executemany(
+                "INSERT INTO raw_file (file, source, fingerprint, size, ingested, mode) VALUES (?, ?, ?, ?, ?, ?)",
+                [(f["file"], f["source"], f["fingerprint"], f["size"], f["ingested"], f["mode"]) for f in files],
+            )
+
+    def calibrated_row(self, visit: int, ccdnum: int) -> dict[str, Any] | None:
+        """The ``calibrated`` row of a CCD (its image, weight and mask files), or ``None`` for a raw CCD."""
+        try:
+            r = self.conn.execute("SELECT * FROM calibrated WHERE visit = ? AND ccdnum = ?",
+                                  (int(visit), int(ccdnum))).fetchone()
+        except sqlite3.OperationalError:  # a registry written before calibrated inputs existed
+            return None
+        return dict(r) if r else None
+
+
+_CALIBRATED_COLUMNS = ("visit", "ccdnum", "image", "image_hdu", "weight", "weight_hdu", "mask", "mask_hdu", "dataid")
 
 
 def _py(v: Any) -> Any:

@@ -39,7 +39,17 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     files = _expand_files(args.files)
     t0 = time.perf_counter()
-    rep = ingest_raws(args.repo, files, mode=args.mode, camera=args.camera, progress=_progress)
+    if args.calibrated:
+        from apfast.repo.calibrated import ingest_calibrated
+
+        if args.camera is None:
+            msg = "--calibrated needs --camera: decam-instcal, ztf or a TOML description with a [calibrated] table"
+            raise ConfigError(msg)
+        given = {Path(f) for f in args.files}  # from folders take the FITS files only (not catalogues beside them)
+        files = [f for f in files if f in given or f.suffix.lower() in {".fits", ".fz", ".fit"}]
+        rep = ingest_calibrated(args.repo, files, camera=args.camera, mode=args.mode, progress=_progress)
+    else:
+        rep = ingest_raws(args.repo, files, mode=args.mode, camera=args.camera, progress=_progress)
     dt = time.perf_counter() - t0
     _out(
         f"ingested {len(rep.ingested)} file(s), {rep.n_rows} CCD row(s) into {Path(args.repo) / 'registry.sqlite3'}"
@@ -507,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="raw files (e.g. c4d_*_ori.fits.fz) or folders holding them")
     p.add_argument("--mode", choices=["link", "copy", "move"], default="link", help="how files enter the repo")
     p.add_argument("--camera", default=None, help="camera name or TOML description for a new repo (default DECam)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="the files are calibrated images (with weight and mask files); ISR will be skipped. "
+                        "Needs --camera decam-instcal|ztf|FILE.toml")
     p.set_defaults(func=_cmd_ingest)
 
     p = _sub(sub, "ingest-calibs", "register master calibrations in CALIB_ROOT/calibRegistry.sqlite3",

@@ -171,7 +171,8 @@ class PipelineConfig(ConfigSection):
 
 #: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
 #: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
-ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.")
+ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.", "calibrate.astrometry_source",
+                                   "calibrate.zero_point_source")
 
 
 def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:

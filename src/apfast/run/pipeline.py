@@ -155,6 +155,15 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
         Any stage failure, with a message naming the CCD and what to change.
     """
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
+    cal_row = butler.registry.calibrated_row(did["visit"], did["ccdnum"])
+    if cal_row is not None:  # ingested with --calibrated: ISR is skipped (apfast.run.calibrated)
+        from apfast.run.calibrated import process_calibrated_ccd
+
+        return process_calibrated_ccd(butler, row, cal_row, cfg, writer=writer)
+    if "header" in (cfg.calibrate.astrometry_source, cfg.calibrate.zero_point_source):
+        msg = (f"visit={did['visit']} ccdnum={did['ccdnum']} is a raw: calibrate.astrometry_source and "
+               "calibrate.zero_point_source = 'header' apply to calibrated images only; set them to 'refcat'")
+        raise CalibrationError(msg)
     out: Butler | OutputWriter = writer if writer is not None else butler
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
