@@ -28,8 +28,8 @@ def test_flag_rule_reads_the_difference_and_the_science_mask_separately() -> Non
     shape = (120, 160)
     diff, sci = exposure(np.zeros(shape)), exposure(np.zeros(shape))
     diff.mask[20, 30] = bitmask("CR")
-    diff.mask[40, 50] = bitmask("SUSPECT")
-    diff.mask[60, 70] = bitmask("INTRP")  # the template's interpolation: kept
+    sci.mask[40, 50] = bitmask("SUSPECT")  # the science image's suspect pixels: rejected
+    diff.mask[60, 70] = bitmask("INTRP") | bitmask("SUSPECT")  # the template's, spread by warping: kept
     sci.mask[80, 90] = bitmask("INTRP")  # the science image's interpolation: rejected
     diff.mask[100, 110] = bitmask("DETECTED")  # harmless plane: kept
     src = _sources([30.2, 49.8, 70.0, 90.4, 110.0, 130.0], [20.1, 40.3, 60.0, 79.6, 100.0, 10.0],

@@ -8,11 +8,13 @@ each rule counted and every rejected source kept (the caller writes them as
 
 ``flags``
     The source centre sits on a pixel that cannot hold a trustworthy difference: a
-    cosmic ray, a saturated, suspect (ISR's non-linear or defect-adjacent) or no-data
-    pixel of the difference, an interpolated pixel of the *science* image (the template's
-    interpolation is left out on purpose: warping and coadding spread ``INTRP`` over a
-    few percent of the template, and real transients land there), the CCD edge
-    (``EDGE`` plane or a footprint touching the border) or off the image.
+    cosmic ray, a saturated or no-data pixel of the difference, an interpolated or
+    suspect (ISR's edge band, non-linear or defect-adjacent) pixel of the *science*
+    image, the CCD edge (``EDGE`` plane or a footprint touching the border) or off the
+    image. The template's ``INTRP`` and ``SUSPECT`` are left out on purpose: coadding
+    ORs them in from any input (the edge bands of every dithered template visit) and
+    warping spreads them, so they cover real transients (on simulated DECam data they
+    rejected 4% of bright injected fakes while removing ~0.3 false sources per CCD-visit).
 ``static``
     The residual of a bright static source: the template holds a source brighter than
     ``static_min_flux`` at the position and the difference flux is a small fraction
@@ -60,13 +62,13 @@ class DiaFilterConfig(ConfigSection):
     do_filter: bool = opt(True, "Reject artefacts before association (each rule counted; rejects kept in "
                                 "deepDiff_diaSrcRejected).")
     centre_planes: tuple[str, ...] = opt(
-        ("CR", "SAT", "SUSPECT", "NO_DATA", "EDGE"),
+        ("CR", "SAT", "NO_DATA", "EDGE"),
         "Mask planes of the difference that reject a source whose centre pixel carries them.",
     )
     science_centre_planes: tuple[str, ...] = opt(
-        ("INTRP",),
+        ("INTRP", "SUSPECT"),
         "Mask planes of the science image (calexp) that reject a source whose centre pixel carries them "
-        "(the template's INTRP is not used: warping spreads it over real transients).",
+        "(the template's INTRP/SUSPECT are not used: coadding and warping spread them over real transients).",
     )
     reject_border: bool = opt(True, "Reject sources whose footprint touches the CCD border or lies off the image.")
     static_fraction: float = opt(
