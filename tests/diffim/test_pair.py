@@ -160,13 +160,16 @@ def test_decam_dia_table(decam: dict[str, Any]) -> None:
     res = decam["res"]
     tab = res.table
     assert tab is not None and res.sources is not None
-    assert list(tab) == ["id", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "is_negative", "is_dipole", "flags"]
+    assert list(tab) == ["id", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "is_negative", "is_dipole", "flags",
+                         "reliability"]
+    assert np.all((tab["reliability"] >= 0) & (tab["reliability"] <= 1))
     assert tab["id"].size == res.stats["n_dia_sources"] >= 1
     assert np.isfinite(tab["ra"]).all() and np.isfinite(tab["dec"]).all()
     # the known variable nucleus near (129, 128) brightens (SFFT finds it at 47 sigma)
     d = np.hypot(tab["x"] - 129, tab["y"] - 128)
     j = int(np.argmin(d))
     assert d[j] < 3 and tab["snr"][j] > 10 and not tab["is_negative"][j]
+    assert tab["reliability"][j] > 0.9  # a real change on real data, scored real by the shipped model
     # fluxes are in science image units: the table equals the nJy columns over the unit calibration
     assert dia_table(res.sources, None)["flux"][j] == pytest.approx(tab["flux"][j], rel=1e-9)
 

@@ -18,6 +18,7 @@ from apfast.errors import ConfigError
 from apfast.repo.repository import CONFIG_RELPATH, write_config
 from apfast.run.cli import main
 from apfast.run.config import (
+    LEGACY_VALUES,
     MOVED_KEYS,
     REMOVED_KEYS,
     RUBIN_KEYS,
@@ -125,15 +126,21 @@ def test_a_rerun_with_an_old_layout_config_accepts_the_same_settings(tmp_path: P
     stored = out / CONFIG_RELPATH
     stored.parent.mkdir(parents=True)
     stored.write_text(OLD_LAYOUT.read_text(encoding="utf-8"), encoding="utf-8")
-    same = config_to_toml(load_config(overrides=OLD_LAYOUT_SETTINGS))
+    # features added since default on; a config from before them means them off (LEGACY_VALUES)
+    with pytest.raises(ConfigError, match=r"amp_offset\.do_correct false -> true; .*dia_filter\.do_filter false "
+                                          r"-> true; .*reliability\.model \"none\" -> \"gbt-1\""):
+        write_config(out, config_to_toml(load_config(overrides=OLD_LAYOUT_SETTINGS)), normalize=comparable_settings)
+    old_settings = [*OLD_LAYOUT_SETTINGS, *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                            for k, v in LEGACY_VALUES.items())]
+    same = config_to_toml(load_config(overrides=old_settings))
     write_config(out, same, normalize=comparable_settings)  # equal under the new keys: no --clobber-config
     assert stored.read_text(encoding="utf-8") == same  # and the stored config now uses the new layout
     stored.write_text(OLD_LAYOUT.read_text(encoding="utf-8"), encoding="utf-8")
-    changed = config_to_toml(load_config(overrides=[*OLD_LAYOUT_SETTINGS, "diffim.kernel_size=27"]))
+    changed = config_to_toml(load_config(overrides=[*old_settings, "diffim.kernel_size=27"]))
     with pytest.raises(ConfigError, match=r"difference\.psfmatch\.kernel_size 25 -> 27; pass --clobber-config"):
         write_config(out, changed, normalize=comparable_settings)
     # keys new in dia.detection compare as their defaults (what the old version did); others count
-    changed = config_to_toml(load_config(overrides=[*OLD_LAYOUT_SETTINGS, "dia.detection.n_sigma_to_grow=3"]))
+    changed = config_to_toml(load_config(overrides=[*old_settings, "dia.detection.n_sigma_to_grow=3"]))
     with pytest.raises(ConfigError, match=r"dia\.detection\.n_sigma_to_grow 2\.4 -> 3\.0; pass --clobber-config"):
         write_config(out, changed, normalize=comparable_settings)
 

@@ -80,12 +80,14 @@ def detect_pair_sources(result: PairResult, *, config: Any = None) -> PairResult
         ``table`` (:func:`dia_table`), ``stats["n_dia_sources"]`` and ``timings["dia"]`` filled.
     """
     from apfast.dia.diasource import DiaSourceConfig, run_dia_detection
+    from apfast.dia.reliability import load_model, score_sources
 
     t = time.perf_counter()
     mode = result.stats["mode"]
     ref = result.template if mode == "convolveScience" else result.matched
     dres = run_dia_detection(result.difference, result.science, ref, config=config or DiaSourceConfig())
     table = dia_table(dres.sources, result.difference.photo_calib)
+    table["reliability"] = score_sources(dres.sources, result.difference, load_model())
     stats = {**result.stats, "n_dia_sources": int(table["id"].size)}
     timings = {**result.timings, "dia": time.perf_counter() - t}
     return dataclasses.replace(result, sources=dres.sources, table=table, stats=stats, timings=timings)

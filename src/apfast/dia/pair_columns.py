@@ -18,4 +18,6 @@ DIA_TABLE_COLUMNS: dict[str, str] = {
     "is_dipole": "true when a dipole (positive and negative lobe: a misalignment or a moving source)",
     "flags": "bitmask: 1 PSF flux failed, 2 edge or off image, 4 bad or no-data pixels, 8 saturated, "
              "16 cosmic ray or interpolated, 32 suspect",
+    "reliability": "real/bogus score 0..1 of apfast's shipped model (apfast.dia.reliability; trained on "
+                   "simulated DECam data: a guide, not a verdict, on other cameras)",
 }

@@ -172,7 +172,20 @@ class PipelineConfig(ConfigSection):
 #: Config sections added by a regrouping whose defaults are what earlier versions did without them: a
 #: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
 ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.", "calibrate.astrometry_source",
-                                   "calibrate.zero_point_source")
+                                   "calibrate.zero_point_source", "amp_offset.", "dia_filter.", "reliability.",
+                                   "alerts.min_reliability", "calibrate.photocal.camera_colour_terms")
+
+#: Keys added with a default that changes products: what a config written before them means (the
+#: behaviour of the version that wrote it). A stored config lacking them compares as these values, so a
+#: re-run into an old rerun names the real change (``dia_filter.do_filter false -> true``).
+LEGACY_VALUES: dict[str, Any] = {
+    "amp_offset.do_measure": False,
+    "amp_offset.do_correct": False,
+    "dia_filter.do_filter": False,
+    "reliability.model": "none",
+    "alerts.min_reliability": 0.0,
+    "calibrate.photocal.camera_colour_terms": False,
+}
 
 
 def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,8 +193,9 @@ def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
 
     Old spellings (:data:`MOVED_KEYS`, :data:`RUBIN_KEYS`) become the keys they mean, keys that never had
     an effect (:data:`REMOVED_KEYS`) are left out, and the keys of
-    :data:`ADDED_SECTIONS` a config lacks get their defaults as TOML would read them back (tuples as
-    lists). Keys this version does not know are kept as they are.
+    :data:`ADDED_SECTIONS` a config lacks get the value that means what the older version did
+    (:data:`LEGACY_VALUES`, else their defaults), as TOML would read them back (tuples as lists). Keys
+    this version does not know are kept as they are.
 
     Parameters
     ----------
@@ -200,10 +214,12 @@ def comparable_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
     (25, 6.0, 'both')
     """
     out = {canonical_key(k): v for k, v in flat.items() if canonical_key(k) not in REMOVED_KEYS}
-    if ADDED_SECTIONS:
+    if ADDED_SECTIONS and flat:
         for key, info in config_fields().items():
-            if key.startswith(ADDED_SECTIONS) and key not in out and info.default is not None:
-                out[key] = list(info.default) if isinstance(info.default, tuple) else info.default
+            if key.startswith(ADDED_SECTIONS) and key not in out:
+                value = LEGACY_VALUES.get(key, info.default)
+                if value is not None:
+                    out[key] = list(value) if isinstance(value, tuple) else value
     return out
 
 
