@@ -485,6 +485,63 @@ def _group(ids: np.ndarray, order_key: np.ndarray | None) -> dict[int, np.ndarra
     return {int(sid[s]): order[s:e] for s, e in zip(starts, ends, strict=True) if sid[s] >= 0}
 
 
+def _latest_object_records(
+    plan: _Plan, objects: Mapping[str, np.ndarray] | None, now: float
+) -> dict[int, dict[str, Any]]:
+    """DiaObject records by id; of several versions of an id, the one with the latest validity start."""
+    obj_rows: dict[int, dict[str, Any]] = {}
+    n_obj = _n_rows(objects)
+    if n_obj and objects is not None:
+        recs = _records_from_columns(plan.records["diaObject"], objects, n_obj, "DiaObject", now)
+        version_oids = _int_ids(objects["diaObjectId"])
+        start = np.asarray(objects.get("validityStartMjdTai", np.zeros(n_obj)), float)
+        for j in np.lexsort((start, version_oids)):  # the latest version wins
+            obj_rows[int(version_oids[j])] = recs[j]
+    return obj_rows
+
+
+def _history_records(
+    plan: _Plan, cols: Mapping[str, np.ndarray] | None, short: str, what: str, now: float
+) -> tuple[list, dict, np.ndarray]:
+    """History records, their row indices by diaObjectId (time-sorted) and their own diaSourceIds."""
+    m = _n_rows(cols)
+    if not m or cols is None:
+        return [], {}, np.zeros(0, np.int64)
+    if "diaObjectId" not in cols:
+        msg = f"{what} column set has no 'diaObjectId' column; give the APDB columns"
+        raise InputError(msg)
+    recs = _records_from_columns(plan.records[short], cols, m, what, now)
+    t = np.asarray(cols["midpointMjdTai"], float) if "midpointMjdTai" in cols else None
+    own = _int_ids(cols["diaSourceId"]) if "diaSourceId" in cols else np.full(m, -2, np.int64)
+    return recs, _group(_int_ids(cols["diaObjectId"]), t), own
+
+
+def _ccd_cutouts(
+    sources: Mapping[str, np.ndarray],
+    n: int,
+    images: Mapping[str, Any],
+    difference: Any,
+    cutout_size: int,
+    cutout_mask: bool,
+) -> dict[str, list[bytes | None]]:
+    """The cutouts of every source by alert field; InputError when an image is off the difference's grid."""
+    xs = np.asarray(sources["x"], float)
+    ys = np.asarray(sources["y"], float)
+    cut: dict[str, list[bytes | None]] = {}
+    for key, exp in images.items():
+        if exp is None:
+            cut[key] = [None] * n
+            continue
+        if exp.shape != difference.shape or tuple(exp.xy0) != tuple(difference.xy0):
+            msg = (
+                f"{key} image is {exp.shape} at xy0 {exp.xy0} but the difference is {difference.shape} at "
+                f"{difference.xy0}; give images on the difference image's pixel grid (warp the template first)"
+            )
+            raise InputError(msg)
+        cut[key] = cutouts_at(exp, xs, ys, cutout_size, variance=True, mask=cutout_mask)
+    return cut
+
+
 def build_ccd_alerts(
     sources: Mapping[str, np.ndarray],
     objects: Mapping[str, np.ndarray] | None,
@@ -560,48 +617,15 @@ def build_ccd_alerts(
     records = _records_from_columns(plan.records["diaSource"], sources, n, "DiaSource", now)
     src_ids = _int_ids(sources["diaSourceId"])
     obj_ids = _int_ids(sources["diaObjectId"]) if "diaObjectId" in sources else np.full(n, -1, np.int64)
-
-    obj_rows: dict[int, dict[str, Any]] = {}
-    n_obj = _n_rows(objects)
-    if n_obj and objects is not None:
-        recs = _records_from_columns(plan.records["diaObject"], objects, n_obj, "DiaObject", now)
-        version_oids = _int_ids(objects["diaObjectId"])
-        start = np.asarray(objects.get("validityStartMjdTai", np.zeros(n_obj)), float)
-        for j in np.lexsort((start, version_oids)):  # the latest version wins
-            obj_rows[int(version_oids[j])] = recs[j]
-
-    def _history(
-        cols: Mapping[str, np.ndarray] | None, short: str, what: str
-    ) -> tuple[list, dict, np.ndarray]:
-        m = _n_rows(cols)
-        if not m or cols is None:
-            return [], {}, np.zeros(0, np.int64)
-        if "diaObjectId" not in cols:
-            msg = f"{what} column set has no 'diaObjectId' column; give the APDB columns"
-            raise InputError(msg)
-        recs = _records_from_columns(plan.records[short], cols, m, what, now)
-        t = np.asarray(cols["midpointMjdTai"], float) if "midpointMjdTai" in cols else None
-        own = _int_ids(cols["diaSourceId"]) if "diaSourceId" in cols else np.full(m, -2, np.int64)
-        return recs, _group(_int_ids(cols["diaObjectId"]), t), own
-
-    hist_recs, hist_groups, hist_src_ids = _history(history_sources, "diaSource", "DiaSource history")
-    forced_recs, forced_groups, _ = _history(history_forced, "diaForcedSource", "DiaForcedSource history")
-
+    obj_rows = _latest_object_records(plan, objects, now)
+    hist_recs, hist_groups, hist_src_ids = _history_records(
+        plan, history_sources, "diaSource", "DiaSource history", now
+    )
+    forced_recs, forced_groups, _ = _history_records(
+        plan, history_forced, "diaForcedSource", "DiaForcedSource history", now
+    )
     images = {"cutoutDifference": difference, "cutoutScience": science, "cutoutTemplate": template}
-    xs = np.asarray(sources["x"], float)
-    ys = np.asarray(sources["y"], float)
-    cut: dict[str, list[bytes | None]] = {}
-    for key, exp in images.items():
-        if exp is None:
-            cut[key] = [None] * n
-            continue
-        if exp.shape != difference.shape or tuple(exp.xy0) != tuple(difference.xy0):
-            msg = (
-                f"{key} image is {exp.shape} at xy0 {exp.xy0} but the difference is {difference.shape} at "
-                f"{difference.xy0}; give images on the difference image's pixel grid (warp the template first)"
-            )
-            raise InputError(msg)
-        cut[key] = cutouts_at(exp, xs, ys, cutout_size, variance=True, mask=cutout_mask)
+    cut = _ccd_cutouts(sources, n, images, difference, cutout_size, cutout_mask)
 
     alerts = []
     n_orphan = 0

@@ -279,6 +279,120 @@ def _column(cols: Mapping[str, Any], key: str, rows: np.ndarray | None, n: int) 
     return a if rows is None else np.take(a, rows)
 
 
+def _checked_ids(object_ids: Any, band: str, validity_start: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate band, validity start and ids: (vstart, ids, order, sorted_ids); InputError on a bad one."""
+    if band not in BANDS:
+        msg = f"band {band!r} has no DiaObject columns: use one of {', '.join(BANDS)}"
+        raise InputError(msg)
+    vstart = float(validity_start)
+    if not math.isfinite(vstart):
+        msg = f"validity_start = {validity_start!r} must be a finite MJD (the visit midpoint)"
+        raise InputError(msg)
+    ids = np.asarray(object_ids, dtype=np.int64).reshape(-1)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if len(dup):
+        msg = f"object_ids lists diaObjectId {int(sorted_ids[dup[0]])} more than once: pass each id once"
+        raise InputError(msg)
+    return vstart, ids, order, sorted_ids
+
+
+def _null_versions(ids: np.ndarray, vstart: float) -> Columns:
+    """Output columns for ``ids``, all NULL (NaN, int 0) but ``diaObjectId`` and ``validityStartMjdTai``."""
+    n_groups = len(ids)
+    float_cols = [c for c in DIA_OBJECT_COLUMNS if c not in _INT_COLUMNS]
+    block = np.full((len(float_cols), n_groups), np.nan)  # one allocation; each column is a row view
+    out: Columns = {}
+    for col in DIA_OBJECT_COLUMNS:
+        out[col] = np.zeros(n_groups, np.int64) if col in _INT_COLUMNS else block[float_cols.index(col)]
+    out["diaObjectId"] = ids.copy()
+    out["validityStartMjdTai"][:] = vstart
+    return out
+
+
+def _group_history(
+    history: Mapping[str, Any], ids: np.ndarray, order: np.ndarray, sorted_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """The history rows of the asked-for objects: (rows, group of each, take (None = all rows), n_src per group)."""
+    n_groups = len(ids)
+    h_n = _n_rows(history, "history") if history else 0
+    if h_n:
+        _require(history, "history", ("diaObjectId", "ra", "dec", "midpointMjdTai", "band", "psfFlux",
+                                      "psfFluxErr"))
+    h_oid = _float_array(history["diaObjectId"], "diaObjectId") if h_n else np.zeros(0)
+    h_ok = np.flatnonzero(np.isfinite(h_oid))
+    sub, g = _map_to_groups(ids, order, sorted_ids, h_oid[h_ok].astype(np.int64))
+    rows = h_ok[sub]
+    take = None if len(rows) == h_n else rows  # usually every history row belongs to an asked-for object
+    n_src = np.bincount(g, minlength=n_groups)
+    if np.any(n_src == 0):
+        missing = ids[n_src == 0]
+        msg = (f"{len(missing)} object id(s) have no DiaSource in history (first: {missing[:5].tolist()}): "
+               f"include every source of each object, or leave such ids out")
+        raise InputError(msg)
+    return rows, g, take, n_src
+
+
+def _all_band_columns(
+    out: Columns, history: Mapping[str, Any], g: np.ndarray, take: np.ndarray | None, nr: int, n_src: np.ndarray
+) -> np.ndarray:
+    """Fill position, counts and first/last times over all bands (in place); return the source times."""
+    n_groups = len(n_src)
+    pos = _mean_positions(g, n_groups, _column(history, "ra", take, nr), _column(history, "dec", take, nr),
+                          _column(history, "raErr", take, nr), _column(history, "decErr", take, nr),
+                          _column(history, "ra_dec_Cov", take, nr))
+    out.update(pos)
+    out["nDiaSources"] = n_src.astype(np.int64)
+    t_all = _column(history, "midpointMjdTai", take, nr)
+    first, last = np.full(n_groups, np.inf), np.full(n_groups, -np.inf)
+    np.fmin.at(first, g, t_all)  # fmin/fmax skip NaN times
+    np.fmax.at(last, g, t_all)
+    out["firstDiaSourceMjdTai"] = np.where(np.isfinite(first), first, np.nan)
+    out["lastDiaSourceMjdTai"] = np.where(np.isfinite(last), last, np.nan)
+    return t_all
+
+
+def _band_columns(
+    out: Columns,
+    history: Mapping[str, Any],
+    band: str,
+    rows: np.ndarray,
+    g: np.ndarray,
+    take: np.ndarray | None,
+    t_all: np.ndarray,
+    n_groups: int,
+) -> None:
+    """Fill the flux columns of ``band`` from its sources (in place)."""
+    inb = _band_mask(history["band"], band)
+    if take is not None:
+        inb = inb[take]
+    rb, gb = rows[inb], g[inb]
+    stats = _band_stats(gb, n_groups, _column(history, "psfFlux", rb, len(rb)),
+                        _column(history, "psfFluxErr", rb, len(rb)), t_all[inb])
+    for name, stat in stats.items():
+        out[f"{band}_{name}"] = stat
+    sm, se, _ = _weighted_mean(gb, _column(history, "scienceFlux", rb, len(rb)),
+                               _column(history, "scienceFluxErr", rb, len(rb)),
+                               n_groups)
+    out[f"{band}_scienceFluxMean"], out[f"{band}_scienceFluxMeanErr"] = sm, se
+
+
+def _forced_flux_means(
+    out: Columns, forced_history: Mapping[str, Any], band: str, ids: np.ndarray, order: np.ndarray,
+    sorted_ids: np.ndarray
+) -> None:
+    """Fill ``{band}_fpFluxMean/MeanErr`` from the forced sources of ``band`` (in place)."""
+    _require(forced_history, "forced_history", ("diaObjectId", "band", "psfFlux", "psfFluxErr"))
+    f_oid = _float_array(forced_history["diaObjectId"], "diaObjectId")
+    f_ok = np.flatnonzero(np.isfinite(f_oid) & _band_mask(forced_history["band"], band))
+    fsub, fg = _map_to_groups(ids, order, sorted_ids, f_oid[f_ok].astype(np.int64))
+    frows = f_ok[fsub]
+    fm, fe, _ = _weighted_mean(fg, _float_array(forced_history["psfFlux"], "psfFlux")[frows],
+                               _float_array(forced_history["psfFluxErr"], "psfFluxErr")[frows], len(ids))
+    out[f"{band}_fpFluxMean"], out[f"{band}_fpFluxMeanErr"] = fm, fe
+
+
 def compute_object_versions(object_ids: Any, history: Mapping[str, Any], *, band: str, validity_start: float,
                             prior: Mapping[str, Any] | None = None,
                             forced_history: Mapping[str, Any] | None = None) -> Columns:
@@ -348,85 +462,19 @@ def compute_object_versions(object_ids: Any, history: Mapping[str, Any], *, band
     >>> float(o["g_psfFluxMean"][0]), float(o["g_psfFluxMaxSlope"][0]), int(o["nDiaSources"][0])
     (200.0, 200.0, 2)
     """
-    if band not in BANDS:
-        msg = f"band {band!r} has no DiaObject columns: use one of {', '.join(BANDS)}"
-        raise InputError(msg)
-    vstart = float(validity_start)
-    if not math.isfinite(vstart):
-        msg = f"validity_start = {validity_start!r} must be a finite MJD (the visit midpoint)"
-        raise InputError(msg)
-    ids = np.asarray(object_ids, dtype=np.int64).reshape(-1)
+    vstart, ids, order, sorted_ids = _checked_ids(object_ids, band, validity_start)
     n_groups = len(ids)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-    if len(dup):
-        msg = f"object_ids lists diaObjectId {int(sorted_ids[dup[0]])} more than once: pass each id once"
-        raise InputError(msg)
-    float_cols = [c for c in DIA_OBJECT_COLUMNS if c not in _INT_COLUMNS]
-    block = np.full((len(float_cols), n_groups), np.nan)  # one allocation; each column is a row view
-    out: Columns = {}
-    for col in DIA_OBJECT_COLUMNS:
-        out[col] = np.zeros(n_groups, np.int64) if col in _INT_COLUMNS else block[float_cols.index(col)]
-    out["diaObjectId"] = ids.copy()
-    out["validityStartMjdTai"][:] = vstart
+    out = _null_versions(ids, vstart)
     if n_groups == 0:
         return out
 
-    h_n = _n_rows(history, "history") if history else 0
-    if h_n:
-        _require(history, "history", ("diaObjectId", "ra", "dec", "midpointMjdTai", "band", "psfFlux",
-                                      "psfFluxErr"))
-    h_oid = _float_array(history["diaObjectId"], "diaObjectId") if h_n else np.zeros(0)
-    h_ok = np.flatnonzero(np.isfinite(h_oid))
-    sub, g = _map_to_groups(ids, order, sorted_ids, h_oid[h_ok].astype(np.int64))
-    rows = h_ok[sub]
-    take = None if len(rows) == h_n else rows  # usually every history row belongs to an asked-for object
-    n_src = np.bincount(g, minlength=n_groups)
-    if np.any(n_src == 0):
-        missing = ids[n_src == 0]
-        msg = (f"{len(missing)} object id(s) have no DiaSource in history (first: {missing[:5].tolist()}): "
-               f"include every source of each object, or leave such ids out")
-        raise InputError(msg)
-
-    # position, counts and times over all bands
-    nr = len(rows)
-    pos = _mean_positions(g, n_groups, _column(history, "ra", take, nr), _column(history, "dec", take, nr),
-                          _column(history, "raErr", take, nr), _column(history, "decErr", take, nr),
-                          _column(history, "ra_dec_Cov", take, nr))
-    out.update(pos)
-    out["nDiaSources"] = n_src.astype(np.int64)
-    t_all = _column(history, "midpointMjdTai", take, nr)
-    first, last = np.full(n_groups, np.inf), np.full(n_groups, -np.inf)
-    np.fmin.at(first, g, t_all)  # fmin/fmax skip NaN times
-    np.fmax.at(last, g, t_all)
-    out["firstDiaSourceMjdTai"] = np.where(np.isfinite(first), first, np.nan)
-    out["lastDiaSourceMjdTai"] = np.where(np.isfinite(last), last, np.nan)
-
-    # the current band
-    inb = _band_mask(history["band"], band)
-    if take is not None:
-        inb = inb[take]
-    rb, gb = rows[inb], g[inb]
-    stats = _band_stats(gb, n_groups, _column(history, "psfFlux", rb, len(rb)),
-                        _column(history, "psfFluxErr", rb, len(rb)), t_all[inb])
-    for name, stat in stats.items():
-        out[f"{band}_{name}"] = stat
-    sm, se, _ = _weighted_mean(gb, _column(history, "scienceFlux", rb, len(rb)),
-                               _column(history, "scienceFluxErr", rb, len(rb)),
-                               n_groups)
-    out[f"{band}_scienceFluxMean"], out[f"{band}_scienceFluxMeanErr"] = sm, se
+    rows, g, take, n_src = _group_history(history, ids, order, sorted_ids)
+    t_all = _all_band_columns(out, history, g, take, len(rows), n_src)
+    _band_columns(out, history, band, rows, g, take, t_all, n_groups)
 
     copy_cols = [c for b in BANDS if b != band for c in dia_object_band_columns(b)]
     if forced_history is not None and _n_rows(forced_history, "forced_history"):
-        _require(forced_history, "forced_history", ("diaObjectId", "band", "psfFlux", "psfFluxErr"))
-        f_oid = _float_array(forced_history["diaObjectId"], "diaObjectId")
-        f_ok = np.flatnonzero(np.isfinite(f_oid) & _band_mask(forced_history["band"], band))
-        fsub, fg = _map_to_groups(ids, order, sorted_ids, f_oid[f_ok].astype(np.int64))
-        frows = f_ok[fsub]
-        fm, fe, _ = _weighted_mean(fg, _float_array(forced_history["psfFlux"], "psfFlux")[frows],
-                                   _float_array(forced_history["psfFluxErr"], "psfFluxErr")[frows], n_groups)
-        out[f"{band}_fpFluxMean"], out[f"{band}_fpFluxMeanErr"] = fm, fe
+        _forced_flux_means(out, forced_history, band, ids, order, sorted_ids)
     elif forced_history is None:
         copy_cols += [f"{band}_fpFluxMean", f"{band}_fpFluxMeanErr"]
     _copy_from_prior(out, prior, ids, order, sorted_ids, copy_cols)

@@ -62,6 +62,8 @@ from apfast.kernels.coadd import combine_clipped
 from apfast.psf import PolynomialPixelPsf, PsfModel
 
 if TYPE_CHECKING:
+    from astropy.wcs import WCS
+
     from apfast.diffim.warp import WarpConfig
 
 __all__ = ["CoaddConfig", "coadd_psf", "make_coadd", "psf_from_grid"]
@@ -242,6 +244,161 @@ def _input_name(exp: Exposure, i: int) -> str:
     return f"input{i}"
 
 
+def _check_coadd_inputs(calexps: Sequence[Exposure], tract: int, patch: str) -> set[str]:
+    """Check that every calexp is calibrated and all share one filter; return the set of filters named."""
+    if len(calexps) == 0:
+        msg = f"make_coadd needs at least one calexp for tract {tract} patch {patch}, got none"
+        raise InputError(msg)
+    for i, exp in enumerate(calexps):
+        missing = [n for n in ("wcs", "variance", "psf", "photo_calib") if getattr(exp, n) is None]
+        if missing:
+            msg = (
+                f"calexp {_input_name(exp, i)} has no {', '.join(missing)}; coadd inputs must be calibrated "
+                f"exposures (run calibrate first)"
+            )
+            raise InputError(msg)
+    filters = {exp.visit_info.filter for exp in calexps if exp.visit_info is not None and exp.visit_info.filter}
+    if len(filters) > 1:
+        msg = f"make_coadd got inputs in several filters {sorted(filters)}; coadd one filter at a time"
+        raise InputError(msg)
+    return filters
+
+
+def _overlaps(
+    calexps: Sequence[Exposure], tract: int, patch: str, pwcs: WCS, shape: tuple[int, int]
+) -> tuple[list[tuple[int, int, int, int] | None], list[int]]:
+    """Each calexp's box on the patch grid (None = no overlap) and the indices of those that overlap."""
+    ny, nx = shape
+    boxes = []
+    for exp in calexps:
+        boxes.append(overlap_bbox(exp.wcs, exp.shape, pwcs, (ny, nx)))
+    used = [i for i, b in enumerate(boxes) if b is not None]
+    if not used:
+        msg = (
+            f"none of the {len(calexps)} calexps overlaps tract {tract} patch {patch}; choose the patches with "
+            f"SkyMap.find_tracts_patches"
+        )
+        raise NoWorkFound(msg)
+    return boxes, used
+
+
+def _warp_inputs(
+    calexps: Sequence[Exposure],
+    boxes: Sequence[tuple[int, int, int, int] | None],
+    used: Sequence[int],
+    pwcs: WCS,
+    shape: tuple[int, int],
+    *,
+    tract: int,
+    patch: str,
+    config: CoaddConfig,
+    warp_config: WarpConfig,
+    nodata: int,
+    bad_bits: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[PsfModel]]:
+    """Warp the overlapping calexps into stacks on the patch grid: (images, variances, masks, scales, weights,
+    psfs)."""
+    from apfast.diffim import warp as _warp
+
+    ny, nx = shape
+    n = len(used)
+    images = np.zeros((n, ny, nx), dtype=np.float32)
+    variances = np.full((n, ny, nx), np.inf, dtype=np.float32)
+    stack_masks = np.full((n, ny, nx), nodata, dtype=np.int32)
+    scales = np.empty(n)
+    weights = np.empty(n)
+    psfs: list[PsfModel] = []
+    for j, i in enumerate(used):
+        exp = calexps[i]
+        box = boxes[i]
+        assert box is not None and exp.photo_calib is not None and exp.psf is not None  # i in used; checked above
+        y0, y1, x0, x1 = box
+        sub_wcs = pwcs.slice((slice(y0, y1), slice(x0, x1)))
+        warped = _warp.warp_exposure(exp, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
+        images[j, y0:y1, x0:x1] = warped.image
+        if warped.variance is not None:
+            variances[j, y0:y1, x0:x1] = warped.variance
+        if warped.mask is not None:
+            stack_masks[j, y0:y1, x0:x1] = warped.mask
+        scales[j] = 10.0 ** (0.4 * (config.zero_point - exp.photo_calib.zero_point))
+        # median variance from every 7th pixel of the warped box: plenty for a weight, 7x cheaper
+        vbox = variances[j, y0:y1, x0:x1].ravel()[::7]
+        ok = ((stack_masks[j, y0:y1, x0:x1].ravel()[::7] & bad_bits) == 0) & np.isfinite(vbox) & (vbox > 0)
+        med_var = float(np.median(vbox[ok])) * scales[j] ** 2 if ok.any() else math.inf
+        weights[j] = 1.0 / med_var if med_var > 0 and math.isfinite(med_var) else 0.0
+        psfs.append(_warp.WarpedPsf(exp.psf, exp.wcs, pwcs, src_xy0=exp.xy0))
+        log.debug("coadd %d/%s: input %s warped into y[%d:%d] x[%d:%d]", tract, patch, _input_name(exp, i),
+                  y0, y1, x0, x1)
+    return images, variances, stack_masks, scales, weights, psfs
+
+
+def _combine_stack(
+    images: np.ndarray,
+    variances: np.ndarray,
+    stack_masks: np.ndarray,
+    scales: np.ndarray,
+    weights: np.ndarray,
+    *,
+    config: CoaddConfig,
+    bad_bits: int,
+    drop_bits: int,
+    nodata: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Clipped weighted mean of the stacks: (image, variance, mask, count) on the patch grid."""
+    ny, nx = images.shape[1:]
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty((ny, nx), dtype=np.float32)
+    out_mask = np.empty((ny, nx), dtype=np.int32)
+    out_count = np.empty((ny, nx), dtype=np.int16)
+    combine_clipped(
+        images, variances, stack_masks, scales, weights, config.weighting == "ivar", bad_bits, drop_bits, nodata,
+        float(config.clip_sigma), int(config.clip_iter), int(config.min_inputs),
+        out_image, out_var, out_mask, out_count,
+    )
+    return out_image, out_var, out_mask, out_count
+
+
+def _coadd_exposure(
+    out_image: np.ndarray,
+    out_mask: np.ndarray,
+    out_var: np.ndarray,
+    out_count: np.ndarray,
+    psf: PsfModel,
+    *,
+    calexps: Sequence[Exposure],
+    used: Sequence[int],
+    filters: set[str],
+    pwcs: WCS,
+    tract: int,
+    patch: str,
+    config: CoaddConfig,
+) -> Exposure:
+    """The coadd Exposure with its calibration and TRACT/PATCH/NINPUTS/... metadata."""
+    n = len(used)
+    meta_src = calexps[used[0]]
+    band = next(iter(filters)) if filters else None
+    camera = meta_src.visit_info.camera if meta_src.visit_info is not None else None
+    coadd = Exposure(
+        out_image,
+        out_mask,
+        out_var,
+        wcs=pwcs,
+        psf=psf,
+        photo_calib=PhotoCalib(float(config.zero_point)),
+        visit_info=VisitInfo(filter=band, camera=camera),
+    )
+    md = coadd.metadata
+    md["TRACT"] = (int(tract), "sky map tract")
+    md["PATCH"] = (str(patch), "sky map patch x,y")
+    md["NINPUTS"] = (n, "calexps that reach this patch")
+    md["COADDZP"] = (float(config.zero_point), "zero point all inputs were scaled to")
+    md["COADDWT"] = (config.weighting, "coadd weighting")
+    md["NPIXDATA"] = (int(np.count_nonzero(out_count)), "pixels with at least one input")
+    for j, i in enumerate(used[:999]):
+        md[f"INP{j:03d}"] = (_input_name(calexps[i], i), "input visit,ccdnum")
+    return coadd
+
+
 def make_coadd(
     calexps: Sequence[Exposure],
     tract: int,
@@ -287,74 +444,22 @@ def make_coadd(
 
     config = CoaddConfig() if config is None else config
     warp_config = _warp.WarpConfig() if warp_config is None else warp_config
-    if len(calexps) == 0:
-        msg = f"make_coadd needs at least one calexp for tract {tract} patch {patch}, got none"
-        raise InputError(msg)
-    for i, exp in enumerate(calexps):
-        missing = [n for n in ("wcs", "variance", "psf", "photo_calib") if getattr(exp, n) is None]
-        if missing:
-            msg = (
-                f"calexp {_input_name(exp, i)} has no {', '.join(missing)}; coadd inputs must be calibrated "
-                f"exposures (run calibrate first)"
-            )
-            raise InputError(msg)
-    filters = {exp.visit_info.filter for exp in calexps if exp.visit_info is not None and exp.visit_info.filter}
-    if len(filters) > 1:
-        msg = f"make_coadd got inputs in several filters {sorted(filters)}; coadd one filter at a time"
-        raise InputError(msg)
+    filters = _check_coadd_inputs(calexps, tract, patch)
 
     pwcs, (ny, nx) = skymap.patch_wcs(tract, patch)
     nodata = masks.bitmask("NO_DATA")
     bad_bits = masks.bitmask(config.bad_mask_planes) | nodata
     drop_bits = masks.bitmask(_DROP_PLANES)
 
-    boxes = []
-    for exp in calexps:
-        boxes.append(overlap_bbox(exp.wcs, exp.shape, pwcs, (ny, nx)))
-    used = [i for i, b in enumerate(boxes) if b is not None]
-    if not used:
-        msg = (
-            f"none of the {len(calexps)} calexps overlaps tract {tract} patch {patch}; choose the patches with "
-            f"SkyMap.find_tracts_patches"
-        )
-        raise NoWorkFound(msg)
+    boxes, used = _overlaps(calexps, tract, patch, pwcs, (ny, nx))
     n = len(used)
-    images = np.zeros((n, ny, nx), dtype=np.float32)
-    variances = np.full((n, ny, nx), np.inf, dtype=np.float32)
-    stack_masks = np.full((n, ny, nx), nodata, dtype=np.int32)
-    scales = np.empty(n)
-    weights = np.empty(n)
-    psfs: list[PsfModel] = []
-    for j, i in enumerate(used):
-        exp = calexps[i]
-        box = boxes[i]
-        assert box is not None and exp.photo_calib is not None and exp.psf is not None  # i in used; checked above
-        y0, y1, x0, x1 = box
-        sub_wcs = pwcs.slice((slice(y0, y1), slice(x0, x1)))
-        warped = _warp.warp_exposure(exp, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
-        images[j, y0:y1, x0:x1] = warped.image
-        if warped.variance is not None:
-            variances[j, y0:y1, x0:x1] = warped.variance
-        if warped.mask is not None:
-            stack_masks[j, y0:y1, x0:x1] = warped.mask
-        scales[j] = 10.0 ** (0.4 * (config.zero_point - exp.photo_calib.zero_point))
-        # median variance from every 7th pixel of the warped box: plenty for a weight, 7x cheaper
-        vbox = variances[j, y0:y1, x0:x1].ravel()[::7]
-        ok = ((stack_masks[j, y0:y1, x0:x1].ravel()[::7] & bad_bits) == 0) & np.isfinite(vbox) & (vbox > 0)
-        med_var = float(np.median(vbox[ok])) * scales[j] ** 2 if ok.any() else math.inf
-        weights[j] = 1.0 / med_var if med_var > 0 and math.isfinite(med_var) else 0.0
-        psfs.append(_warp.WarpedPsf(exp.psf, exp.wcs, pwcs, src_xy0=exp.xy0))
-        log.debug("coadd %d/%s: input %s warped into y[%d:%d] x[%d:%d]", tract, patch, _input_name(exp, i),
-                  y0, y1, x0, x1)
-
-    out_image = np.empty((ny, nx), dtype=np.float32)
-    out_var = np.empty((ny, nx), dtype=np.float32)
-    out_mask = np.empty((ny, nx), dtype=np.int32)
-    out_count = np.empty((ny, nx), dtype=np.int16)
-    combine_clipped(
-        images, variances, stack_masks, scales, weights, config.weighting == "ivar", bad_bits, drop_bits, nodata,
-        float(config.clip_sigma), int(config.clip_iter), int(config.min_inputs),
-        out_image, out_var, out_mask, out_count,
+    images, variances, stack_masks, scales, weights, psfs = _warp_inputs(
+        calexps, boxes, used, pwcs, (ny, nx), tract=tract, patch=patch, config=config, warp_config=warp_config,
+        nodata=nodata, bad_bits=bad_bits,
+    )
+    out_image, out_var, out_mask, out_count = _combine_stack(
+        images, variances, stack_masks, scales, weights, config=config, bad_bits=bad_bits, drop_bits=drop_bits,
+        nodata=nodata,
     )
     coverage = (stack_masks & bad_bits) == 0
     del images, variances
@@ -364,27 +469,11 @@ def make_coadd(
         raise NoWorkFound(msg)
     psf, _ = coadd_psf([psfs[j] for j in range(n) if good_w[j]], weights[good_w], coverage[good_w])
 
-    meta_src = calexps[used[0]]
-    band = next(iter(filters)) if filters else None
-    camera = meta_src.visit_info.camera if meta_src.visit_info is not None else None
-    coadd = Exposure(
-        out_image,
-        out_mask,
-        out_var,
-        wcs=pwcs,
-        psf=psf,
-        photo_calib=PhotoCalib(float(config.zero_point)),
-        visit_info=VisitInfo(filter=band, camera=camera),
+    coadd = _coadd_exposure(
+        out_image, out_mask, out_var, out_count, psf, calexps=calexps, used=used, filters=filters, pwcs=pwcs,
+        tract=tract, patch=patch, config=config,
     )
     md = coadd.metadata
-    md["TRACT"] = (int(tract), "sky map tract")
-    md["PATCH"] = (str(patch), "sky map patch x,y")
-    md["NINPUTS"] = (n, "calexps that reach this patch")
-    md["COADDZP"] = (float(config.zero_point), "zero point all inputs were scaled to")
-    md["COADDWT"] = (config.weighting, "coadd weighting")
-    md["NPIXDATA"] = (int(np.count_nonzero(out_count)), "pixels with at least one input")
-    for j, i in enumerate(used[:999]):
-        md[f"INP{j:03d}"] = (_input_name(calexps[i], i), "input visit,ccdnum")
     log.info(
         "coadd tract %d patch %s: %d inputs, %.1f%% of %dx%d pixels covered",
         tract, patch, n, 100.0 * md["NPIXDATA"] / (ny * nx), nx, ny,

@@ -631,6 +631,112 @@ def _measured_scale(
     return float(((q75 - q25) / _IQR_PER_SIGMA) ** 2), int(pulls.size)
 
 
+def _checked_decorrelation_kernel(
+    k: np.ndarray, science_variance: float, template_variance: float, mode: Mode, config: DecorrelationConfig,
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """The decorrelation kernel phi; InputError when it is larger than the image."""
+    ny, nx = shape
+    phi = decorrelation_kernel(
+        k,
+        science_variance,
+        template_variance,
+        shape=config.kernel_size,
+        mode=mode,
+        tolerance=config.whiteness_tolerance,
+    )
+    size = phi.shape[0]
+    if size > min(ny, nx):
+        msg = (
+            f"decorrelation kernel size {size} exceeds the {ny}x{nx} image; set "
+            f"difference.decorrelation.kernel_size to an odd value below {min(ny, nx)}"
+        )
+        raise InputError(msg)
+    return phi
+
+
+def _convolve_image(
+    image: np.ndarray, mask_in: np.ndarray, phi: np.ndarray, config: DecorrelationConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` convolved with ``phi``, no-data pixels zeroed before and restored after: (out, bad)."""
+    nodata_bits = bitmask(list(config.no_data_mask_planes)) if config.no_data_mask_planes else 0
+    bad = ~np.isfinite(image)
+    if nodata_bits:
+        bad |= (mask_in & nodata_bits) != 0
+    any_bad = bool(bad.any())
+    out = convolve_fft(
+        image,
+        phi,
+        zero_where=bad if any_bad else None,
+        backend=config.fft_backend,
+        planner=config.fft_planner,
+    )
+    if any_bad:
+        np.copyto(out, image, where=bad)
+    return out, bad
+
+
+def _edge_mask(mask_in: np.ndarray, bad: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A new mask with EDGE set within ``size // 2`` of a no-data pixel: (mask_out, grown)."""
+    ny, nx = mask_in.shape
+    grown = np.empty((ny, nx), dtype=np.uint8)
+    fftutil.grow_mask_box(bad.view(np.uint8), size // 2, True, grown)
+    mask_out = np.array(mask_in, dtype=np.int32, order="C", copy=True)
+    np.bitwise_or(mask_out, np.int32(1 << MASK_BITS["EDGE"]), out=mask_out, where=grown.view(bool))
+    return mask_out, grown
+
+
+def _decorrelated_variance(
+    difference: Exposure,
+    out: np.ndarray,
+    mask_out: np.ndarray,
+    grown: np.ndarray,
+    *,
+    vpred: float,
+    after: float,
+    config: DecorrelationConfig,
+) -> tuple[np.ndarray, float]:
+    """The variance plane scaled by the predicted factor, then by the measured one if asked: (var_out, vmeas)."""
+    ny, nx = difference.shape
+    if difference.variance is not None:
+        var_out = difference.variance * np.float32(vpred)
+    else:
+        var_out = np.full((ny, nx), after, dtype=np.float32)
+    vmeas = 1.0
+    if config.variance_scaling == "measured":
+        ignore = bitmask(list(config.ignore_mask_planes)) if config.ignore_mask_planes else 0
+        scale, n_used = _measured_scale(out, var_out, mask_out, grown, ignore)
+        if math.isfinite(scale) and scale > 0:
+            vmeas = scale
+            var_out *= np.float32(scale)
+            if not 0.5 < scale < 2.0:
+                log.warning(
+                    "decorrelated noise is %.3g times the predicted variance; check the science/template "
+                    "variance planes",
+                    scale,
+                )
+        else:
+            log.warning(
+                "only %d good pixels for the measured variance scaling; kept the predicted variance", n_used
+            )
+    return var_out, vmeas
+
+
+def _decorrelated_metadata(
+    difference: Exposure, *, mode: Mode, size: int, science_variance: float, template_variance: float,
+    vpred: float, vmeas: float,
+) -> fits.Header:
+    """A copy of the difference's metadata with the DCR* keys added."""
+    metadata = difference.metadata.copy()
+    metadata["DCRMODE"] = (mode, "decorrelation: which image was convolved")
+    metadata["DCRKSIZ"] = (size, "decorrelation kernel side (pixels)")
+    metadata["DCRSVAR"] = (float(science_variance), "decorrelation: science variance")
+    metadata["DCRTVAR"] = (float(template_variance), "decorrelation: template variance")
+    metadata["DCRVPRED"] = (float(vpred), "variance plane factor, predicted")
+    metadata["DCRVMEAS"] = (float(vmeas), "variance plane factor, measured after")
+    return metadata
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def decorrelate(
     difference: Exposure,
@@ -681,68 +787,19 @@ def decorrelate(
     k = _as_kernel(matching_kernel)
     e, m = _roles(science_variance, template_variance, mode)
     ny, nx = difference.shape
-    phi = decorrelation_kernel(
-        k,
-        science_variance,
-        template_variance,
-        shape=config.kernel_size,
-        mode=mode,
-        tolerance=config.whiteness_tolerance,
-    )
+    phi = _checked_decorrelation_kernel(k, science_variance, template_variance, mode, config, (ny, nx))
     size = phi.shape[0]
-    if size > min(ny, nx):
-        msg = (
-            f"decorrelation kernel size {size} exceeds the {ny}x{nx} image; set "
-            f"difference.decorrelation.kernel_size to an odd value below {min(ny, nx)}"
-        )
-        raise InputError(msg)
     w_k, w_e, w_m = noise_weights(k, phi)
     before, after = e + m * w_k, e * w_e + m * w_m
     vpred = after / before
 
     image = difference.image
     mask_in = difference.mask if difference.mask is not None else np.zeros((ny, nx), dtype=np.int32)
-    nodata_bits = bitmask(list(config.no_data_mask_planes)) if config.no_data_mask_planes else 0
-    bad = ~np.isfinite(image)
-    if nodata_bits:
-        bad |= (mask_in & nodata_bits) != 0
-    any_bad = bool(bad.any())
-    out = convolve_fft(
-        image,
-        phi,
-        zero_where=bad if any_bad else None,
-        backend=config.fft_backend,
-        planner=config.fft_planner,
+    out, bad = _convolve_image(image, mask_in, phi, config)
+    mask_out, grown = _edge_mask(mask_in, bad, size)
+    var_out, vmeas = _decorrelated_variance(
+        difference, out, mask_out, grown, vpred=vpred, after=after, config=config
     )
-    if any_bad:
-        np.copyto(out, image, where=bad)
-
-    grown = np.empty((ny, nx), dtype=np.uint8)
-    fftutil.grow_mask_box(bad.view(np.uint8), size // 2, True, grown)
-    mask_out = np.array(mask_in, dtype=np.int32, order="C", copy=True)
-    np.bitwise_or(mask_out, np.int32(1 << MASK_BITS["EDGE"]), out=mask_out, where=grown.view(bool))
-
-    if difference.variance is not None:
-        var_out = difference.variance * np.float32(vpred)
-    else:
-        var_out = np.full((ny, nx), after, dtype=np.float32)
-    vmeas = 1.0
-    if config.variance_scaling == "measured":
-        ignore = bitmask(list(config.ignore_mask_planes)) if config.ignore_mask_planes else 0
-        scale, n_used = _measured_scale(out, var_out, mask_out, grown, ignore)
-        if math.isfinite(scale) and scale > 0:
-            vmeas = scale
-            var_out *= np.float32(scale)
-            if not 0.5 < scale < 2.0:
-                log.warning(
-                    "decorrelated noise is %.3g times the predicted variance; check the science/template "
-                    "variance planes",
-                    scale,
-                )
-        else:
-            log.warning(
-                "only %d good pixels for the measured variance scaling; kept the predicted variance", n_used
-            )
     log.info(
         "decorrelated %dx%d difference (%s, kernel %d px): variance x %.4f predicted, x %.4f measured",
         nx,
@@ -753,13 +810,10 @@ def decorrelate(
         vmeas,
     )
 
-    metadata = difference.metadata.copy()
-    metadata["DCRMODE"] = (mode, "decorrelation: which image was convolved")
-    metadata["DCRKSIZ"] = (size, "decorrelation kernel side (pixels)")
-    metadata["DCRSVAR"] = (float(science_variance), "decorrelation: science variance")
-    metadata["DCRTVAR"] = (float(template_variance), "decorrelation: template variance")
-    metadata["DCRVPRED"] = (float(vpred), "variance plane factor, predicted")
-    metadata["DCRVMEAS"] = (float(vmeas), "variance plane factor, measured after")
+    metadata = _decorrelated_metadata(
+        difference, mode=mode, size=size, science_variance=science_variance,
+        template_variance=template_variance, vpred=vpred, vmeas=vmeas,
+    )
     psf = ConvolvedPsf(difference.psf, phi) if difference.psf is not None else None
     return Exposure(
         out,

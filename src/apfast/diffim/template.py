@@ -209,6 +209,151 @@ def _patch_box(path: Path, sci_wcs: WCS, shape: tuple[int, int], pad: int = 16) 
     return y0, y1, x0, x1
 
 
+def _read_template_skymap(root: Path, science: Exposure, filter: str) -> SkyMap:
+    """The sky map of the template repository; InputError without a science WCS, NoWorkFound without a sky map."""
+    if science.wcs is None:
+        msg = f"{_describe_ccd(science)} has no WCS, so no template can be placed on it; run calibrate first"
+        raise InputError(msg)
+    try:
+        return read_skymap(root)
+    except InputError:
+        msg = (
+            f"no template for {_describe_ccd(science)} in filter {filter!r}: template repository {root} "
+            f"has no sky map {root / SKYMAP_RELPATH} (dataset deepCoadd_skyMap); build templates with "
+            f"`apfast make-templates REPO --id visit=... --output {root}` or point --template at them"
+        )
+        raise NoWorkFound(msg) from None
+
+
+def _no_template(
+    reason: str, root: Path, config: TemplateConfig, filter: str, ccd: str, found: Sequence[tuple[int, str]]
+) -> NoWorkFound:
+    """The NoWorkFound of a CCD without a usable template: what was looked for and what the repository has."""
+    have = _existing_patches(root, config.coadd_name)
+    listing = "; ".join(f"{f}: {', '.join(p[:20])}{' ...' if len(p) > 20 else ''}" for f, p in have.items())
+    wanted = ", ".join(f"{t}/{p}" for t, p in found) or "none (the CCD is outside the sky map)"
+    msg = (
+        f"no template for {ccd} in filter {filter!r} from template repository {root}: {reason}; "
+        f"looked for dataset {config.coadd_name}Coadd, filter {filter!r}, tract/patch {wanted} "
+        f"({root / config.coadd_name}Coadd/{filter}/TRACT/PATCH.fits); the repository has "
+        f"{listing or 'no coadd patches'}; build templates for this field and filter "
+        f"(`apfast make-templates`) or lower template.min_coverage"
+    )
+    return NoWorkFound(msg)
+
+
+def _mosaic_patches(
+    root: Path,
+    science: Exposure,
+    filter: str,
+    found: Sequence[tuple[int, str]],
+    config: TemplateConfig,
+    warp_config: WarpConfig,
+    nodata: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str, Exposure, int]]]:
+    """Warp each patch onto the science grid and add it to the sums: (sum_img, sum_var, count, mask_or, used)."""
+    from apfast.diffim import warp as _warp
+
+    assert science.wcs is not None  # checked by _read_template_skymap
+    ny, nx = science.shape
+    ccd = _describe_ccd(science)
+    sum_img = np.zeros((ny, nx), dtype=np.float32)
+    sum_var = np.zeros((ny, nx), dtype=np.float32)
+    count = np.zeros((ny, nx), dtype=np.int16)
+    mask_or = np.zeros((ny, nx), dtype=np.int32)
+    used: list[tuple[int, str, Exposure, int]] = []
+    for tract, patch in found:
+        path = patch_path(root, filter, tract, patch, coadd_name=config.coadd_name)
+        if not path.is_file():
+            log.warning("template patch %s (tract %d patch %s, filter %s) is missing; skipping it",
+                        path, tract, patch, filter)
+            continue
+        coadd = read_exposure(path, bbox=_patch_box(path, science.wcs, (ny, nx)))
+        if coadd.wcs is None:
+            log.warning("template patch %s has no WCS; skipping it", path)
+            continue
+        box = overlap_bbox(coadd.wcs, coadd.shape, science.wcs, (ny, nx))
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        sub_wcs = science.wcs.slice((slice(y0, y1), slice(x0, x1)))
+        warped = _warp.warp_exposure(coadd, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
+        wmask = warped.mask if warped.mask is not None else np.zeros(warped.shape, np.int32)
+        wvar = warped.variance if warped.variance is not None else np.zeros(warped.shape, np.float32)
+        n_good = int(_kcoadd.mosaic_add(sum_img, sum_var, count, mask_or,
+                                        np.ascontiguousarray(warped.image, np.float32),
+                                        np.ascontiguousarray(wvar, np.float32), np.ascontiguousarray(wmask, np.int32),
+                                        y0, x0, nodata))
+        if n_good == 0:
+            continue
+        used.append((tract, patch, coadd, n_good))
+        log.debug("template %s: patch %d/%s covers %d pixels", ccd, tract, patch, n_good)
+    return sum_img, sum_var, count, mask_or, used
+
+
+def _psf_patch(
+    science: Exposure, used: Sequence[tuple[int, str, Exposure, int]]
+) -> tuple[int, str, Exposure, int]:
+    """The patch whose PSF and calibration the template takes: the one covering the CCD centre, else the one
+    covering most pixels."""
+    assert science.wcs is not None  # checked by _read_template_skymap
+    ny, nx = science.shape
+    cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
+    ra, dec = science.wcs.all_pix2world([cx], [cy], 0)
+    chosen = max(used, key=lambda u: u[3])
+    for u in used:
+        assert u[2].wcs is not None  # patches without a WCS were skipped
+        px, py = u[2].wcs.all_world2pix(ra, dec, 0)
+        if 0 <= px[0] <= u[2].shape[1] - 1 and 0 <= py[0] <= u[2].shape[0] - 1:
+            chosen = u
+            break
+    return chosen
+
+
+def _template_exposure(
+    science: Exposure,
+    image: np.ndarray,
+    mask: np.ndarray,
+    variance: np.ndarray,
+    *,
+    filter: str,
+    chosen: tuple[int, str, Exposure, int],
+    used: Sequence[tuple[int, str, Exposure, int]],
+    coverage: float,
+) -> Exposure:
+    """The template Exposure on the science grid, with the chosen patch's PSF and calibration and TMPL* metadata."""
+    from apfast.diffim import warp as _warp
+
+    assert science.wcs is not None  # checked by _read_template_skymap
+    tract, patch, coadd, _ = chosen
+    psf = None
+    if coadd.psf is not None:
+        psf = _warp.WarpedPsf(coadd.psf, coadd.wcs, _parent_wcs(science.wcs, science.xy0), src_xy0=coadd.xy0)
+    vi = science.visit_info
+    template = Exposure(
+        image,
+        mask,
+        variance,
+        wcs=science.wcs,
+        psf=psf,
+        photo_calib=coadd.photo_calib,
+        visit_info=VisitInfo(
+            filter=filter,
+            visit=None if vi is None else vi.visit,
+            ccdnum=None if vi is None else vi.ccdnum,
+            detector=None if vi is None else vi.detector,
+            camera=None if vi is None else vi.camera,
+        ),
+        metadata=fits.Header(),
+        xy0=science.xy0,
+    )
+    template.metadata["TMPLCOV"] = (coverage, "fraction of the CCD with template data")
+    template.metadata["TMPLPSF"] = (f"{tract}/{patch}", "patch whose coadd PSF is used")
+    for k, (t, p, _, _) in enumerate(used[:99]):
+        template.metadata[f"TMPLP{k:02d}"] = (f"{t}/{p}", "tract/patch used")
+    return template
+
+
 def get_template(
     template_root: str | Path,
     science: Exposure,
@@ -253,116 +398,35 @@ def get_template(
     config = TemplateConfig() if config is None else config
     warp_config = _warp.WarpConfig() if warp_config is None else warp_config
     root = Path(template_root)
-    if science.wcs is None:
-        msg = f"{_describe_ccd(science)} has no WCS, so no template can be placed on it; run calibrate first"
-        raise InputError(msg)
-    try:
-        skymap = read_skymap(root)
-    except InputError:
-        msg = (
-            f"no template for {_describe_ccd(science)} in filter {filter!r}: template repository {root} "
-            f"has no sky map {root / SKYMAP_RELPATH} (dataset deepCoadd_skyMap); build templates with "
-            f"`apfast make-templates REPO --id visit=... --output {root}` or point --template at them"
-        )
-        raise NoWorkFound(msg) from None
+    skymap = _read_template_skymap(root, science, filter)
+    assert science.wcs is not None  # checked by _read_template_skymap
     ny, nx = science.shape
     found = skymap.find_tracts_patches(science.wcs, (ny, nx), border=config.template_border)
     ccd = _describe_ccd(science)
 
-    def no_work(reason: str) -> NoWorkFound:
-        have = _existing_patches(root, config.coadd_name)
-        listing = "; ".join(f"{f}: {', '.join(p[:20])}{' ...' if len(p) > 20 else ''}" for f, p in have.items())
-        wanted = ", ".join(f"{t}/{p}" for t, p in found) or "none (the CCD is outside the sky map)"
-        msg = (
-            f"no template for {ccd} in filter {filter!r} from template repository {root}: {reason}; "
-            f"looked for dataset {config.coadd_name}Coadd, filter {filter!r}, tract/patch {wanted} "
-            f"({root / config.coadd_name}Coadd/{filter}/TRACT/PATCH.fits); the repository has "
-            f"{listing or 'no coadd patches'}; build templates for this field and filter "
-            f"(`apfast make-templates`) or lower template.min_coverage"
-        )
-        return NoWorkFound(msg)
-
-    sum_img = np.zeros((ny, nx), dtype=np.float32)
-    sum_var = np.zeros((ny, nx), dtype=np.float32)
-    count = np.zeros((ny, nx), dtype=np.int16)
-    mask_or = np.zeros((ny, nx), dtype=np.int32)
     nodata = masks.bitmask("NO_DATA")
-    used: list[tuple[int, str, Exposure, int]] = []
-    for tract, patch in found:
-        path = patch_path(root, filter, tract, patch, coadd_name=config.coadd_name)
-        if not path.is_file():
-            log.warning("template patch %s (tract %d patch %s, filter %s) is missing; skipping it",
-                        path, tract, patch, filter)
-            continue
-        coadd = read_exposure(path, bbox=_patch_box(path, science.wcs, (ny, nx)))
-        if coadd.wcs is None:
-            log.warning("template patch %s has no WCS; skipping it", path)
-            continue
-        box = overlap_bbox(coadd.wcs, coadd.shape, science.wcs, (ny, nx))
-        if box is None:
-            continue
-        y0, y1, x0, x1 = box
-        sub_wcs = science.wcs.slice((slice(y0, y1), slice(x0, x1)))
-        warped = _warp.warp_exposure(coadd, sub_wcs, (y1 - y0, x1 - x0), config=warp_config)
-        wmask = warped.mask if warped.mask is not None else np.zeros(warped.shape, np.int32)
-        wvar = warped.variance if warped.variance is not None else np.zeros(warped.shape, np.float32)
-        n_good = int(_kcoadd.mosaic_add(sum_img, sum_var, count, mask_or,
-                                        np.ascontiguousarray(warped.image, np.float32),
-                                        np.ascontiguousarray(wvar, np.float32), np.ascontiguousarray(wmask, np.int32),
-                                        y0, x0, nodata))
-        if n_good == 0:
-            continue
-        used.append((tract, patch, coadd, n_good))
-        log.debug("template %s: patch %d/%s covers %d pixels", ccd, tract, patch, n_good)
-
+    sum_img, sum_var, count, mask_or, used = _mosaic_patches(
+        root, science, filter, found, config, warp_config, nodata
+    )
     if not used:
-        raise no_work("none of the overlapping patch files exists or has data there")
+        raise _no_template(
+            "none of the overlapping patch files exists or has data there", root, config, filter, ccd, found
+        )
     coverage = float(np.count_nonzero(count)) / float(ny * nx)
     if coverage < config.min_coverage:
-        raise no_work(
-            f"only {coverage:.1%} of the CCD is covered, below template.min_coverage={config.min_coverage}"
+        raise _no_template(
+            f"only {coverage:.1%} of the CCD is covered, below template.min_coverage={config.min_coverage}",
+            root, config, filter, ccd, found,
         )
     image = np.empty((ny, nx), np.float32)
     variance = np.empty((ny, nx), np.float32)
     mask = np.empty((ny, nx), np.int32)
     _kcoadd.mosaic_finish(sum_img, sum_var, count, mask_or, nodata, image, variance, mask)
 
-    # PSF and calibration: the patch covering the CCD centre, else the one covering most pixels
-    cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
-    ra, dec = science.wcs.all_pix2world([cx], [cy], 0)
-    chosen = max(used, key=lambda u: u[3])
-    for u in used:
-        assert u[2].wcs is not None  # patches without a WCS were skipped
-        px, py = u[2].wcs.all_world2pix(ra, dec, 0)
-        if 0 <= px[0] <= u[2].shape[1] - 1 and 0 <= py[0] <= u[2].shape[0] - 1:
-            chosen = u
-            break
-    tract, patch, coadd, _ = chosen
-    psf = None
-    if coadd.psf is not None:
-        psf = _warp.WarpedPsf(coadd.psf, coadd.wcs, _parent_wcs(science.wcs, science.xy0), src_xy0=coadd.xy0)
-    vi = science.visit_info
-    template = Exposure(
-        image,
-        mask,
-        variance,
-        wcs=science.wcs,
-        psf=psf,
-        photo_calib=coadd.photo_calib,
-        visit_info=VisitInfo(
-            filter=filter,
-            visit=None if vi is None else vi.visit,
-            ccdnum=None if vi is None else vi.ccdnum,
-            detector=None if vi is None else vi.detector,
-            camera=None if vi is None else vi.camera,
-        ),
-        metadata=fits.Header(),
-        xy0=science.xy0,
+    chosen = _psf_patch(science, used)
+    template = _template_exposure(
+        science, image, mask, variance, filter=filter, chosen=chosen, used=used, coverage=coverage
     )
-    template.metadata["TMPLCOV"] = (coverage, "fraction of the CCD with template data")
-    template.metadata["TMPLPSF"] = (f"{tract}/{patch}", "patch whose coadd PSF is used")
-    for k, (t, p, _, _) in enumerate(used[:99]):
-        template.metadata[f"TMPLP{k:02d}"] = (f"{t}/{p}", "tract/patch used")
     log.info("template for %s (%s): %d patch(es), %.1f%% covered", ccd, filter, len(used), 100 * coverage)
     return template
 

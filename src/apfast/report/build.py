@@ -112,105 +112,120 @@ def _pixel_scale_arcsec(wcs: Any) -> float | None:
         return None
 
 
-def _read_ccd(
-    butler: Any, cv: Any, img_dir: Path, alerts_by_src: dict[int, dict[str, Any]]
-) -> dict[str, Any]:
-    """Pass 1 of one CCD-visit: fill ``cv``, write its thumbnails and diagnostics; return page data."""
+def _get(butler: Any, name: str, did: dict[str, int]) -> Any:
+    """The dataset ``name`` of ``did``, or None when it is missing or unreadable (logged)."""
     from apfast.errors import ApfastError
+
+    try:
+        return butler.get(name, did) if butler.datasetExists(name, did) else None
+    except (ApfastError, OSError, ValueError) as exc:
+        log.warning("report: %s %s unreadable: %s", name, did, exc)
+        return None
+
+
+def _read_calexp(butler: Any, cv: Any, did: dict[str, int], img_dir: Path, stem: str, info: dict[str, Any]) -> Any:
+    """Fill ``cv`` from the calexp and write its thumbnail; return its PSF (None without a calexp)."""
+    from apfast.report.plots import save_thumbnail
+
+    calexp = _get(butler, "calexp", did)
+    if calexp is None:
+        return None
+    rec = cv.record
+    cv.has_calexp = True
+    vi = calexp.visit_info
+    if vi is not None:
+        cv.mjd, cv.band = vi.mjd, vi.filter or ""
+    md = calexp.metadata
+    scale = _pixel_scale_arcsec(calexp.wcs) if calexp.wcs is not None else None
+    cv.fwhm_arcsec = rec.get("fwhm_arcsec") or (
+        round(float(md["PSF_FWHM"]) * scale, 3) if "PSF_FWHM" in md and scale else None
+    )
+    cv.zero_point = rec.get("zero_point") or (
+        float(md["ZP"])
+        if "ZP" in md
+        else (calexp.photo_calib.zero_point if calexp.photo_calib is not None else None)
+    )
+    cv.astrom_rms_mas = rec.get("astrom_rms_mas") or (
+        round(float(md["ASTR_RMS"]) * 1000.0, 1) if "ASTR_RMS" in md else None
+    )
+    cv.n_src = rec.get("n_src") or (int(md["N_SRC"]) if "N_SRC" in md else None)
+    ny, nx = calexp.shape
+    if calexp.wcs is not None:
+        ra, dec = calexp.wcs.pixel_to_world_values([0, nx - 1, nx - 1, 0], [0, 0, ny - 1, ny - 1])
+        cv.corners = [(float(a), float(b)) for a, b in zip(ra, dec, strict=True)]
+    h, w = save_thumbnail(img_dir / f"{stem}_calexp.png", calexp.image, factor=_BIN, kind="asinh")
+    info["calexp_png"] = (f"img/{stem}_calexp.png", w, h)
+    info["shape"] = (ny, nx)
+    info["pngs"].append(img_dir / f"{stem}_calexp.png")
+    science_psf = calexp.psf
+    del calexp
+    return science_psf
+
+
+def _matched_psf(butler: Any, did: dict[str, int], science_psf: Any, diff: Any) -> Any:
+    """The PSF of the matched template, or None when it is missing or the same as the science PSF."""
+    from apfast.errors import ApfastError
+
+    matched_psf = None
+    if butler.datasetExists("deepDiff_matchedExp", did):
+        from apfast.exposure import read_exposure
+
+        try:  # only the PSF is needed: read a 1-pixel box
+            matched_psf = read_exposure(butler.getUri("deepDiff_matchedExp", did), bbox=(0, 1, 0, 1)).psf
+            if (
+                matched_psf is not None
+                and science_psf is not None
+                and _same_psf(matched_psf, science_psf, diff)
+            ):
+                matched_psf = (
+                    None  # the matched template carries the science PSF: compare with the difference's
+                )
+        except (ApfastError, OSError, ValueError) as exc:
+            log.warning("report: deepDiff_matchedExp %s unreadable: %s", did, exc)
+    return matched_psf
+
+
+def _read_diff(
+    butler: Any, cv: Any, did: dict[str, int], img_dir: Path, stem: str, info: dict[str, Any], science_psf: Any
+) -> None:
+    """Fill ``cv`` from the difference image and write its thumbnail and diagnostics."""
     from apfast.report.plots import ccd_diagnostics, save_thumbnail
 
-    did = {"visit": cv.visit, "ccdnum": cv.ccdnum}
-    info: dict[str, Any] = {"pngs": [], "dia": []}
-    rec = cv.record
-    stem = f"v{cv.visit}_c{cv.ccdnum:02d}"
+    diff = _get(butler, "deepDiff_differenceExp", did)
+    if diff is None:
+        return
+    cv.has_diff = True
+    cv.diff_meta = {
+        k: diff.metadata[k]
+        for k in ("DIFFMODE", "DIFFNSTP", "DIFFKSUM", "DIFFBKG", "DCRMODE", "DCRVPRED", "DCRVMEAS")
+        if k in diff.metadata
+    }
+    if cv.mjd is None and diff.visit_info is not None:
+        cv.mjd, cv.band = diff.visit_info.mjd, diff.visit_info.filter or ""
+    ny, nx = diff.shape
+    info["shape"] = (ny, nx)
+    h, w = save_thumbnail(img_dir / f"{stem}_diff.png", diff.image, factor=_BIN, kind="diff")
+    info["diff_png"] = (f"img/{stem}_diff.png", w, h)
+    info["pngs"].append(img_dir / f"{stem}_diff.png")
+    matched_psf = _matched_psf(butler, did, science_psf, diff)
+    info["diag"] = ccd_diagnostics(
+        img_dir / f"{stem}_diag.png",
+        diff,
+        science_psf=science_psf,
+        matched_psf=matched_psf,
+        title=f"visit {cv.visit} ccd {cv.ccdnum}: difference / sqrt(variance)",
+    )
+    info["diag_png"] = f"img/{stem}_diag.png"
+    info["has_matched"] = butler.datasetExists("deepDiff_matchedExp", did)
+    info["pngs"].append(img_dir / f"{stem}_diag.png")
+    info["psfmatch"] = read_psfmatch(butler, did, img_dir, stem)
+    info["pngs"] += info["psfmatch"].get("pngs", [])
+    del diff
 
-    def get(name: str) -> Any:
-        try:
-            return butler.get(name, did) if butler.datasetExists(name, did) else None
-        except (ApfastError, OSError, ValueError) as exc:
-            log.warning("report: %s %s unreadable: %s", name, did, exc)
-            return None
 
-    calexp = get("calexp")
-    if calexp is not None:
-        cv.has_calexp = True
-        vi = calexp.visit_info
-        if vi is not None:
-            cv.mjd, cv.band = vi.mjd, vi.filter or ""
-        md = calexp.metadata
-        scale = _pixel_scale_arcsec(calexp.wcs) if calexp.wcs is not None else None
-        cv.fwhm_arcsec = rec.get("fwhm_arcsec") or (
-            round(float(md["PSF_FWHM"]) * scale, 3) if "PSF_FWHM" in md and scale else None
-        )
-        cv.zero_point = rec.get("zero_point") or (
-            float(md["ZP"])
-            if "ZP" in md
-            else (calexp.photo_calib.zero_point if calexp.photo_calib is not None else None)
-        )
-        cv.astrom_rms_mas = rec.get("astrom_rms_mas") or (
-            round(float(md["ASTR_RMS"]) * 1000.0, 1) if "ASTR_RMS" in md else None
-        )
-        cv.n_src = rec.get("n_src") or (int(md["N_SRC"]) if "N_SRC" in md else None)
-        ny, nx = calexp.shape
-        if calexp.wcs is not None:
-            ra, dec = calexp.wcs.pixel_to_world_values([0, nx - 1, nx - 1, 0], [0, 0, ny - 1, ny - 1])
-            cv.corners = [(float(a), float(b)) for a, b in zip(ra, dec, strict=True)]
-        h, w = save_thumbnail(img_dir / f"{stem}_calexp.png", calexp.image, factor=_BIN, kind="asinh")
-        info["calexp_png"] = (f"img/{stem}_calexp.png", w, h)
-        info["shape"] = (ny, nx)
-        info["pngs"].append(img_dir / f"{stem}_calexp.png")
-        science_psf = calexp.psf
-        del calexp
-    else:
-        science_psf = None
-    bkg = get("calexpBackground")
-    if bkg is not None:
-        cv.sky = round(float(np.nanmedian(bkg.values)), 2)
-    diff = get("deepDiff_differenceExp")
-    if diff is not None:
-        cv.has_diff = True
-        cv.diff_meta = {
-            k: diff.metadata[k]
-            for k in ("DIFFMODE", "DIFFNSTP", "DIFFKSUM", "DIFFBKG", "DCRMODE", "DCRVPRED", "DCRVMEAS")
-            if k in diff.metadata
-        }
-        if cv.mjd is None and diff.visit_info is not None:
-            cv.mjd, cv.band = diff.visit_info.mjd, diff.visit_info.filter or ""
-        ny, nx = diff.shape
-        info["shape"] = (ny, nx)
-        h, w = save_thumbnail(img_dir / f"{stem}_diff.png", diff.image, factor=_BIN, kind="diff")
-        info["diff_png"] = (f"img/{stem}_diff.png", w, h)
-        info["pngs"].append(img_dir / f"{stem}_diff.png")
-        matched_psf = None
-        if butler.datasetExists("deepDiff_matchedExp", did):
-            from apfast.exposure import read_exposure
-
-            try:  # only the PSF is needed: read a 1-pixel box
-                matched_psf = read_exposure(butler.getUri("deepDiff_matchedExp", did), bbox=(0, 1, 0, 1)).psf
-                if (
-                    matched_psf is not None
-                    and science_psf is not None
-                    and _same_psf(matched_psf, science_psf, diff)
-                ):
-                    matched_psf = (
-                        None  # the matched template carries the science PSF: compare with the difference's
-                    )
-            except (ApfastError, OSError, ValueError) as exc:
-                log.warning("report: deepDiff_matchedExp %s unreadable: %s", did, exc)
-        info["diag"] = ccd_diagnostics(
-            img_dir / f"{stem}_diag.png",
-            diff,
-            science_psf=science_psf,
-            matched_psf=matched_psf,
-            title=f"visit {cv.visit} ccd {cv.ccdnum}: difference / sqrt(variance)",
-        )
-        info["diag_png"] = f"img/{stem}_diag.png"
-        info["has_matched"] = butler.datasetExists("deepDiff_matchedExp", did)
-        info["pngs"].append(img_dir / f"{stem}_diag.png")
-        info["psfmatch"] = read_psfmatch(butler, did, img_dir, stem)
-        info["pngs"] += info["psfmatch"].get("pngs", [])
-        del diff
-    dia = get("deepDiff_diaSrc")
+def _read_dia_sources(butler: Any, cv: Any, did: dict[str, int], info: dict[str, Any]) -> None:
+    """Count the DIA sources of ``cv`` by kind and add them to ``info["dia"]``."""
+    dia = _get(butler, "deepDiff_diaSrc", did)
     if dia is not None:
         cv.n_dia = len(dia)
         cols = set(dia.colnames)
@@ -236,9 +251,13 @@ def _read_ccd(
                 }
                 | {"kind": kind}
             )
-    elif rec.get("n_dia") is not None:
-        cv.n_dia = rec.get("n_dia")
-    rejected = get("deepDiff_diaSrcRejected")
+    elif cv.record.get("n_dia") is not None:
+        cv.n_dia = cv.record.get("n_dia")
+
+
+def _read_rejected_sources(butler: Any, cv: Any, did: dict[str, int], info: dict[str, Any]) -> None:
+    """Count the filtered-out DIA sources of ``cv`` and add them to ``info["dia"]`` with their reason."""
+    rejected = _get(butler, "deepDiff_diaSrcRejected", did)
     if rejected is not None:
         cols = set(rejected.colnames)
         cv.n_filtered = len(rejected)
@@ -248,11 +267,35 @@ def _read_ccd(
                  for k in ("diaSourceId", "x", "y", "psfFlux", "psfFluxErr", "snr", "ra", "dec") if k in cols}
                 | {"kind": "filtered", "reason": str(r["filterReason"]) if "filterReason" in cols else ""}
             )
-    alerts = get("alerts")
+
+
+def _read_alerts(
+    butler: Any, did: dict[str, int], info: dict[str, Any], alerts_by_src: dict[int, dict[str, Any]]
+) -> None:
+    """Keep the cutouts of each alert by diaSourceId and count the alerts."""
+    alerts = _get(butler, "alerts", did)
     for a in alerts or ():
         sid = int(a.get("diaSourceId") or a.get("diaSource", {}).get("diaSourceId") or 0)
         alerts_by_src[sid] = {k: a.get(k) for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")}
     info["n_alerts"] = len(alerts or ())
+
+
+def _read_ccd(
+    butler: Any, cv: Any, img_dir: Path, alerts_by_src: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """Pass 1 of one CCD-visit: fill ``cv``, write its thumbnails and diagnostics; return page data."""
+    did = {"visit": cv.visit, "ccdnum": cv.ccdnum}
+    info: dict[str, Any] = {"pngs": [], "dia": []}
+    stem = f"v{cv.visit}_c{cv.ccdnum:02d}"
+
+    science_psf = _read_calexp(butler, cv, did, img_dir, stem, info)
+    bkg = _get(butler, "calexpBackground", did)
+    if bkg is not None:
+        cv.sky = round(float(np.nanmedian(bkg.values)), 2)
+    _read_diff(butler, cv, did, img_dir, stem, info, science_psf)
+    _read_dia_sources(butler, cv, did, info)
+    _read_rejected_sources(butler, cv, did, info)
+    _read_alerts(butler, did, info, alerts_by_src)
     return info
 
 
@@ -333,6 +376,157 @@ def _obj_summary(o: dict[str, Any]) -> tuple[list[str], str]:
     return parts, "".join(b for b in "ugrizy" if o.get(f"{b}_psfFluxNdata"))
 
 
+def _open_inputs(
+    out: str | Path, db_url: str | None, config_overrides: Sequence[str], ids: Sequence[Sequence[str]]
+) -> tuple[Any, Path, list[Any], list[Any], str | None, Any]:
+    """The output repository, its selected CCD-visits and the APDB: (butler, out, exprs, ccds, url, apdb)."""
+    from apfast.report.data import ApdbReader, ReportInputError, find_ccd_visits, open_output_repo, resolve_db_url
+    from apfast.report.summary import read_summary_json
+
+    butler = open_output_repo(out)
+    out = Path(butler.repo.write_root)
+    exprs = []
+    if ids:
+        from apfast.repo.dataid import parse_ids
+
+        exprs = parse_ids([list(t) for t in ids])
+    records = read_summary_json(out)
+    ccds = find_ccd_visits(butler, records, exprs)
+    url = db_url or resolve_db_url(out, config_overrides)
+    if not ccds:
+        what = f" matching --id {' '.join(' '.join(t) for t in ids)}" if ids else ""
+        msg = f"{out} holds no processed CCD-visit{what}; run `apfast process` into it first"
+        raise ReportInputError(msg)
+    apdb = ApdbReader(url) if url else None
+    if apdb is None:
+        log.warning(
+            "report: no APDB URL (no -c apdb.db_url and none in the stored config): no DiaObject pages"
+        )
+    return butler, out, exprs, ccds, url, apdb
+
+
+def _fresh_report_dir(out: Path) -> Path:
+    """``OUT/report`` with empty ccd/, obj/ and img/ folders."""
+    rdir = out / REPORT_DIR
+    for sub in ("ccd", "obj", "img"):  # our own products only: stale pages of an earlier report go
+        shutil.rmtree(rdir / sub, ignore_errors=True)
+        (rdir / sub).mkdir(parents=True, exist_ok=True)
+    return rdir
+
+
+def _read_ccds(
+    butler: Any, ccds: list[Any], img_dir: Path, alerts_by_src: dict[int, dict[str, Any]]
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """Pass 1 over every CCD-visit (:func:`_read_ccd`), logging each; the page data by CCD-visit key."""
+    infos: dict[tuple[int, int], dict[str, Any]] = {}
+    for i, cv in enumerate(ccds, 1):
+        t = time.perf_counter()
+        infos[cv.key] = _read_ccd(butler, cv, img_dir, alerts_by_src)
+        if cv.has_calexp or cv.has_diff:
+            cv.page = _ccd_page(cv.visit, cv.ccdnum)
+        log.info(
+            "report: [%d/%d] visit=%d ccdnum=%d %s in %.2f s",
+            i,
+            len(ccds),
+            cv.visit,
+            cv.ccdnum,
+            cv.status,
+            time.perf_counter() - t,
+        )
+    return infos
+
+
+def _read_apdb(
+    apdb: Any, ccds: list[Any], all_objects: bool, max_objects: int
+) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, list[dict[str, Any]]], int, list[int]]:
+    """The DiaObjects of the CCD-visits, most significant first: (objects, sources, forced, n_objects, shown)."""
+    from apfast.report.data import significance
+
+    objects: dict[int, dict[str, Any]] = {}
+    obj_sources: dict[int, list[dict[str, Any]]] = {}
+    obj_forced: dict[int, list[dict[str, Any]]] = {}
+    n_objects = 0
+    shown: list[int] = []
+    if apdb is not None:
+        try:
+            here = apdb.sources_of([c.key for c in ccds])
+            by_obj: dict[int, list[dict[str, Any]]] = {}
+            for r in here:
+                if r.get("diaObjectId") is not None:
+                    by_obj.setdefault(int(r["diaObjectId"]), []).append(r)
+            n_objects = len(by_obj)
+            ranked = sorted(by_obj, key=lambda o: (-significance(by_obj[o]), o))
+            shown = ranked if all_objects else ranked[:max_objects]
+            objects = apdb.objects(shown)
+            for r in apdb.sources_of_objects(shown):
+                obj_sources.setdefault(int(r["diaObjectId"]), []).append(r)
+            for r in apdb.forced_of_objects(shown):
+                obj_forced.setdefault(int(r["diaObjectId"]), []).append(r)
+        finally:
+            apdb.close()
+    log.info(
+        "report: %d CCD-visits, %d DiaObjects (%d shown)%s",
+        len(ccds),
+        n_objects,
+        len(shown),
+        "" if all_objects or len(shown) == n_objects else "; --all shows every one",
+    )
+    return objects, obj_sources, obj_forced, n_objects, shown
+
+
+def _write_overview(img_dir: Path, ccds: list[Any], objects: dict[int, dict[str, Any]], shown: list[int]) -> list[Path]:
+    """Write the overview figure and the sky map; return their paths."""
+    from apfast.report.plots import overview_figure, sky_map
+
+    overview_figure(img_dir / "overview.png", [c for c in ccds if c.has_calexp or c.has_diff])
+    sky_map(img_dir / "skymap.png", ccds, [objects[o] for o in shown if o in objects])
+    return [img_dir / "overview.png", img_dir / "skymap.png"]
+
+
+def _write_obj_pages(
+    rdir: Path,
+    img_dir: Path,
+    ccds: list[Any],
+    shown: list[int],
+    objects: dict[int, dict[str, Any]],
+    obj_sources: dict[int, list[dict[str, Any]]],
+    obj_forced: dict[int, list[dict[str, Any]]],
+    alerts_by_src: dict[int, dict[str, Any]],
+) -> list[Path]:
+    """Write a page (light curve, alert cutouts) per shown DiaObject; return the cutout PNGs written."""
+    from apfast.report.plots import save_cutout_triplet
+
+    pngs: list[Path] = []
+    ccd_pages = {c.key: c.page for c in ccds if c.page}
+    for k, oid in enumerate(shown, 1):
+        srcs = sorted(obj_sources.get(oid, []), key=lambda r: float(r["midpointMjdTai"]))
+        trip: dict[int, str] = {}
+        for r in srcs:
+            sid = int(r["diaSourceId"])
+            cut = alerts_by_src.get(sid)
+            if cut is None:
+                continue
+            p = img_dir / f"cut_{sid}.png"
+            if save_cutout_triplet(
+                p,
+                *(_cutout_array(cut.get(n)) for n in ("cutoutScience", "cutoutTemplate", "cutoutDifference")),
+            ):
+                trip[sid] = f"../img/{p.name}"
+                pngs.append(p)
+        html = _obj_html(
+            oid,
+            objects.get(oid, {}),
+            srcs,
+            obj_forced.get(oid, []),
+            trip,
+            ccd_pages,
+            rank=k,
+            n_shown=len(shown),
+        )
+        (rdir / _obj_page(oid)).write_text(html, encoding="utf-8")
+    return pngs
+
+
 def build_report(
     out: str | Path,
     *,
@@ -371,139 +565,31 @@ def build_report(
         No APDB at the URL, a bad ``-c`` key, ``max_objects < 1``.
     """
     from apfast.errors import ConfigError
-    from apfast.report.data import (
-        ApdbReader,
-        ReportInputError,
-        find_ccd_visits,
-        open_output_repo,
-        resolve_db_url,
-        significance,
-    )
-    from apfast.report.plots import overview_figure, save_cutout_triplet, sky_map
-    from apfast.report.summary import read_summary_json
 
     t_start = time.perf_counter()
     if max_objects < 1:
         msg = f"--max-objects {max_objects}: give a number >= 1 (or --all)"
         raise ConfigError(msg)
-    butler = open_output_repo(out)
-    out = Path(butler.repo.write_root)
-    exprs = []
-    if ids:
-        from apfast.repo.dataid import parse_ids
-
-        exprs = parse_ids([list(t) for t in ids])
-    records = read_summary_json(out)
-    ccds = find_ccd_visits(butler, records, exprs)
-    url = db_url or resolve_db_url(out, config_overrides)
-    if not ccds:
-        what = f" matching --id {' '.join(' '.join(t) for t in ids)}" if ids else ""
-        msg = f"{out} holds no processed CCD-visit{what}; run `apfast process` into it first"
-        raise ReportInputError(msg)
-    apdb = ApdbReader(url) if url else None
-    if apdb is None:
-        log.warning(
-            "report: no APDB URL (no -c apdb.db_url and none in the stored config): no DiaObject pages"
-        )
-
-    rdir = out / REPORT_DIR
-    for sub in ("ccd", "obj", "img"):  # our own products only: stale pages of an earlier report go
-        shutil.rmtree(rdir / sub, ignore_errors=True)
-        (rdir / sub).mkdir(parents=True, exist_ok=True)
+    butler, out, exprs, ccds, url, apdb = _open_inputs(out, db_url, config_overrides, ids)
+    rdir = _fresh_report_dir(out)
     img_dir = rdir / "img"
     log.info("report: reading %d CCD-visit(s) of %s", len(ccds), out)
 
     alerts_by_src: dict[int, dict[str, Any]] = {}
-    infos: dict[tuple[int, int], dict[str, Any]] = {}
-    for i, cv in enumerate(ccds, 1):
-        t = time.perf_counter()
-        infos[cv.key] = _read_ccd(butler, cv, img_dir, alerts_by_src)
-        if cv.has_calexp or cv.has_diff:
-            cv.page = _ccd_page(cv.visit, cv.ccdnum)
-        log.info(
-            "report: [%d/%d] visit=%d ccdnum=%d %s in %.2f s",
-            i,
-            len(ccds),
-            cv.visit,
-            cv.ccdnum,
-            cv.status,
-            time.perf_counter() - t,
-        )
+    infos = _read_ccds(butler, ccds, img_dir, alerts_by_src)
     if exprs and any("filter" in e for e in exprs):
         ccds = [c for c in ccds if any(c.band in e.get("filter", (c.band,)) for e in exprs)]
     ccds.sort(key=lambda c: (c.mjd if c.mjd is not None else float("inf"), c.visit, c.ccdnum))
 
-    # -- the APDB
-    objects: dict[int, dict[str, Any]] = {}
-    obj_sources: dict[int, list[dict[str, Any]]] = {}
-    obj_forced: dict[int, list[dict[str, Any]]] = {}
-    n_objects = 0
-    shown: list[int] = []
-    if apdb is not None:
-        try:
-            here = apdb.sources_of([c.key for c in ccds])
-            by_obj: dict[int, list[dict[str, Any]]] = {}
-            for r in here:
-                if r.get("diaObjectId") is not None:
-                    by_obj.setdefault(int(r["diaObjectId"]), []).append(r)
-            n_objects = len(by_obj)
-            ranked = sorted(by_obj, key=lambda o: (-significance(by_obj[o]), o))
-            shown = ranked if all_objects else ranked[:max_objects]
-            objects = apdb.objects(shown)
-            for r in apdb.sources_of_objects(shown):
-                obj_sources.setdefault(int(r["diaObjectId"]), []).append(r)
-            for r in apdb.forced_of_objects(shown):
-                obj_forced.setdefault(int(r["diaObjectId"]), []).append(r)
-        finally:
-            apdb.close()
-    log.info(
-        "report: %d CCD-visits, %d DiaObjects (%d shown)%s",
-        len(ccds),
-        n_objects,
-        len(shown),
-        "" if all_objects or len(shown) == n_objects else "; --all shows every one",
-    )
+    objects, obj_sources, obj_forced, n_objects, shown = _read_apdb(apdb, ccds, all_objects, max_objects)
     shown_set = set(shown)
 
-    # -- overview pictures
     pngs: list[Path] = [p for info in infos.values() for p in info["pngs"]]
-    overview_figure(img_dir / "overview.png", [c for c in ccds if c.has_calexp or c.has_diff])
-    sky_map(img_dir / "skymap.png", ccds, [objects[o] for o in shown if o in objects])
-    pngs += [img_dir / "overview.png", img_dir / "skymap.png"]
-
-    # -- CCD-visit pages
+    pngs += _write_overview(img_dir, ccds, objects, shown)
     for cv in ccds:
         if cv.page:
             (rdir / cv.page).write_text(_ccd_html(cv, infos[cv.key], shown_set, url), encoding="utf-8")
-
-    # -- DiaObject pages
-    ccd_pages = {c.key: c.page for c in ccds if c.page}
-    for k, oid in enumerate(shown, 1):
-        srcs = sorted(obj_sources.get(oid, []), key=lambda r: float(r["midpointMjdTai"]))
-        trip: dict[int, str] = {}
-        for r in srcs:
-            sid = int(r["diaSourceId"])
-            cut = alerts_by_src.get(sid)
-            if cut is None:
-                continue
-            p = img_dir / f"cut_{sid}.png"
-            if save_cutout_triplet(
-                p,
-                *(_cutout_array(cut.get(n)) for n in ("cutoutScience", "cutoutTemplate", "cutoutDifference")),
-            ):
-                trip[sid] = f"../img/{p.name}"
-                pngs.append(p)
-        html = _obj_html(
-            oid,
-            objects.get(oid, {}),
-            srcs,
-            obj_forced.get(oid, []),
-            trip,
-            ccd_pages,
-            rank=k,
-            n_shown=len(shown),
-        )
-        (rdir / _obj_page(oid)).write_text(html, encoding="utf-8")
+    pngs += _write_obj_pages(rdir, img_dir, ccds, shown, objects, obj_sources, obj_forced, alerts_by_src)
 
     index = rdir / "index.html"
     seconds = time.perf_counter() - t_start

@@ -499,17 +499,8 @@ def _sub(sub: Any, name: str, help_text: str, description: str) -> argparse.Argu
 _REPO_HELP = "the input repository: the folder `apfast ingest` wrote (holds registry.sqlite3)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="apfast",
-        description="Fast alert production: ingest raws, calibs and refcats, process CCDs, read results.",
-    )
-    parser.add_argument("--version", action="version", version=f"apfast {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data_commands(sub: Any) -> None:
+    """The subcommands that bring data in: ingest, ingest-calibs, ingest-refcat, simulate, demo."""
     p = _sub(sub, "ingest", "register raw exposures in REPO/registry.sqlite3",
              "Register raw DECam exposures (one row per CCD) in REPO/registry.sqlite3, creating the\n"
              "repository if needed. Files already registered are reported and left alone.")
@@ -566,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the default-size simulation instead of --small")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_setup_commands(sub: Any) -> None:
+    """The subcommands that prepare a machine or a database: warmup, make-apdb, config."""
     p = _sub(sub, "warmup", "compile every numba kernel into the on-disk cache, once per machine",
              "Compile every numba kernel into the kernel cache ($APFAST_CACHE_DIR/kernels/<key>, default\n"
              "~/.cache/apfast) and measure the FFTW plans of a full CCD. Once done, no apfast process on this\n"
@@ -599,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ps)
     ps.set_defaults(func=_cmd_config_show)
 
+
+def _add_processing_commands(sub: Any) -> None:
+    """The subcommands that process dataIds: process, process-ccd, make-templates."""
     descriptions = {
         "process": ("Process dataIds end to end (ap_pipe.py): ISR, characterize, calibrate, template,\n"
                     "PSF matching, subtraction, DIA sources, association in the APDB and alerts. Steps\n"
@@ -632,27 +629,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(template=None, templateId=None, processes=1, clobber_output=False,
                        skip_missing_templates=False, executor="local")
         if name == "process":
-            p.add_argument("--template", default=None,
-                           help="template repository: the --output of make-templates (default: REPO)")
-            p.add_argument("--templateId", nargs="+", default=None, metavar="visit=N",
-                           help="calexp-template mode (-C calexpTemplates.toml): the template visit")
-            p.add_argument("--skip-missing-templates", action="store_true",
-                           help="skip (exit 0) CCDs that no template covers instead of failing them "
-                                "(exit 1); config process.skip_missing_templates")
-            p.add_argument("-j", "--processes", type=int, default=1, metavar="N",
-                           help="process N CCDs at once in spawned worker processes "
-                                "(cores // N numba threads each)")
-            p.add_argument("--executor", choices=["local", "dask"], default="local",
-                           help="local processes (-j N) or tasks on a Dask distributed cluster")
-            p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                           help="Dask scheduler address (default: start a local cluster)")
-            p.add_argument("--workers", type=int, default=None, metavar="N",
-                           help="worker processes of the local Dask cluster (default -j or 2)")
-            p.add_argument("--no-write-matched", action="store_true",
-                           help="do not write deepDiff_matchedExp, the PSF-matched template (~1/3 of the image "
-                                "output; same as -c output.write_matched=false; serial runs only)")
+            _add_process_options(p)
         _add_config_args(p)
         p.set_defaults(func=_cmd_make_templates if name == "make-templates" else _cmd_process)
+
+
+def _add_process_options(p: argparse.ArgumentParser) -> None:
+    """The options of `apfast process` alone (templates, parallel execution, matched output)."""
+    p.add_argument("--template", default=None,
+                   help="template repository: the --output of make-templates (default: REPO)")
+    p.add_argument("--templateId", nargs="+", default=None, metavar="visit=N",
+                   help="calexp-template mode (-C calexpTemplates.toml): the template visit")
+    p.add_argument("--skip-missing-templates", action="store_true",
+                   help="skip (exit 0) CCDs that no template covers instead of failing them "
+                        "(exit 1); config process.skip_missing_templates")
+    p.add_argument("-j", "--processes", type=int, default=1, metavar="N",
+                   help="process N CCDs at once in spawned worker processes "
+                        "(cores // N numba threads each)")
+    p.add_argument("--executor", choices=["local", "dask"], default="local",
+                   help="local processes (-j N) or tasks on a Dask distributed cluster")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="Dask scheduler address (default: start a local cluster)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the local Dask cluster (default -j or 2)")
+    p.add_argument("--no-write-matched", action="store_true",
+                   help="do not write deepDiff_matchedExp, the PSF-matched template (~1/3 of the image "
+                        "output; same as -c output.write_matched=false; serial runs only)")
+
+
+def _add_result_commands(sub: Any) -> None:
+    """The subcommands that read a run's results: report, verify."""
     p = _sub(sub, "report", "write a static HTML report (pages and PNGs) of an output repository",
              "Write OUT/report/index.html: the run summary, image-quality plots and a sky map; a page per\n"
              "CCD-visit (calexp and difference thumbnails with DIA sources, PSF-matching diagnostics) and per\n"
@@ -686,6 +692,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. apdb.db_url=sqlite:///apdb/association.db (repeatable)")
     p.set_defaults(func=_cmd_verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="apfast",
+        description="Fast alert production: ingest raws, calibs and refcats, process CCDs, read results.",
+    )
+    parser.add_argument("--version", action="version", version=f"apfast {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_data_commands(sub)
+    _add_setup_commands(sub)
+    _add_processing_commands(sub)
+    _add_result_commands(sub)
 
     from apfast.run.subtract import add_subtract_parser
 
