@@ -22,7 +22,7 @@ from apfast.ccd.calibrate import mjd_to_epoch, run_calibrate
 from apfast.ccd.calibrated_input import CalibratedPlanes, planes_from_calibrated
 from apfast.ccd.characterize import run_characterize, summarize
 from apfast.errors import CalibrationError
-from apfast.exposure import Exposure, VisitInfo
+from apfast.exposure import VisitInfo
 from apfast.repo.butler import Butler
 from apfast.repo.calibrated import CalibratedPixels, read_calibrated
 from apfast.repo.writer import OutputWriter
@@ -93,7 +93,11 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
         A stage failure (the message names the CCD and what to change); ``CalibrationError`` if the
         image has no header WCS to start the astrometric fit from.
     """
-    from apfast.run.pipeline import CcdOutcome, _colour_term, _refs  # at call time: pipeline imports this module lazily
+    from apfast.run.pipeline import (  # at call time: pipeline imports this module lazily
+        _colour_term,
+        _refs,
+        calexp_outcome,
+    )
 
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
     out: Butler | OutputWriter = writer if writer is not None else butler
@@ -149,29 +153,12 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
     stats.update(ZP=round(cal.photocal.zero_point, 5), ZP_ERR=round(cal.photocal.zero_point_err, 5),
                  ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
                  ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog), N_SAT=planes.n_saturated)
-    for k, v in stats.items():
-        if not (isinstance(v, float) and not math.isfinite(v)):  # no astrometric fit: no ASTR_RMS card
-            meta[k] = v
     meta["CALINPUT"] = (True, "processed from a calibrated image (ISR skipped)")
     meta["ASTRSRC"] = (ccfg.astrometry_source, "WCS: refcat fit or the input header's")
     meta["ZPSRC"] = (ccfg.zero_point_source, "zero point: refcat fit or the input header's")
-    for k, v, c in cal.apcorr.to_header_cards():
-        meta[k] = (v, c)
     vi = VisitInfo(visit=did["visit"], ccdnum=did["ccdnum"], detector=row.get("detector"), filter=band,
                    mjd=row.get("mjd"), date_obs=row.get("taiObs"), exptime=row.get("expTime"),
                    airmass=row.get("airmass"), ra=row.get("ra"), dec=row.get("dec"), object=row.get("object"),
                    camera=camera.name)
-    calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
-                      photo_calib=cal.photocal.photo_calib, visit_info=vi, metadata=meta)
-    out.put(calexp, "calexp", did)
-    out.put(char.background.to_container(), "calexpBackground", did)
-    out.put(cal.catalog, "src", did)
-    out.put(cal.matches, "srcMatch", did)
-    timings["write"] = time.perf_counter() - t
-    for k, v in char.timings.items():
-        timings[f"char.{k}"] = v
-    for k, v in cal.timings.items():
-        timings[f"cal.{k}"] = v
-    stats["PSF_FWHM_ARCSEC"] = round(stats["PSF_FWHM"] * camera.pixel_scale, 3)
-    return CcdOutcome(did["visit"], did["ccdnum"], "ok", "", timings, stats,
-                      products={"calexp": calexp, "src": cal.catalog})
+    return calexp_outcome(out, did, char, cal, meta=meta, stats=stats, visit_info=vi, camera=camera, term=term,
+                          cfg=cfg, timings=timings, t_write=t)

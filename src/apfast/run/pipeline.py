@@ -16,6 +16,7 @@ CCDs, times each stage, keeps going past a failing CCD (or stops with
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -227,20 +228,32 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
                  ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
                  ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog),
                  N_SAT=int(isr.n_saturated), **amp_stats)
+    return calexp_outcome(out, did, char, cal, meta=meta, stats=stats, visit_info=raw.visit_info, camera=camera,
+                          term=term, cfg=cfg, timings=timings, t_write=t)
+
+
+def calexp_outcome(out: Butler | OutputWriter, did: dict[str, Any], char: Any, cal: Any, *, meta: fits.Header,
+                   stats: dict[str, Any], visit_info: Any, camera: Any, term: Any, cfg: Any,
+                   timings: dict[str, float], t_write: float) -> CcdOutcome:
+    """processCcd's last step (raws and calibrated inputs alike): header cards, calexp and catalogues out.
+
+    ``meta`` gets the ``stats`` (non-finite ones left out), which colour term and flux the zero point
+    refers to (``ZPCTERM``, ``ZPFLUX``; see :mod:`apfast.ccd.photocal`) and the aperture correction.
+    """
     for k, v in stats.items():
-        meta[k] = v
-    # which reference colour term and which flux the zero point refers to (see apfast.ccd.photocal)
+        if not (isinstance(v, float) and not math.isfinite(v)):  # e.g. no astrometric fit: no ASTR_RMS card
+            meta[k] = v
     meta["ZPCTERM"] = (",".join(str(x) for x in (*term[:2], *term[2])) if term else "none", "ZP colour term")
     meta["ZPFLUX"] = (f"calib aperture r={cfg.calibrate.calib_flux_radius:g} px", "ZP calibrates fluxes in it")
     for k, v, c in cal.apcorr.to_header_cards():
         meta[k] = (v, c)
     calexp = Exposure(char.image, char.mask, char.variance, wcs=cal.wcs, psf=char.psf,
-                      photo_calib=cal.photocal.photo_calib, visit_info=raw.visit_info, metadata=meta)
+                      photo_calib=cal.photocal.photo_calib, visit_info=visit_info, metadata=meta)
     out.put(calexp, "calexp", did)
     out.put(char.background.to_container(), "calexpBackground", did)
     out.put(cal.catalog, "src", did)
     out.put(cal.matches, "srcMatch", did)
-    timings["write"] = time.perf_counter() - t
+    timings["write"] = time.perf_counter() - t_write
     for k, v in char.timings.items():
         timings[f"char.{k}"] = v
     for k, v in cal.timings.items():
