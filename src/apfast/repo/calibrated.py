@@ -16,12 +16,9 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,7 @@ from apfast.camera.calibrated import CalibratedCamera, get_calibrated_camera
 from apfast.errors import IngestError, InputError
 from apfast.exposure import wcs_from_header
 from apfast.repo.fitsutil import HeaderInfo, fingerprint, image_wcs, scan_headers
-from apfast.repo.ingest import IngestMode, IngestReport, _as, _place, _repo_camera, _safe, exposure_values
+from apfast.repo.ingest import IngestMode, IngestReport, _as, _repo_camera, _safe, exposure_values, placed_files
 from apfast.repo.registry import CAMERA_NAME, Registry
 
 __all__ = ["CalibratedPixels", "ingest_calibrated", "read_calibrated"]
@@ -275,26 +272,8 @@ def ingest_calibrated(
                 claimed[key] = image
             todo.append(g)
         products = [p for g in todo for p in (g.image, g.weight, g.mask) if p is not None]
-        placed: list[tuple[_Product, Path]] = []
-        try:
-            for p in products:
-                dest = repo / p.dest
-                _place(p.source, dest, mode)
-                placed.append((p, dest))
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            reg.insert_calibrated(
-                [r for g in todo for r in g.rows], [r for g in todo for r in g.cal_rows],
-                [dict(file=p.dest, source=str(p.source.resolve() if mode != "move" else p.source),
-                      fingerprint=p.fingerprint, size=p.size, ingested=now, mode=mode) for p in products],
-            )
-        except BaseException:
-            for p, dest in reversed(placed):
-                with contextlib.suppress(OSError):
-                    if mode == "move":
-                        shutil.move(dest, p.source)
-                    else:
-                        dest.unlink()
-            raise
+        with placed_files(repo, products, mode) as file_rows:
+            reg.insert_calibrated([r for g in todo for r in g.rows], [r for g in todo for r in g.cal_rows], file_rows)
         if write_camera:
             with atomic_path(repo / CAMERA_NAME) as tmp:
                 tmp.write_text(cam.to_toml())

@@ -19,11 +19,11 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from astropy.coordinates import Angle
@@ -291,6 +291,46 @@ def _repo_camera(repo: Path, camera: Camera | str | None) -> tuple[Camera, bool]
     return (camera if isinstance(camera, Camera) else get_camera(camera)), True
 
 
+class _Placeable(Protocol):
+    """A file to place in the repository (:class:`RawFile`, a calibrated image/weight/mask)."""
+
+    @property
+    def source(self) -> Path: ...
+    @property
+    def dest(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
+@contextlib.contextmanager
+def placed_files(repo: Path, items: Sequence[_Placeable], mode: IngestMode) -> Iterator[list[dict[str, Any]]]:
+    """Put every item's ``source`` at ``repo / item.dest``; yield their ``raw_file`` registry rows.
+
+    If placing fails, or the block raises (the registry insert), every file placed so far is undone
+    (a moved file goes back, a link or copy is removed), so a failed ingest leaves the repository as
+    it was. Shared by raw and calibrated ingest.
+    """
+    placed: list[tuple[_Placeable, Path]] = []
+    try:
+        for it in items:
+            dest = repo / it.dest
+            _place(it.source, dest, mode)
+            placed.append((it, dest))
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        yield [dict(file=it.dest, source=str(it.source.resolve() if mode != "move" else it.source),
+                    fingerprint=it.fingerprint, size=it.size, ingested=now, mode=mode) for it in items]
+    except BaseException:
+        for it, dest in reversed(placed):
+            with contextlib.suppress(OSError):
+                if mode == "move":
+                    shutil.move(dest, it.source)
+                else:
+                    dest.unlink()
+        raise
+
+
 def _place(src: Path, dest: Path, mode: IngestMode) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if mode == "link":
@@ -385,29 +425,8 @@ def ingest_raws(
                 msg = f"{raw.source}: destination {repo / raw.dest} already exists for a different file"
                 raise IngestError(msg)
             todo.append(raw)
-        placed: list[tuple[RawFile, Path]] = []
-        try:
-            for raw in todo:
-                dest = repo / raw.dest
-                _place(raw.source, dest, mode)
-                placed.append((raw, dest))
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            reg.insert(
-                [row for raw in todo for row in raw.rows],
-                [
-                    dict(file=raw.dest, source=str(raw.source.resolve() if mode != "move" else raw.source),
-                         fingerprint=raw.fingerprint, size=raw.size, ingested=now, mode=mode)
-                    for raw in todo
-                ],
-            )
-        except BaseException:
-            for raw, dest in reversed(placed):
-                with contextlib.suppress(OSError):
-                    if mode == "move":
-                        shutil.move(dest, raw.source)
-                    else:
-                        dest.unlink()
-            raise
+        with placed_files(repo, todo, mode) as file_rows:
+            reg.insert([row for raw in todo for row in raw.rows], file_rows)
         if write_camera:
             with atomic_path(repo / CAMERA_NAME) as tmp:
                 tmp.write_text(cam.to_toml())
