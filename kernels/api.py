@@ -712,7 +712,7 @@ def _measure_fwhm(img: np.ndarray, var: np.ndarray, msk: np.ndarray, name: str) 
 
 
 def _psf_model(psf: Any, img: np.ndarray, var: np.ndarray, msk: np.ndarray, name: str) -> Any:
-    from apfast.ccd.psf import GaussianPsf, ImagePsf
+    from apfast.psf import GaussianPsf, ImagePsf
 
     if psf is None:
         psf = _measure_fwhm(img, var, msk, name)

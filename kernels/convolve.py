@@ -29,7 +29,7 @@ def combine_spatial_terms(convs, order, bg_coef, bg_order, xc, yc, xs, ys, targe
     ``matched[y, x] = sum_t P_t(xn, yn) convs[t, y, x]`` and
     ``diff[y, x] = scale * (target[y, x] - matched[y, x] - sum_u bg_coef[u] P_u(xn, yn))``
     with ``xn = (x - xc) / xs``, ``yn = (y - yc) / ys`` and ``P`` ordered as
-    :func:`apfast.ccd.psf.poly_terms` (total degree, then decreasing power of x).
+    :func:`apfast.psf.poly_terms` (total degree, then decreasing power of x).
 
     Parameters
     ----------

@@ -10,10 +10,10 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from apfast.ccd.inject import InjectConfig, inject_sources, mag_to_njy, make_random_catalog
-from apfast.ccd.psf import GaussianPsf
 from apfast.errors import ConfigError, InputError
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf
 from apfast.run.inject import InjectCatalogError, catalog_for_ccd, read_catalog_file
 
 NY, NX, SKY_VAR, ZP = 240, 200, 25.0, 30.0

@@ -25,7 +25,6 @@ from scipy import ndimage
 
 from apfast.ccd.characterize import CharacterizeConfig, run_characterize
 from apfast.ccd.detection import DetectionConfig, detect_sources
-from apfast.ccd.psf import GaussianPsf
 from apfast.ccd.psf_determiner import PsfDeterminerConfig, halfmax_fwhm
 from apfast.dia.pair import detect_pair_sources, dia_table
 from apfast.diffim.pair import SubtractConfig, make_exposure, overlap_fraction, subtract_pair
@@ -34,6 +33,7 @@ from apfast.diffim.subtract import matching_fwhm, subtract_images
 from apfast.errors import InputError
 from apfast.exposure import Exposure
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf
 from apfast.repo.pairio import read_fits_image
 
 DECAM = "decam_sfft/DEC-OBS{}.mini.fits"

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apfast.ccd.psf import GaussianPsf
 from apfast.diffim.diagnostics import kernel_positions, psfmatch_diagnostics, residual_stamps
 from apfast.diffim.psfmatch import STAMP_STATUS, PsfMatchConfig
 from apfast.diffim.subtract import SubtractionResult, subtract_images
 from apfast.exposure import Exposure
+from apfast.psf import GaussianPsf
 from apfast.psfmatch_diag import KERNEL_LABELS
 from apfast.psfmatch_diag import STAMP_STATUS as RECORD_STATUS
 

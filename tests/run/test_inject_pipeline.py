@@ -8,9 +8,9 @@ import numpy as np
 from astropy.wcs import WCS
 
 from apfast.ccd.inject import InjectConfig
-from apfast.ccd.psf import GaussianPsf
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.masks import bitmask
+from apfast.psf import GaussianPsf
 from apfast.repo.butler import Butler
 from apfast.run.config import load_config
 from apfast.run.inject import dia_products, inject_for_difference

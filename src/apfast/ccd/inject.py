@@ -27,7 +27,7 @@ Examples
 --------
 >>> import numpy as np
 >>> from astropy.wcs import WCS
->>> from apfast.ccd.psf import GaussianPsf
+>>> from apfast.psf import GaussianPsf
 >>> from apfast.exposure import Exposure, PhotoCalib
 >>> w = WCS(naxis=2); w.wcs.ctype = ["RA---TAN", "DEC--TAN"]; w.wcs.crval = [10.0, -5.0]
 >>> w.wcs.crpix = [50.0, 50.0]; w.wcs.cdelt = [-0.263 / 3600, 0.263 / 3600]

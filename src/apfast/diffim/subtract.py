@@ -215,7 +215,7 @@ def matching_fwhm(psf: PsfModel, x: float, y: float) -> float:
     The same number :func:`apfast.ccd.characterize.run_characterize` reports for a
     measured PSF (``psf_result.fwhm_center``, :func:`apfast.ccd.psf_determiner.halfmax_fwhm`
     of the model stamp), and the analytic ``2 sqrt(2 ln 2) sigma`` of a
-    :class:`~apfast.ccd.psf.GaussianPsf`. Not the second-moment width
+    :class:`~apfast.psf.GaussianPsf`. Not the second-moment width
     (:meth:`PsfModel.fwhm`): the wings of a real PSF make that several times larger.
 
     Parameters
