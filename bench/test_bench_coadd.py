@@ -18,6 +18,7 @@ from apfast.diffim.skymap import make_skymap
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
 from apfast.kernels.coadd import combine_clipped
 from apfast.psf import GaussianPsf
+from synth import tract_offset_wcs
 
 SHAPE = (4096, 2048)
 N = 5
@@ -26,15 +27,7 @@ NODATA = masks.bitmask("NO_DATA")
 
 
 def _wcs(dx: float, dy: float, rot: float) -> WCS:
-    tw = SKYMAP.tract_wcs(0)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = list(tw.wcs.crval)
-    c, s = np.cos(np.radians(rot)), np.sin(np.radians(rot))
-    w.wcs.cd = tw.wcs.cd @ np.array([[c, -s], [s, c]])
-    w.wcs.crpix = [tw.wcs.crpix[0] - dx, tw.wcs.crpix[1] - dy]
-    w.wcs.set()
-    return w
+    return tract_offset_wcs(SKYMAP.tract_wcs(0), dx, dy, rot)
 
 
 @pytest.fixture(scope="module")

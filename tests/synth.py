@@ -36,3 +36,16 @@ def make_wcs(
         w.sip = Sip(a, b, None, None, w.wcs.crpix)
     w.wcs.set()
     return w
+
+
+def tract_offset_wcs(tract_wcs: WCS, dx: float, dy: float, rot: float = 0.0) -> WCS:
+    """A TAN WCS sharing ``tract_wcs``'s tangent point and scale, whose pixel (0, 0) lies at tract pixel
+    ``(dx, dy)``, rotated by ``rot`` degrees: an input exposure placed on a sky-map tract."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = list(tract_wcs.wcs.crval)
+    c, s = np.cos(np.radians(rot)), np.sin(np.radians(rot))
+    w.wcs.cd = tract_wcs.wcs.cd @ np.array([[c, -s], [s, c]])
+    w.wcs.crpix = [tract_wcs.wcs.crpix[0] - dx, tract_wcs.wcs.crpix[1] - dy]
+    w.wcs.set()
+    return w

@@ -14,6 +14,7 @@ from apfast.errors import ConfigError, InputError, NoWorkFound
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo
 from apfast.kernels.coadd import combine_clipped
 from apfast.psf import GaussianPsf
+from synth import tract_offset_wcs
 
 SCALE = 0.2636
 NODATA = masks.bitmask("NO_DATA")
@@ -23,15 +24,7 @@ PATCH = "1,1"  # outer box 280..620 on both axes
 
 def input_wcs(dx: float, dy: float, shape: tuple[int, int], rot: float = 0.0) -> WCS:
     """The tract's TAN projection, shifted so input pixel (0,0) is at tract pixel (x0+dx, y0+dy) and rotated."""
-    tw = SKYMAP.tract_wcs(0)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = list(tw.wcs.crval)
-    c, s = np.cos(np.radians(rot)), np.sin(np.radians(rot))
-    w.wcs.cd = tw.wcs.cd @ np.array([[c, -s], [s, c]])
-    w.wcs.crpix = [tw.wcs.crpix[0] - dx, tw.wcs.crpix[1] - dy]
-    w.wcs.set()
-    return w
+    return tract_offset_wcs(SKYMAP.tract_wcs(0), dx, dy, rot)
 
 
 def stars_sky(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from apfast.diffim.warp import WarpedPsf
 from apfast.errors import ConfigError, MissingTemplateError, NoWorkFound
 from apfast.exposure import Exposure, PhotoCalib, VisitInfo, read_exposure
 from apfast.psf import GaussianPsf, PolynomialPixelPsf
+from synth import tract_offset_wcs
 
 SCALE = 0.2636
 NODATA = masks.bitmask("NO_DATA")
@@ -31,15 +32,7 @@ SIGMA = 2.0
 
 def wcs_at(tx: float, ty: float, shape: tuple[int, int], rot: float = 0.0) -> WCS:
     """TAN WCS whose pixel (0, 0) is at tract pixel (tx, ty), rotated by ``rot`` degrees."""
-    tw = SKYMAP.tract_wcs(0)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = list(tw.wcs.crval)
-    c, s = np.cos(np.radians(rot)), np.sin(np.radians(rot))
-    w.wcs.cd = tw.wcs.cd @ np.array([[c, -s], [s, c]])
-    w.wcs.crpix = [tw.wcs.crpix[0] - tx, tw.wcs.crpix[1] - ty]
-    w.wcs.set()
-    return w
+    return tract_offset_wcs(SKYMAP.tract_wcs(0), tx, ty, rot)
 
 
 def render(wcs, shape, stars, njy_per_count):
