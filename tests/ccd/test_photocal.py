@@ -117,3 +117,15 @@ def test_camera_photometry_table_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text(src.replace("colour_range = [0.4, 2.7]", "colour_range = 0.4"))
     with pytest.raises(ConfigError, match=r"cam\.toml.*colour_range must be \[low, high\]"):
         load_camera(bad)
+
+
+def test_camera_colour_terms_must_be_a_list(tmp_path: Path) -> None:
+    from apfast.camera import load_camera
+
+    src = (Path(__file__).parents[2] / "src" / "apfast" / "camera" / "decam.toml").read_text()
+    start = src.index("colour_terms = [")
+    end = src.index("]", start) + 1
+    bad = tmp_path / "cam.toml"
+    bad.write_text(src[:start] + 'colour_terms = "g:g-i:0.1"' + src[end:])
+    with pytest.raises(ConfigError, match=r"cam\.toml.*colour_terms must be a list"):
+        load_camera(bad)

@@ -149,3 +149,16 @@ def test_shipped_model_loads_scores_and_documents_itself() -> None:
     src = dict(run_dia_detection(diff, exposure(np.zeros(img.shape)), exposure(np.zeros(img.shape))).sources)
     p = score_sources(src, diff, m)
     assert p.shape == (len(src["x"]),) and np.all((p >= 0) & (p <= 1))
+
+
+def test_reliability_and_alert_threshold_errors_name_the_key() -> None:
+    from apfast.dia.alerts import AlertsConfig
+    from apfast.dia.reliability import ReliabilityConfig
+
+    with pytest.raises(ConfigError, match=r"reliability\.model.*'gbt-1' \(shipped\) or 'none'"):
+        ReliabilityConfig(model="gbt-9")
+    assert ReliabilityConfig(model="none").model == "none"
+    with pytest.raises(ConfigError, match=r"alerts\.min_reliability.*between 0 and 1"):
+        AlertsConfig(min_reliability=1.5)
+    with pytest.raises(ConfigError, match=r"no reliability model 'gbt-9' in the apfast package"):
+        load_model("gbt-9")
