@@ -25,7 +25,7 @@ from numba import prange
 
 from apfast._jit import jit, pjit
 
-__all__ = ["solve_symmetric_batch", "stamp_normal_equations"]
+__all__ = ["delta_stamp_normal_equations", "solve_symmetric_batch", "stamp_normal_equations"]
 
 
 @jit
@@ -454,6 +454,168 @@ def solve_symmetric_batch(m, b, max_cond, out):
             out[i, k] = x[k] / d[k]
 
 
+@jit
+def _delta_stamp(ref, tgt, var_ref, rho, x0, y0, s, r, win, cum, sat, vbox, m_out, b_out):
+    """Unweighted delta-basis normal equations of the stamp with corner ``(x0, y0)``.
+
+    Writes ``m_out`` (nk + 1, nk + 1) and ``b_out`` (nk + 1,) (``nk = (2r + 1)^2``,
+    last unknown the constant background) and returns ``sum T^2``. ``win`` (h, h),
+    ``cum`` (h,), ``sat`` (h + 1, h + 1) and ``vbox`` (nk,) are float64 scratch,
+    ``h = s + 2 r``. See
+    :func:`delta_stamp_normal_equations` for the method.
+    """
+    k = 2 * r + 1
+    nk = k * k
+    h = s + 2 * r
+    # reference variance summed over each shifted stamp box (the errors-in-variables term)
+    for c in range(h):
+        cum[c] = 0.0
+    for a in range(h + 1):
+        run = 0.0
+        sat[a, 0] = 0.0
+        for c in range(h):
+            run += cum[c]
+            sat[a, c + 1] = run
+        if a < h:
+            for c in range(h):
+                cum[c] += var_ref[y0 - r + a, x0 - r + c]
+    for v in range(-r, r + 1):
+        for u in range(-r, r + 1):
+            a0 = r - v
+            c0 = r - u
+            box = sat[a0 + s, c0 + s] - sat[a0, c0 + s] - sat[a0 + s, c0] + sat[a0, c0]
+            vbox[(v + r) * k + (u + r)] = np.sqrt(max(box, 0.0))
+    for a in range(h):
+        for c in range(h):
+            win[a, c] = ref[y0 - r + a, x0 - r + c]
+    # lag products: M[(v, u), (v + dv, u + du)] is the sum of P_d(w) = W(w) W(w - d) over the
+    # s x s box at window row r - v, column r - u. Column sums of P_d are accumulated row by
+    # row; the summed-area table is only formed at the rows a box starts or ends on
+    # (0 .. 2r and s .. s + 2r).
+    for dv in range(0, 2 * r + 1):
+        for du in range(-2 * r, 2 * r + 1):
+            if dv == 0 and du < 0:
+                continue
+            c_lo = max(0, du)
+            c_hi = min(h, h + du)
+            for c in range(h):
+                cum[c] = 0.0
+            for a in range(h + 1):
+                if a <= 2 * r or a >= s:
+                    run = 0.0
+                    sat[a, 0] = 0.0
+                    for c in range(h):
+                        run += cum[c]
+                        sat[a, c + 1] = run
+                if a < h and a >= dv:
+                    for c in range(c_lo, c_hi):
+                        cum[c] += win[a, c] * win[a - dv, c - du]
+            for v in range(-r, r + 1 - dv):
+                v2 = v + dv
+                a0 = r - v
+                for u in range(max(-r, -r - du), min(r, r - du) + 1):
+                    u2 = u + du
+                    c0 = r - u
+                    box = sat[a0 + s, c0 + s] - sat[a0, c0 + s] - sat[a0 + s, c0] + sat[a0, c0]
+                    i = (v + r) * k + (u + r)
+                    j = (v2 + r) * k + (u2 + r)
+                    box -= rho[dv + 2 * r, du + 2 * r] * vbox[i] * vbox[j]
+                    m_out[i, j] = box
+                    m_out[j, i] = box
+    # background column (sum of each shifted stamp) and the target products
+    for c in range(h):
+        cum[c] = 0.0
+    for a in range(h + 1):
+        run = 0.0
+        sat[a, 0] = 0.0
+        for c in range(h):
+            run += cum[c]
+            sat[a, c + 1] = run
+        if a < h:
+            for c in range(h):
+                cum[c] += win[a, c]
+    sws = 0.0
+    bsum = 0.0
+    for a in range(s):
+        for c in range(s):
+            t = np.float64(tgt[y0 + a, x0 + c])
+            sws += t * t
+            bsum += t
+    for v in range(-r, r + 1):
+        for u in range(-r, r + 1):
+            a0 = r - v
+            c0 = r - u
+            i = (v + r) * k + (u + r)
+            box = sat[a0 + s, c0 + s] - sat[a0, c0 + s] - sat[a0 + s, c0] + sat[a0, c0]
+            m_out[i, nk] = box
+            m_out[nk, i] = box
+            acc = 0.0
+            for a in range(s):
+                for c in range(s):
+                    acc += np.float64(tgt[y0 + a, x0 + c]) * win[a0 + a, c0 + c]
+            b_out[i] = acc
+    m_out[nk, nk] = float(s * s)
+    b_out[nk] = bsum
+    return sws
+
+
+@pjit
+def delta_stamp_normal_equations(ref, tgt, var_ref, rho, cx, cy, half, r, m_out, b_out, sws_out):
+    """Normal equations of a delta-function (pixel) kernel basis on stamps, unit weights.
+
+    The kernel is ``K = sum_j k_j delta_j`` over the ``(2r + 1)^2`` pixels ``j = (v, u)``,
+    ``|u|, |v| <= r`` (Bramich 2008 eq. 3-4; Becker et al. 2012 sect. 2.2), plus a constant
+    background. Its basis columns are shifted references, ``C_j(p) = R(p - j)``, so the
+    normal matrix of one stamp, ``M_jk = sum_p R(p - j) R(p - k)``, depends on the lag
+    ``d = k - j`` through the product image ``P_d(w) = R(w) R(w - d)`` summed over the
+    stamp box shifted by ``j``: one summed-area table per lag gives every entry of that
+    lag in four look-ups. That costs ``O((4r + 1)^2 (S + 2r)^2 / 2)`` per stamp instead of
+    the ``O(S^2 (2r + 1)^4 / 2)`` of accumulating outer products. Weights are one per stamp
+    (the caller multiplies), which is what makes the lag structure exact.
+
+    Errors in variables: the reference's own noise adds ``rho(d) sqrt(V_j V_k)`` to the
+    expected ``M_jk`` (``V_j = sum_p var_ref(p - j)``, ``rho`` the noise's correlation
+    coefficient at lag ``d``), which biases a least-squares kernel towards smoothing that
+    noise away; it is subtracted (corrected least squares, e.g. Fuller 1987 ch. 2). Pass
+    ``rho = 0`` for the plain normal equations.
+
+    Parameters
+    ----------
+    ref : ndarray (ny, nx) float32
+        Image that gets convolved.
+    tgt : ndarray (ny, nx) float32
+        Image the convolved reference is fitted to.
+    var_ref : ndarray (ny, nx) float32
+        Variance of ``ref``.
+    rho : ndarray (4r + 1, 4r + 1) float64
+        Correlation coefficient of the reference noise at lag ``(dv, du)``, index ``(dv + 2r, du + 2r)``
+        (1 at the centre, 0 elsewhere for white noise; all 0 for no correction).
+    cx, cy : ndarray (ns,) int64
+        Stamp centres; ``[c - half - r, c + half + r]`` must lie inside the image on both axes.
+    half : int
+        Stamp half-size (stamps are ``S = 2 half + 1`` pixels square).
+    r : int
+        Kernel half-size.
+    m_out : ndarray (ns, nk + 1, nk + 1) float64
+        Written: ``M`` per stamp, pixel ``(v, u)`` at index ``(v + r) (2r + 1) + (u + r)``,
+        the background last (``M[nk, nk] = S^2``).
+    b_out : ndarray (ns, nk + 1) float64
+        Written: ``b_j = sum_p T(p) R(p - j)`` and ``sum_p T(p)``.
+    sws_out : ndarray (ns,) float64
+        Written: ``sum_p T(p)^2``.
+    """
+    ns = cx.shape[0]
+    s = 2 * half + 1
+    h = s + 2 * r
+    for si in prange(ns):
+        win = np.empty((h, h))
+        cum = np.empty(h)
+        sat = np.empty((h + 1, h + 1))
+        vbox = np.empty((2 * r + 1) ** 2)
+        sws_out[si] = _delta_stamp(ref, tgt, var_ref, rho, cx[si] - half, cy[si] - half, s, r, win, cum, sat, vbox,
+                                   m_out[si], b_out[si])
+
+
 def _warmup_cases():
     """Tiny calls with the PSF matching's dtypes (used by ``apfast warmup``).
 
@@ -471,4 +633,6 @@ def _warmup_cases():
         (stamp_normal_equations, (img, img, img, img, c, c, 3, filt, filt, pairs, True, np.zeros((1, nu, nu)),
                                   np.zeros((1, nu)), np.zeros(1), np.zeros(1), np.zeros(1, np.int64))),
         (solve_symmetric_batch, (m, np.ones((1, nu)), 1e8, np.empty((1, nu)))),
+        (delta_stamp_normal_equations, (img, img, img, np.zeros((5, 5)), c, c, 3, 1, np.zeros((1, 10, 10)),
+                                        np.zeros((1, 10)), np.zeros(1))),
     ]

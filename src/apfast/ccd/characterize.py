@@ -36,6 +36,7 @@ from apfast.ccd.psf_determiner import (
     PsfDeterminerConfig,
     PsfResult,
     determine_psf,
+    halfmax_fwhm,
     stellar_locus_size,
 )
 from apfast.masks import bitmask
@@ -141,6 +142,7 @@ def _add_backgrounds(a: BackgroundModel, b: BackgroundModel) -> BackgroundModel:
 
 def run_characterize(
     image: np.ndarray, mask: np.ndarray, variance: np.ndarray, *, config: CharacterizeConfig | None = None,
+    psf: PsfModel | None = None,
 ) -> CharacterizeResult:
     """Characterize one ISR-corrected CCD; inputs are not modified.
 
@@ -151,6 +153,9 @@ def run_characterize(
     mask : ndarray (ny, nx) int32
         ISR mask planes.
     config : CharacterizeConfig, optional
+    psf : PsfModel, optional
+        A known PSF (e.g. a WebbPSF model): used as is, no PSF stars are selected; the
+        result's ``psf_result`` then lists no stars and its FWHM is the model's.
 
     Returns
     -------
@@ -171,11 +176,15 @@ def run_characterize(
     msk = np.ascontiguousarray(mask, dtype=np.int32)
     timings["background"] = time.perf_counter() - t
 
+    given = psf
     sigma = cfg.install_psf_sigma
+    if given is not None:
+        c = given.size // 2
+        sigma = halfmax_fwhm(given.compute_image(c, c)) / FWHM_PER_SIGMA
     bad_bits = bitmask(["BAD", "SAT", "CR", "INTRP", "EDGE", "NO_DATA"])
     det = None
     timings["detection"] = timings["measurement"] = timings["psf"] = 0.0
-    if cfg.estimate_psf_sigma:
+    if cfg.estimate_psf_sigma and given is None:
         # measure the stars' width before the CR test: an installed PSF wider than the real one
         # (an undersampled image) would make every star core look like a cosmic ray
         t = time.perf_counter()
@@ -195,10 +204,15 @@ def run_characterize(
         img, msk, n_cr = cr.image, cr.mask, cr.n_cr
         timings["cosmic_rays"] = time.perf_counter() - t
 
-    psf: PsfModel | None = None
     psf_res: PsfResult | None = None
     cat: MeasurementResult | None = None
-    for _ in range(cfg.psf_iterations):
+    if given is not None:
+        det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
+        cat = measure_sources(img, var, msk, det, psf=given, psf_sigma=sigma, config=cfg.measurement)
+        none = np.zeros(0, dtype=np.int64)
+        psf_res = PsfResult(psf=given, star_index=none, candidate_index=none, size=sigma,
+                            fwhm_center=sigma * FWHM_PER_SIGMA, n_stars=0)
+    for _ in range(cfg.psf_iterations if given is None else 0):
         if det is None or cfg.redetect:
             t = time.perf_counter()
             det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)

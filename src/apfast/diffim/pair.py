@@ -48,6 +48,7 @@ from apfast.diffim.warp import WarpConfig, warp_exposure
 from apfast.errors import InputError
 from apfast.exposure import Exposure, PhotoCalib
 from apfast.masks import bitmask
+from apfast.psf import PsfModel
 
 __all__ = [
     "PairResult",
@@ -89,10 +90,15 @@ class SubtractConfig(ConfigSection):
     zero_point_keys: tuple[str, ...] = opt(
         ("MAGZERO", "MAGZP"), "Header keywords holding a magnitude zero point (kept in the outputs' PhotoCalib)."
     )
+    psf_max_size: int = opt(
+        51, "Largest side (pixels, odd) kept of a PSF model image given with --science-psf/--template-psf."
+    )
 
     def _validate(self) -> None:
         if not 0.0 <= self.min_overlap <= 1.0:
             self._fail("min_overlap", self.min_overlap, "use a fraction in [0, 1], e.g. 0.05")
+        if self.psf_max_size < 3 or self.psf_max_size % 2 == 0:
+            self._fail("psf_max_size", self.psf_max_size, "use an odd integer >= 3, e.g. 51")
         if self.mask_ignore_bits < 0:
             self._fail("mask_ignore_bits", self.mask_ignore_bits, "use a non-negative integer bit set, e.g. 2050")
 
@@ -367,13 +373,14 @@ def difference_quality(diff: Exposure, science: Exposure, template: Exposure, st
 
 
 # --------------------------------------------------------------------------- the chain
-def _characterized(exp: Exposure, cfg: CharacterizeConfig, role: str) -> tuple[Exposure, Any]:
-    """Sky-subtracted, CR-repaired planes and the measured PSF of one image."""
+def _characterized(exp: Exposure, cfg: CharacterizeConfig, role: str,
+                   psf: PsfModel | None = None) -> tuple[Exposure, Any]:
+    """Sky-subtracted, CR-repaired planes and the measured (or the given) PSF of one image."""
     assert exp.variance is not None and exp.mask is not None
-    res = run_characterize(exp.image, exp.mask, exp.variance, config=cfg)
-    log.info("%s: PSF FWHM %.2f px (half maximum) from %d stars, sky %.1f, %d cosmic rays", role,
-             res.psf_result.fwhm_center, res.psf_result.n_stars, float(np.median(res.background.values)),
-             res.n_cosmic_rays)
+    res = run_characterize(exp.image, exp.mask, exp.variance, config=cfg, psf=psf)
+    origin = "given" if psf is not None else f"from {res.psf_result.n_stars} stars"
+    log.info("%s: PSF FWHM %.2f px (half maximum) %s, sky %.1f, %d cosmic rays", role,
+             res.psf_result.fwhm_center, origin, float(np.median(res.background.values)), res.n_cosmic_rays)
     out = Exposure(res.image, res.mask, res.variance, wcs=exp.wcs, psf=res.psf, photo_calib=exp.photo_calib,
                    visit_info=exp.visit_info, metadata=exp.metadata.copy(), xy0=exp.xy0)
     return out, res
@@ -383,7 +390,8 @@ def subtract_pair(
     science: Exposure, template: Exposure, *, config: SubtractConfig | None = None,
     characterize: CharacterizeConfig | None = None, warp: WarpConfig | None = None,
     psfmatch: PsfMatchConfig | None = None, decorrelation: DecorrelationConfig | None = None,
-    difference: DifferenceConfig | None = None,
+    difference: DifferenceConfig | None = None, science_psf: PsfModel | None = None,
+    template_psf: PsfModel | None = None,
 ) -> PairResult:
     """Difference two exposures of one sky on different pixel grids (module docstring); inputs unchanged.
 
@@ -397,6 +405,9 @@ def subtract_pair(
         Background, cosmic rays and PSF measurement of each image.
     warp, psfmatch, decorrelation, difference : optional
         Configs of the warp and of :func:`apfast.diffim.stage.run_image_difference`.
+    science_psf, template_psf : PsfModel, optional
+        Known PSFs (on each image's own pixel grid, e.g. WebbPSF models): used instead of
+        measuring them, for fields with few isolated stars.
 
     Returns
     -------
@@ -432,10 +443,10 @@ def subtract_pair(
             f"subtract.min_overlap is {cfg.min_overlap:.1%}; check that both show the same field"
         )
         raise InputError(msg)
-    sci, sci_char = _characterized(science, ccfg, "science")
+    sci, sci_char = _characterized(science, ccfg, "science", science_psf)
     timings["characterize_science"] = time.perf_counter() - t0
     t = time.perf_counter()
-    tpl_own, tpl_char = _characterized(template, ccfg, "template")
+    tpl_own, tpl_char = _characterized(template, ccfg, "template", template_psf)
     timings["characterize_template"] = time.perf_counter() - t
     t = time.perf_counter()
     tpl = warp_exposure(tpl_own, science.wcs, science.shape, config=warp or WarpConfig())

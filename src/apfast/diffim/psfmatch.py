@@ -157,6 +157,48 @@ class PsfMatchConfig(ConfigSection):
             "wisdom; later processes plan in milliseconds; `apfast warmup` does it ahead of a run)",
         },
     )
+    basis: Literal["gaussian", "delta", "auto"] = opt(
+        "auto",
+        "Kernel basis: gaussian (Alard-Lupton), delta (one free value per kernel pixel, regularised; "
+        "apfast.diffim.deltabasis) or auto (delta only when the Gaussian fit leaves structured residuals "
+        "and the delta fit is better on held-out stamps).",
+    )
+    delta_lambda: tuple[float, ...] = opt(
+        (0.001, 0.01, 0.1),
+        "Regularisation strength of the delta basis (relative to the data term); with several values, the one "
+        "with the least chi^2 on held-out stamps (two-fold) is taken (two more solves each).",
+    )
+    delta_noise_correction: bool = opt(
+        True,
+        "Remove the reference image's noise from the delta basis's normal equations (errors in variables: "
+        "noisy stamps otherwise pull the kernel towards smoothing).",
+    )
+    delta_kernel_size: int = opt(
+        21,
+        "Delta basis: kernel side in pixels (odd), at most the Gaussian kernel's; its unknowns, (side^2) per "
+        "spatial term, and its cost grow as side^2 to side^4.",
+    )
+    delta_stamp_fwhm_scaling: float = opt(
+        3.0,
+        "Delta basis: stamp half-size = max(ceil(this * larger FWHM), kernel half-size); its cost grows as the "
+        "stamp's area.",
+    )
+    delta_min_peak_snr: float = opt(
+        20.0,
+        "Delta basis: use the kernel stamps whose reference peak pixel has at least this S/N (the brightest "
+        "2 * min_stamps when fewer do): a faint stamp adds more reference noise than kernel signal.",
+    )
+    delta_max_stamps: int = opt(100, "Cap on stamps in a delta-basis fit (its cost grows with each stamp).")
+    auto_core_chi2: float = opt(
+        2.0,
+        "basis=auto: try the delta basis when the median reduced chi^2 of the Gaussian fit within 2 FWHM of "
+        "the kernel stars exceeds this.",
+    )
+    auto_min_gain: float = opt(
+        0.1,
+        "basis=auto: keep the delta solution only when it lowers that core chi^2 on held-out stamps by at "
+        "least this fraction.",
+    )
     max_stamps: int = opt(
         200,
         "Cap on stamps fitted (spread over the cells, first-ranked stars first); more costs time, not accuracy.",
@@ -164,7 +206,7 @@ class PsfMatchConfig(ConfigSection):
     min_stamps: int = opt(5, "Fewest stamps the spatial solution needs; fewer raises InsufficientKernelSourcesError.")
 
     def _validate(self) -> None:
-        for name in ("kernel_size", "kernel_size_min", "kernel_size_max"):
+        for name in ("kernel_size", "kernel_size_min", "kernel_size_max", "delta_kernel_size"):
             v = getattr(self, name)
             if v < 3 or v % 2 == 0:
                 self._fail(name, v, "use an odd integer >= 3, e.g. 21")
@@ -182,7 +224,8 @@ class PsfMatchConfig(ConfigSection):
         for name in ("alard_gauss_beta",):
             if not getattr(self, name) > 1.0:
                 self._fail(name, getattr(self, name), "use a number > 1, e.g. 2.0")
-        for name in ("alard_min_sig", "alard_min_sig_deconv", "stamp_fwhm_scaling", "max_ksum_sigma",
+        for name in ("alard_min_sig", "alard_min_sig_deconv", "stamp_fwhm_scaling", "delta_stamp_fwhm_scaling",
+                     "max_ksum_sigma",
                      "candidate_residual_std_max", "detect_threshold", "isolation_fwhm_scaling"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
@@ -208,6 +251,14 @@ class PsfMatchConfig(ConfigSection):
             self._fail("max_stamps", self.max_stamps, f"must be >= min_stamps ({self.min_stamps})")
         if self.min_stamps < 1:
             self._fail("min_stamps", self.min_stamps, "use an integer >= 1, e.g. 5")
+        if not self.delta_lambda or any(not (math.isfinite(v) and v >= 0) for v in self.delta_lambda):
+            self._fail("delta_lambda", self.delta_lambda, "give one or more finite numbers >= 0, e.g. [0.01, 0.1]")
+        if self.delta_max_stamps < self.min_stamps:
+            self._fail("delta_max_stamps", self.delta_max_stamps, f"must be >= min_stamps ({self.min_stamps})")
+        if not (math.isfinite(self.auto_core_chi2) and self.auto_core_chi2 > 0):
+            self._fail("auto_core_chi2", self.auto_core_chi2, "use a finite number > 0, e.g. 2.0")
+        if not 0 <= self.auto_min_gain < 1:
+            self._fail("auto_min_gain", self.auto_min_gain, "use a number in [0, 1), e.g. 0.1")
 
 
 class InsufficientKernelSourcesError(AlgorithmError):

@@ -60,6 +60,7 @@ import scipy.fft
 from apfast.ccd.background import BackgroundConfig, NoGoodBackgroundPixelsError, measure_background
 from apfast.ccd.detection import DetectionConfig, detect_sources
 from apfast.ccd.psf_determiner import halfmax_fwhm
+from apfast.diffim.deltabasis import choose_basis
 from apfast.diffim.fftw import convolve_full, rfft2_pair
 from apfast.diffim.psfmatch import (
     SIGMA_PER_FWHM,
@@ -375,6 +376,9 @@ def subtract_images(
                            isolation=cfg.isolation_fwhm_scaling * max(fwhm_s, fwhm_t), config=cfg)
     t_sel = time.perf_counter()
     sol = solve_kernel(ref, var_ref, tgt, var_tgt, bad, cx, cy, basis=basis, half=half, config=cfg)
+    sol, choice = choose_basis(ref, var_ref, tgt, var_tgt, sol, half=half, fwhm=max(fwhm_s, fwhm_t), config=cfg)
+    if choice.basis == "delta" or cfg.basis != "gaussian":
+        logger.info("diffim basis %s (%s)", choice.basis, choice.reason)
     t_fit = time.perf_counter()
 
     kern, bg = sol.kernel, sol.background
@@ -405,7 +409,8 @@ def subtract_images(
         psf = _convolved_psf(science.psf, science.xy0[0] + xc, science.xy0[1] + yc, k_c)
     meta: dict[str, Any] = {
         "mode": mode, "fwhm_science": fwhm_s, "fwhm_template": fwhm_t, "kernel_size": ksize,
-        "basis_sigmas": sigmas, "stamp_half_size": half, "n_candidates": int(cx.size),
+        "basis_sigmas": sigmas if choice.basis == "gaussian" else (), "basis": choice.basis,
+        "basis_choice": choice, "stamp_half_size": half, "n_candidates": int(cx.size),
         "n_stamps_used": int(sol.stamp_x.size), "kernel_sum_center": ksum_c,
         "time_select": t_sel - t0, "time_fit": t_fit - t_sel, "time_convolve": t_conv - t_fit,
     }

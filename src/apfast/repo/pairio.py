@@ -28,9 +28,12 @@ from astropy.wcs import WCS
 
 from apfast.errors import InputError
 from apfast.exposure import Exposure, write_exposure
+from apfast.psf import ImagePsf
 from apfast.repo.fitsutil import image_wcs
 
-__all__ = ["FitsImage", "read_fits_image", "read_fits_plane", "write_dia_table", "write_difference"]
+__all__ = [
+    "FitsImage", "read_fits_image", "read_fits_plane", "read_psf_image", "write_dia_table", "write_difference",
+]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -191,6 +194,32 @@ def read_fits_plane(path: str | Path, *, shape: tuple[int, int], hdu: int | str 
         msg = f"{what} {p} has shape {data.shape} but the image has {tuple(shape)}; give a plane of the image's shape"
         raise InputError(msg)
     return data.astype(data.dtype.newbyteorder("=")) if not data.dtype.isnative else data
+
+
+def read_psf_image(path: str | Path, *, max_size: int, what: str = "PSF") -> ImagePsf:
+    """Read a PSF model image (e.g. WebbPSF at the image's pixel scale) as a constant :class:`ImagePsf`.
+
+    The stamp is cut to an odd square centred on its peak, at most ``max_size`` pixels
+    on a side, and normalised to sum 1.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_fits_image`, or a stamp that is not 2-D, not finite or has no positive flux.
+    """
+    p = Path(path)
+    with _open(p, what) as hdul:
+        idx = _pick(hdul, None, p, what)
+        data = np.array(_data(hdul, idx, p, what), dtype=np.float64)
+    if data.ndim != 2 or not np.isfinite(data).all() or not data.sum() > 0:
+        msg = f"{what} {p}: need a 2-D stamp of finite values with positive total flux (a PSF model image)"
+        raise InputError(msg)
+    py, px = np.unravel_index(int(np.argmax(data)), data.shape)
+    half = min(py, px, data.shape[0] - 1 - py, data.shape[1] - 1 - px, max_size // 2)
+    if half < 1:
+        msg = f"{what} {p}: its peak at x={px}, y={py} is on the stamp's edge; give a PSF image centred on its peak"
+        raise InputError(msg)
+    return ImagePsf(data[py - half : py + half + 1, px - half : px + half + 1])
 
 
 def write_difference(path: str | Path, difference: Exposure, cards: dict[str, tuple[Any, str]]) -> Path:

@@ -109,7 +109,10 @@ _STATE: dict[tuple[Any, ...], Any] = {}  # per-worker Butlers and Apdbs, by thei
 
 
 def _worker_init(threads: int, warm: bool = False) -> None:
-    """Pool initializer: numba threads per worker, then (``warm``) compile every kernel before any task."""
+    """Pool initializer: one BLAS thread and numba threads per worker, then (``warm``) compile every kernel."""
+    from apfast.run.cli import one_blas_thread
+
+    one_blas_thread()
     if threads > 0:
         # set_num_threads only: changing NUMBA_NUM_THREADS after numba's import is refused once its
         # thread pool has started

@@ -144,6 +144,7 @@ def subtract_fits(
     science_weight: str | Path | None = None, template_weight: str | Path | None = None,
     science_mask: str | Path | None = None, template_mask: str | Path | None = None,
     science_hdu: int | str | None = None, template_hdu: int | str | None = None,
+    science_psf: str | Path | None = None, template_psf: str | Path | None = None,
     mode: str | None = None, detect: bool = False,
     config: Sequence[str] | Mapping[str, object] = (), config_files: Sequence[str | Path] = (),
 ) -> SubtractFitsResult:
@@ -165,6 +166,9 @@ def subtract_fits(
     science_hdu, template_hdu : int or str, optional
         HDU index or EXTNAME of each image; default the first image HDU (variance, weight
         and mask files are always read from their first image HDU).
+    science_psf, template_psf : str or Path, optional
+        PSF model images (e.g. WebbPSF, at each image's pixel scale) used instead of measuring
+        the PSF on the image; cut to ``subtract.psf_max_size`` about the peak.
     mode : {"auto", "convolveTemplate", "convolveScience"}, optional
         Which image is convolved (default ``auto``).
     detect : bool
@@ -196,7 +200,13 @@ def subtract_fits(
     ['fwhm_science', 'fwhm_science_characterize', 'fwhm_template']
     """
     from apfast.diffim.pair import make_exposure, subtract_pair
-    from apfast.repo.pairio import read_fits_image, read_fits_plane, write_dia_table, write_difference
+    from apfast.repo.pairio import (
+        read_fits_image,
+        read_fits_plane,
+        read_psf_image,
+        write_dia_table,
+        write_difference,
+    )
 
     cfg = subtract_config(config_files, config, mode=mode)
     keys = _section_keys(cfg)
@@ -216,10 +226,13 @@ def subtract_fits(
             saturation=img.header_float(scfg.saturation_keys), zero_point=img.header_float(scfg.zero_point_keys),
             mask_ignore_bits=scfg.mask_ignore_bits, role=role, **planes,
         ))
+    psfs = [None if p is None else read_psf_image(p, max_size=scfg.psf_max_size, what=f"{role} PSF")
+            for role, p in (("science", science_psf), ("template", template_psf))]
     res = subtract_pair(
         exposures[0], exposures[1], config=scfg, characterize=keys["CharacterizeConfig"][1],
         warp=keys["WarpConfig"][1], psfmatch=keys["PsfMatchConfig"][1],
         decorrelation=keys["DecorrelationConfig"][1], difference=keys["DifferenceConfig"][1],
+        science_psf=psfs[0], template_psf=psfs[1],
     )
     if detect:
         from apfast.dia.pair import detect_pair_sources
@@ -288,7 +301,8 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
             science_variance=args.science_variance, template_variance=args.template_variance,
             science_weight=args.science_weight, template_weight=args.template_weight,
             science_mask=args.science_mask, template_mask=args.template_mask,
-            science_hdu=sci_hdu, template_hdu=tmpl_hdu, mode=args.mode, detect=args.detect,
+            science_hdu=sci_hdu, template_hdu=tmpl_hdu, science_psf=args.science_psf,
+            template_psf=args.template_psf, mode=args.mode, detect=args.detect,
             config=list(args.config or ()), config_files=_config_files(args.config_file or ()),
         )
     except (InputError, AlgorithmError) as exc:
@@ -305,9 +319,11 @@ Difference two FITS images of the same sky: SCIENCE - TEMPLATE, written to -o DI
 Each image comes from its primary or first image HDU (or --hdu), with its celestial WCS (TPV,
 SIP or plain) from the header. Variance: a --*-variance file, or a --*-weight (inverse variance)
 file, or estimated from the image (robust sky noise plus sources over the header GAIN). Masks:
-non-zero pixels are bad. Each image is sky-subtracted and its PSF measured (characterize.*); the
-template is warped onto the science grid (warp.*), PSF-matched with a spatially varying
-Alard-Lupton kernel (diffim.*), subtracted and decorrelated (decorrelation.*).
+non-zero pixels are bad. Each image is sky-subtracted and its PSF measured (characterize.*), or
+taken from --*-psf (a PSF model image such as WebbPSF's, for fields with few isolated stars); the
+template is warped onto the science grid (warp.*), PSF-matched with a spatially varying kernel
+(difference.psfmatch.*: Alard-Lupton Gaussians, or one value per kernel pixel when they leave
+structured residuals, basis = auto), subtracted and decorrelated (difference.decorrelation.*).
 
 DIFF.fits holds IMAGE, MASK and VARIANCE HDUs plus the difference PSF; its primary header has
 DIFFMODE (which image was convolved), DIFFKSUM (kernel sum), DIFFNSTP (stamps) and more. With
@@ -339,6 +355,8 @@ def add_subtract_parser(sub: Any) -> None:
                        help=f"inverse-variance (weight) image of the {role}, instead of a variance")
         p.add_argument(f"--{role}-mask", default=None, metavar="FILE",
                        help=f"mask image of the {role}: non-zero = bad (see subtract.mask_ignore_bits)")
+        p.add_argument(f"--{role}-psf", default=None, metavar="FILE",
+                       help=f"PSF model image of the {role} (e.g. WebbPSF, its pixel scale) instead of measuring it")
     p.add_argument("--mode", choices=["auto", "convolveTemplate", "convolveScience"], default=None,
                    help="which image is convolved (default auto: the sharper one; config difference.psfmatch.mode)")
     p.add_argument("--detect", action="store_true",
