@@ -146,7 +146,10 @@ def test_ztf_planes_mask_mapping_variance_and_characterize(ztf_repo: Path) -> No
     char = run_characterize(planes.image, planes.mask, planes.variance)
     # PSF FWHM (pixels) against the header SEEING (FWHM in pixels per its comment; IPAC's measurement)
     # apfast's seeing (pixel-deconvolved Moffat FWHM of the PSF stars) against IPAC's SEEING (pixels)
-    assert summarize(char)["SEEING"] == pytest.approx(float(px.header["SEEING"]), rel=0.05)
+    # 1.14 px, 8% below IPAC's; it was 1.22 when the adaptive moments converged only for stars well off a
+    # pixel centre, so that only those were PSF stars (their Moffat fits come out wider: 1.14 vs 1.06 px
+    # for stars within 0.2 px of a pixel centre)
+    assert summarize(char)["SEEING"] == pytest.approx(float(px.header["SEEING"]), rel=0.10)
     assert 1.3 < 2.3548 * char.psf_sigma < 2.2  # the pixel-integrated PSF: undersampled at 1.01"/px
     assert abs(float(np.median(char.background.image())) - float(np.median(sky))) < mad_rms / 4
 
@@ -189,8 +192,6 @@ def test_ztf_tpv_wcs_survives_the_calexp_header() -> None:
     assert sep(w, wcs_from_header(flat)) > 0.2
 
 
-@pytest.mark.xfail(strict=True, reason="calibrate's aperture correction finds no star: the PSF model's adaptive "
-                   "moments (Ixx_psf) are NaN for this undersampled PSF (sigma 0.73 px), a kernel limitation")
 def test_ztf_process_ccd_with_header_wcs_and_magzp(ztf_repo: Path) -> None:
     rc = main(["-q", "process-ccd", str(ztf_repo), "--output", str(ztf_repo.parent / "hdr"), "--doraise",
                "-c", "calibrate.astrometry_source=header", "-c", "calibrate.zero_point_source=header"])
