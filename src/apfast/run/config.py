@@ -174,7 +174,7 @@ class PipelineConfig(ConfigSection):
 ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.", "calibrate.astrometry_source",
                                    "calibrate.zero_point_source", "amp_offset.", "dia_filter.", "reliability.",
                                    "alerts.min_reliability", "calibrate.photocal.camera_colour_terms",
-                                   "characterize.measurement.shape_min_sigma",
+                                   "characterize.scale_variance.", "characterize.measurement.shape_min_sigma",
                                    "calibrate.measurement.shape_min_sigma")
 
 #: Keys added with a default that changes products: what a config written before them means (the
@@ -187,6 +187,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "reliability.model": "none",
     "alerts.min_reliability": 0.0,
     "calibrate.photocal.camera_colour_terms": False,
+    "characterize.scale_variance.apply": "never",
     "characterize.measurement.shape_min_sigma": 0.0,
     "calibrate.measurement.shape_min_sigma": 0.0,
 }
