@@ -439,7 +439,7 @@ def detect(
         img, var, msk, det.labels, np.ascontiguousarray(det.id, dtype=np.int32),
         np.ascontiguousarray(det.bbox, dtype=np.int32), det.peak_x.astype(np.float64),
         det.peak_y.astype(np.float64), sign, stamp[None], np.ones((n, 1)), False, sigma, radii,
-        _BAD, 50, 30, 8, fout, iout,
+        _BAD, 50, 30, 1.2, 8, fout, iout,
     )  # fmt: skip
     f = {name: fout[:, i] for i, name in enumerate(km.FCOLS)}
     g = {name: iout[:, i] for i, name in enumerate(km.ICOLS)}

@@ -19,7 +19,14 @@ Algorithms (all sums over usable pixels ``i`` in a box around the source):
   weighted second moments ``M`` of ``I`` under an elliptical Gaussian weight of
   covariance ``W`` satisfy ``M^-1 = C^-1 + W^-1`` for a Gaussian source of
   covariance ``C``; iterating ``W <- (M^-1 - W^-1)^-1`` converges to ``W = C``,
-  reported as ``Ixx, Iyy, Ixy``.
+  reported as ``Ixx, Iyy, Ixy``. The product rule holds for any Gaussian weight,
+  but pixel sums only approximate the integrals when the weighted profile
+  ``(C^-1 + W^-1)^-1`` spans a pixel or more: with ``W = C`` on an undersampled
+  star (ZTF, sigma 0.6 px) the sums underestimate ``M``, more so as ``W`` shrinks,
+  and the iteration collapsed to ``W = 0``. So the weight's eigenvalues are
+  floored at ``min_sigma^2`` (the weight stays wider than such a source) while
+  the estimate ``C = (M^-1 - W^-1)^-1`` is iterated as before; sources with
+  ``C`` above the floor are unaffected.
 - **Gaussian flux**: ``F = 2 sum w I`` with the adaptive weight ``w`` (peak 1),
   exact for a Gaussian whose covariance equals ``W``; error ``2 sqrt(sum w^2 V)``.
 - **PSF flux**: the PSF stamp shifted to the sub-pixel centroid by a normalised
@@ -45,6 +52,7 @@ __all__ = [
     "ICOLS",
     "adaptive_moments",
     "aperture_flux",
+    "floor_weight",
     "gaussian_centroid",
     "gaussian_flux",
     "lanczos_shift",
@@ -162,14 +170,57 @@ def gaussian_centroid(image, variance, mask, bad_bits, sign, x0, y0, sigma, max_
 
 
 @jit
-def adaptive_moments(image, variance, mask, bad_bits, sign, xc, yc, sigma0, max_radius, max_iter, tol):
+def floor_weight(wxx, wyy, wxy, floor):
+    """The 2x2 covariance ``[[wxx, wxy], [wxy, wyy]]`` with its eigenvalues raised to at least ``floor``.
+
+    ``W' = W + (floor - l2) v2 v2^T`` when only the smaller eigenvalue ``l2`` (unit
+    eigenvector ``v2``) is below ``floor``; ``floor * I`` when both are. The
+    orientation and the larger axis are kept; ``floor <= 0`` returns the input.
+
+    Returns
+    -------
+    uxx, uyy, uxy : float
+    """
+    if not floor > 0:
+        return wxx, wyy, wxy
+    half = math.sqrt(0.25 * (wxx - wyy) ** 2 + wxy * wxy)
+    l1 = 0.5 * (wxx + wyy) + half
+    l2 = 0.5 * (wxx + wyy) - half
+    if not l1 > floor:
+        return floor, floor, 0.0
+    if l2 >= floor:
+        return wxx, wyy, wxy
+    if wxy != 0.0:
+        vx = wxy
+        vy = l2 - wxx
+    elif wxx <= wyy:
+        vx = 1.0
+        vy = 0.0
+    else:
+        vx = 0.0
+        vy = 1.0
+    d = (floor - l2) / (vx * vx + vy * vy)
+    return wxx + d * vx * vx, wyy + d * vy * vy, wxy + d * vx * vy
+
+
+@jit
+def adaptive_moments(image, variance, mask, bad_bits, sign, xc, yc, sigma0, min_sigma, max_radius, max_iter, tol):
     """Adaptive second moments of ``sign * image`` about the fixed centre ``(xc, yc)``.
 
-    Iterates ``W <- (M^-1 - W^-1)^-1`` (module docstring) from the circular
-    ``W = sigma0^2``; when ``M^-1 - W^-1`` is not positive definite (a source
-    narrower than the sampling allows, or noise) the step falls back to ``W <- 2 M``,
-    which also has ``W = C`` as its fixed point. The box half-width is
+    Iterates ``C <- (M^-1 - W^-1)^-1`` (module docstring) from the circular
+    ``C = sigma0^2``, where the weight ``W`` is ``C`` with its eigenvalues raised
+    to at least ``min_sigma^2`` (:func:`floor_weight`); when ``M^-1 - W^-1`` is not
+    positive definite (noise) the step falls back to ``C <- 2 M``, which also has
+    ``W = C`` as its fixed point. The box half-width is
     ``ceil(4 sqrt(max eigenvalue of W))`` capped at ``max_radius``.
+
+    The floor keeps the weighted profile sampled: for a pixel-integrated Gaussian
+    of ``C`` = 0.36 px^2 (ZTF's stars) at random sub-pixel centres, ``min_sigma`` =
+    1.2 px gives ``Ixx`` within 1% on average and within -7%/+9% (2nd/98th
+    percentile) at any phase; without it (``min_sigma`` = 0) the iteration collapses
+    to ``W = 0`` (NaN returned) for a third of the phases, and always for a
+    pixel-centred PSF stamp. Sources whose iterates stay above the floor (here
+    ``C`` >= 1.44 px^2, e.g. any star with sigma >= 1.2 px) get bit-identical results.
 
     Parameters
     ----------
@@ -182,18 +233,21 @@ def adaptive_moments(image, variance, mask, bad_bits, sign, xc, yc, sigma0, max_
         Centre (pixels).
     sigma0 : float
         Initial circular weight sigma (pixels).
+    min_sigma : float
+        Smallest weight sigma (pixels) along either principal axis; 0 for none.
     max_radius : int
         Largest box half-width.
     max_iter : int
     tol : float
-        Convergence when every element of ``W`` changes by less than ``tol`` times its trace.
+        Convergence when every element of ``C`` changes by less than ``tol`` times its trace.
 
     Returns
     -------
     ixx, iyy, ixy : float
-        The converged weight covariance (pixels^2); the last iterate if not converged.
+        The converged covariance estimate ``C`` (pixels^2); the last iterate if not converged.
     flags : int
-        1 failed (no usable pixel, non-positive flux or singular moments; NaN returned),
+        1 failed (no usable pixel, non-positive flux, singular moments or an estimate
+        that is not positive definite; NaN returned),
         2 not converged, 4 box truncated at ``max_radius``.
     """
     ny, nx = image.shape
@@ -203,14 +257,19 @@ def adaptive_moments(image, variance, mask, bad_bits, sign, xc, yc, sigma0, max_
     flags = 2
     ix = int(math.floor(xc + 0.5))
     iy = int(math.floor(yc + 0.5))
+    floor = min_sigma * min_sigma
     for _ in range(max_iter):
-        det = wxx * wyy - wxy * wxy
-        if not det > 0:
+        # (wxx, wyy, wxy) is the estimate C; (uxx, uyy, uxy) the weight W used in the sums.
+        # C must be positive definite (negative sums of noise can make 2 M negative definite,
+        # whose determinant is positive too, and the floor would hide it)
+        if not (wxx > 0 and wxx * wyy - wxy * wxy > 0):
             return math.nan, math.nan, math.nan, 1
-        axx = wyy / det
-        ayy = wxx / det
-        axy = -wxy / det
-        lam = 0.5 * (wxx + wyy) + math.sqrt(0.25 * (wxx - wyy) ** 2 + wxy * wxy)
+        uxx, uyy, uxy = floor_weight(wxx, wyy, wxy, floor)
+        det = uxx * uyy - uxy * uxy
+        axx = uyy / det
+        ayy = uxx / det
+        axy = -uxy / det
+        lam = 0.5 * (uxx + uyy) + math.sqrt(0.25 * (uxx - uyy) ** 2 + uxy * uxy)
         r = int(math.ceil(4.0 * math.sqrt(lam)))
         if r > max_radius:
             r = max_radius
@@ -511,7 +570,7 @@ def _psf_stamp(basis, weights, per_source, s, out):
 @pjit
 def measure_all(
     image, variance, mask, labels, ids, bbox, x0, y0, sign, basis, weights, per_source, sigma,
-    radii, bad_bits, max_iter, shape_max_radius, nsub, fout, iout,
+    radii, bad_bits, max_iter, shape_max_radius, shape_min_sigma, nsub, fout, iout,
 ):  # fmt: skip
     """Measure every source (prange over sources); outputs written in place.
 
@@ -542,6 +601,8 @@ def measure_all(
         PSF Gaussian sigma (centroid weight, moment start, fallback Gaussian weight).
     radii : ndarray, float64, shape (na,)
     bad_bits, max_iter, shape_max_radius, nsub : int
+    shape_min_sigma : float
+        Weight floor of the adaptive moments (see :func:`adaptive_moments`), pixels.
     fout : ndarray, float64, shape (n, len(FCOLS) + 2 na)
         Columns ``FCOLS`` then ``(flux, err)`` per aperture; written in place.
     iout : ndarray, int64, shape (n, len(ICOLS) + na)
@@ -568,7 +629,7 @@ def measure_all(
         fout[s, 3] = ye
         iout[s, 0] = cflag
         ixx, iyy, ixy, sflag = adaptive_moments(
-            image, variance, mask, bad_bits, sg, xc, yc, sigma, shape_max_radius, max_iter, 1e-6
+            image, variance, mask, bad_bits, sg, xc, yc, sigma, shape_min_sigma, shape_max_radius, max_iter, 1e-6
         )
         fout[s, 4] = ixx
         fout[s, 5] = iyy
@@ -579,7 +640,7 @@ def measure_all(
         h = k // 2
         if total > 0:
             pxx, pyy, pxy, pflag = adaptive_moments(
-                stamp, ones, zmask, 0, 1.0, float(h), float(h), sigma, h, max_iter, 1e-6
+                stamp, ones, zmask, 0, 1.0, float(h), float(h), sigma, shape_min_sigma, h, max_iter, 1e-6
             )
         else:
             pxx, pyy, pxy, pflag = math.nan, math.nan, math.nan, 1
@@ -651,7 +712,7 @@ def _warmup_cases():
             (
                 img, var, mask, labels, np.ones(n, np.int32), np.array([[0, ny, 0, nx]], np.int32),
                 np.array([11.0]), np.array([10.0]), np.array([1.0]), basis, np.ones((n, 1)), False, 2.0,
-                radii, 1, 50, 20, 8, np.zeros((n, 15 + 2 * radii.size)), np.zeros((n, 9 + radii.size), np.int64),
+                radii, 1, 50, 20, 1.2, 8, np.zeros((n, 15 + 2 * radii.size)), np.zeros((n, 9 + radii.size), np.int64),
             ),
         ),
     ]  # fmt: skip

@@ -122,11 +122,73 @@ def test_adaptive_moments_of_elliptical_gaussian_noise_free():
     dx, dy = xx - 40.3, yy - 39.6
     img = np.exp(-0.5 * (a[0, 0] * dx**2 + 2 * a[0, 1] * dx * dy + a[1, 1] * dy**2)).astype(np.float32)
     ones, zero = np.ones_like(img), np.zeros(img.shape, np.int32)
-    ixx, iyy, ixy, flag = km.adaptive_moments(img, ones, zero, 0, 1.0, 40.3, 39.6, 2.0, 30, 100, 1e-8)
+    ixx, iyy, ixy, flag = km.adaptive_moments(img, ones, zero, 0, 1.0, 40.3, 39.6, 2.0, 1.2, 30, 100, 1e-8)
     assert flag == 0
     np.testing.assert_allclose([ixx, iyy, ixy], [6.0, 3.0, 1.5], rtol=0.02)
     ref = naive.adaptive_moments(img.astype(float), 40.3, 39.6, 2.0)
     np.testing.assert_allclose([ixx, iyy, ixy], ref, rtol=1e-4)
+
+
+def pixel_gaussian(shape, xc, yc, sigma):
+    """A unit-flux circular Gaussian integrated over each pixel (an undersampled star's pixels)."""
+    from scipy.special import erf
+
+    def axis(n, c):
+        return np.diff(0.5 * erf((np.arange(n + 1) - 0.5 - c) / (sigma * math.sqrt(2))))
+
+    return np.outer(axis(shape[0], yc), axis(shape[1], xc)).astype(np.float32)
+
+
+def test_floor_weight_clips_eigenvalues(rng):
+    for _ in range(200):
+        a = rng.normal(0, 1, (2, 2))
+        c = a @ a.T + rng.uniform(0, 0.5) * np.eye(2)
+        floor = rng.uniform(0.1, 3.0)
+        lam, vec = np.linalg.eigh(c)
+        want = vec @ np.diag(np.maximum(lam, floor)) @ vec.T
+        got = km.floor_weight(c[0, 0], c[1, 1], c[0, 1], floor)
+        np.testing.assert_allclose(got, [want[0, 0], want[1, 1], want[0, 1]], rtol=1e-9, atol=1e-12)
+    assert km.floor_weight(0.3, 0.2, 0.0, 1.0) == (1.0, 1.0, 0.0)
+    assert km.floor_weight(0.3, 2.0, 0.0, 1.0) == (1.0, 2.0, 0.0)
+    assert km.floor_weight(0.3, 0.2, 0.1, 0.0) == (0.3, 0.2, 0.1)
+
+
+def test_adaptive_moments_of_undersampled_stars_need_the_weight_floor(rng):
+    """ZTF's stars (sigma 0.53 px before the pixel, C = 0.36 px^2): the point-sampled iteration with
+    ``W = C`` collapses to ``W = 0`` for many sub-pixel phases; a weight no narrower than 1.2 px
+    measures C to 1% on average and within 15% at any phase."""
+    shape = (31, 31)
+    ones, zero = np.ones(shape, np.float32), np.zeros(shape, np.int32)
+    sigma = 0.53
+    truth = sigma**2 + 1 / 12  # covariance of the pixel-integrated profile
+    got, nan_without = [], 0
+    for _ in range(100):
+        xc, yc = 15 + rng.uniform(-0.5, 0.5), 15 + rng.uniform(-0.5, 0.5)
+        img = pixel_gaussian(shape, xc, yc, sigma)
+        ixx, iyy, ixy, flag = km.adaptive_moments(img, ones, zero, 0, 1.0, xc, yc, 0.73, 1.2, 15, 100, 1e-8)
+        assert flag == 0
+        got.append((ixx, iyy, ixy))
+        nan_without += math.isnan(km.adaptive_moments(img, ones, zero, 0, 1.0, xc, yc, 0.73, 0.0, 15, 100, 1e-8)[0])
+    g = np.array(got)
+    assert nan_without > 10
+    assert np.median(g[:, :2]) == pytest.approx(truth, rel=0.02)
+    assert np.all(np.abs(g[:, :2] / truth - 1) < 0.15) and np.all(np.abs(g[:, 2]) < 0.05 * truth)
+    # the pixel-centred PSF stamp, where the old iteration always failed
+    img = pixel_gaussian(shape, 15.0, 15.0, sigma)
+    ixx, iyy, ixy, flag = km.adaptive_moments(img, ones, zero, 0, 1.0, 15.0, 15.0, 0.73, 1.2, 15, 100, 1e-10)
+    assert flag == 0 and ixx == pytest.approx(iyy, rel=1e-9)
+    np.testing.assert_allclose([ixx, iyy, ixy], naive.floored_moments(img.astype(float), 15.0, 15.0, 1.2),
+                               rtol=1e-6, atol=1e-9)
+    assert np.isnan(km.adaptive_moments(img, ones, zero, 0, 1.0, 15.0, 15.0, 0.73, 0.0, 15, 100, 1e-8)[0])
+
+
+def test_weight_floor_leaves_well_sampled_stars_alone():
+    ny = nx = 61
+    img = pixel_gaussian((ny, nx), 30.3, 29.8, 1.8)
+    ones, zero = np.ones_like(img), np.zeros(img.shape, np.int32)
+    a = km.adaptive_moments(img, ones, zero, 0, 1.0, 30.3, 29.8, 1.8, 1.2, 30, 100, 1e-8)
+    b = km.adaptive_moments(img, ones, zero, 0, 1.0, 30.3, 29.8, 1.8, 0.0, 30, 100, 1e-8)
+    assert a == b
 
 
 def test_centroid_kernel_matches_naive_fixed_point(rng):

@@ -79,6 +79,22 @@ def adaptive_moments(image: np.ndarray, xc: float, yc: float, sigma0: float, *, 
     return wm[0, 0], wm[1, 1], wm[0, 1]
 
 
+def floored_moments(image: np.ndarray, xc: float, yc: float, min_sigma: float, *, n_iter: int = 200):
+    """Moments ``C = (M^-1 - W^-1)^-1`` under the weight ``W`` = ``C`` with eigenvalues clipped at
+    ``min_sigma^2`` (``numpy.linalg.eigh``), iterated to its fixed point, full-image sums."""
+    yy, xx = np.indices(image.shape, dtype=np.float64)
+    dx, dy = xx - xc, yy - yc
+    c = np.eye(2) * min_sigma**2
+    for _ in range(n_iter):
+        lam, vec = np.linalg.eigh(c)
+        wm = vec @ np.diag(np.maximum(lam, min_sigma**2)) @ vec.T
+        a = np.linalg.inv(wm)
+        w = np.exp(-0.5 * (a[0, 0] * dx**2 + 2 * a[0, 1] * dx * dy + a[1, 1] * dy**2)) * image
+        m = np.array([[(w * dx * dx).sum(), (w * dx * dy).sum()], [(w * dx * dy).sum(), (w * dy * dy).sum()]])
+        c = np.linalg.inv(np.linalg.inv(m / w.sum()) - a)
+    return c[0, 0], c[1, 1], c[0, 1]
+
+
 def aperture(image: np.ndarray, variance: np.ndarray, xc: float, yc: float, radius: float, nsub: int):
     """Aperture sum with EVERY pixel split into ``nsub x nsub`` sub-pixels (no shortcut for inner pixels)."""
     ny, nx = image.shape

@@ -6,7 +6,9 @@ files' pixels into the planes :func:`apfast.ccd.characterize.run_characterize` t
 
 - variance from the weight map (``inverse_variance``: 1/w, ``variance``: w, ``sigma``: w**2); a
   weight of 0 (or non-finite) is ``NO_DATA`` with variance 0 (what ISR writes for unusable pixels);
-  without a weight map, ``max(image, 0) / gain + (read_noise / gain)**2`` (the image holds the sky);
+  without a weight map, ``max(image, 0) / gain + (read_noise / gain)**2`` (the image holds the sky),
+  which leaves out flat-field and compression noise: characterize rescales such a variance to the
+  measured sky noise (``variance_source = "gain"``, :mod:`apfast.ccd.scale_variance`);
 - mask planes from the data-quality plane: ``bits`` mode sets the planes of each set bit,
   ``values`` mode the planes of the whole value (DECam CP: one code per pixel); non-finite image
   pixels are ``NO_DATA`` (set to 0), and pixels at or above ``saturation`` are ``SAT``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -27,12 +30,17 @@ __all__ = ["CalibratedPlanes", "mask_from_dq", "planes_from_calibrated"]
 
 @dataclass(frozen=True, slots=True)
 class CalibratedPlanes:
-    """Image, mask and variance of one calibrated CCD (C-contiguous float32/int32/float32)."""
+    """Image, mask and variance of one calibrated CCD (C-contiguous float32/int32/float32).
+
+    ``variance_source`` says where the variance came from: ``"weight"`` (the weight map) or
+    ``"gain"`` (Poisson + read noise from the gain).
+    """
 
     image: np.ndarray
     mask: np.ndarray
     variance: np.ndarray
     n_saturated: int
+    variance_source: Literal["weight", "gain"] = "weight"
 
 
 def mask_from_dq(dq: np.ndarray, *, mode: str, mapping: Mapping[int, Sequence[str]]) -> np.ndarray:
@@ -141,4 +149,4 @@ def planes_from_calibrated(
         img *= np.float32(gain)
         var *= np.float32(gain) ** 2
     n_sat = int(np.count_nonzero(mask & np.int32(bitmask("SAT"))))
-    return CalibratedPlanes(img, mask, var, n_sat)
+    return CalibratedPlanes(img, mask, var, n_sat, "weight" if weight is not None else "gain")

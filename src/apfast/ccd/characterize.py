@@ -3,14 +3,17 @@
 Rubin's ``CharacterizeImageTask`` (as in Rubin's ap_pipe), reorganised for speed:
 
 1. subtract a first background (128-px mesh, clipped mean, Akima spline);
-2. find, mask and repair cosmic rays, assuming a Gaussian PSF of the smaller of
+2. measure the sky noise against the variance plane and rescale the variance when they
+   disagree (Rubin's ``ScaleVarianceTask``; by default only for calibrated images whose
+   variance comes from a gain: :mod:`apfast.ccd.scale_variance`);
+3. find, mask and repair cosmic rays, assuming a Gaussian PSF of the smaller of
    ``install_psf_sigma`` (Rubin: 1.5 px) and the width measured on the bright stars
    (``estimate_psf_sigma``): a PSF narrower than the real one makes the sharpness
    test conservative, so star cores are not eaten, even on undersampled images;
-3. ``psf_iterations`` times: detect bright sources (5 sigma x 10, smoothed with the
+4. ``psf_iterations`` times: detect bright sources (5 sigma x 10, smoothed with the
    current PSF; after the first pass only with ``redetect``), measure them with the
    current PSF, and determine the PSF (star selection + PCA);
-4. re-measure the background with every detection masked and subtract it too.
+5. re-measure the background with every detection masked and subtract it too.
 
 The result carries the background-subtracted, CR-repaired image and the PSF
 model for :mod:`apfast.ccd.calibrate`.
@@ -39,6 +42,7 @@ from apfast.ccd.psf_determiner import (
     halfmax_fwhm,
     stellar_locus_size,
 )
+from apfast.ccd.scale_variance import ScaleVarianceConfig, VarianceScale, VarianceSource, scale_variance
 from apfast.masks import bitmask
 from apfast.psf import PsfModel
 
@@ -70,6 +74,9 @@ class CharacterizeConfig(ConfigSection):
         "first iteration's bright footprints with the new PSF, which saves a detection pass.",
     )
     do_cosmic_rays: bool = opt(True, "Find, mask and repair cosmic rays.")
+    scale_variance: ScaleVarianceConfig = subsection(
+        ScaleVarianceConfig, doc="Rescale the variance plane to the measured sky noise (Rubin ScaleVarianceTask)."
+    )
     background: BackgroundConfig = subsection(BackgroundConfig, doc="First background model (before detection).")
     final_background: BackgroundConfig = subsection(
         BackgroundConfig, doc="Background refit with DETECTED pixels ignored; added to the first."
@@ -104,6 +111,8 @@ class CharacterizeResult:
     psf_sigma: float
     n_cosmic_rays: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: The variance rescaling measured (None when ``characterize.scale_variance.apply`` skips this variance).
+    variance_scale: VarianceScale | None = None
 
 
 def clean_star_flags(cat: MeasurementResult) -> np.ndarray:
@@ -142,7 +151,7 @@ def _add_backgrounds(a: BackgroundModel, b: BackgroundModel) -> BackgroundModel:
 
 def run_characterize(
     image: np.ndarray, mask: np.ndarray, variance: np.ndarray, *, config: CharacterizeConfig | None = None,
-    psf: PsfModel | None = None,
+    psf: PsfModel | None = None, variance_source: VarianceSource = "isr",
 ) -> CharacterizeResult:
     """Characterize one ISR-corrected CCD; inputs are not modified.
 
@@ -156,6 +165,10 @@ def run_characterize(
     psf : PsfModel, optional
         A known PSF (e.g. a WebbPSF model): used as is, no PSF stars are selected; the
         result's ``psf_result`` then lists no stars and its FWHM is the model's.
+    variance_source : {"isr", "weight", "gain"}
+        Where ``variance`` came from (ISR, a calibrated image's weight map, or its gain and read
+        noise); ``characterize.scale_variance.apply`` decides from it whether the variance is
+        measured against the sky and rescaled.
 
     Returns
     -------
@@ -197,6 +210,13 @@ def run_characterize(
         est = stellar_locus_size(np.asarray(pre["snr"], float), size, clean_star_flags(pre), config=cfg.psf)
         if np.isfinite(est):
             sigma = min(sigma, est)
+    vscale = None
+    if cfg.scale_variance.applies_to(variance_source):
+        # before the CR test and every S/N: both read the variance. Bright footprints (if detected
+        # above) are left out; the interquartile range shrugs off faint sources and cosmic rays
+        t = time.perf_counter()
+        var, vscale = scale_variance(img, var, det.mask if det is not None else msk, config=cfg.scale_variance)
+        timings["scale_variance"] = time.perf_counter() - t
     n_cr = 0
     if cfg.do_cosmic_rays:
         t = time.perf_counter()
@@ -242,15 +262,18 @@ def run_characterize(
     bkg = _add_backgrounds(bkg, final)
     timings["background"] += time.perf_counter() - t
     log.debug("characterize: %d CR, PSF FWHM %.2f px from %d stars", n_cr, psf_res.fwhm_center, psf_res.n_stars)
-    return CharacterizeResult(img, msk, var, bkg, psf, psf_res, cat, sigma, n_cr, timings)
+    return CharacterizeResult(img, msk, var, bkg, psf, psf_res, cat, sigma, n_cr, timings, vscale)
 
 
 def summarize(res: CharacterizeResult) -> dict[str, Any]:
-    """Numbers worth logging and storing in the calexp metadata."""
-    return {
+    """Numbers worth logging and storing in the calexp metadata (``VARRATIO``, ``VARSCALE`` when measured)."""
+    out: dict[str, Any] = {
         "PSF_FWHM": round(float(res.psf_result.fwhm_center), 4),
         "SEEING": round(float(res.psf_result.seeing), 4),
         "PSF_NSTR": int(res.psf_result.n_stars),
         "N_CR": int(res.n_cosmic_rays),
         "N_ICSRC": len(res.catalog),
     }
+    if res.variance_scale is not None:
+        out.update({k: v for k, (v, _) in res.variance_scale.header_cards().items()})
+    return out

@@ -11,7 +11,8 @@ column(s)                         meaning (Rubin plugin it stands in for)
 ``x, y, xErr, yErr``              Gaussian-weighted matched-filter centroid (SdssCentroid), pixels
 ``centroid_flag``                 centroid failed or not converged; ``centroid_flag_resetToPeak``:
                                   position is the detection peak
-``Ixx, Iyy, Ixy, shape_flag``     adaptive second moments (SdssShape), pixels^2;
+``Ixx, Iyy, Ixy, shape_flag``     adaptive second moments (SdssShape), pixels^2, with the weight
+                                  no narrower than ``shape_min_sigma`` (undersampled stars);
                                   ``shape_flag_maxRadius`` when the weight box hit the cap
 ``Ixx_psf, Iyy_psf, Ixy_psf``     adaptive moments of the PSF model at the source
 ``psfFlux, psfFluxErr``           weighted least-squares PSF amplitude (PsfFlux), image units
@@ -116,6 +117,12 @@ class MeasurementConfig(ConfigSection):
     )
     max_iter: int = opt(50, "Iteration limit of the centroid and adaptive moments.")
     shape_max_radius: int = opt(30, "Largest half-width (pixels) of the adaptive-moment and Gaussian-flux box.")
+    shape_min_sigma: float = opt(
+        1.2,
+        "Smallest sigma (pixels) of the adaptive-moment weight along either axis. A weight "
+        "narrower than about a pixel is too coarsely sampled: on undersampled stars (ZTF) the "
+        "iteration collapsed and Ixx, Ixx_psf were NaN. 0 turns the floor off.",
+    )
     aperture_subpixels: int = opt(8, "Sub-pixels per side for pixels crossed by an aperture edge.")
 
     def _validate(self) -> None:
@@ -127,6 +134,9 @@ class MeasurementConfig(ConfigSection):
             v = getattr(self, key)
             if v < lo:
                 self._raise(key, f" = {v!r} must be an integer >= {lo}")
+        ok = math.isfinite(self.shape_min_sigma) and 0 <= self.shape_min_sigma <= self.shape_max_radius / 4
+        self._check_ranges([("shape_min_sigma", ok, f"a sigma in pixels from 0 (no floor) to shape_max_radius / 4 "
+                                                    f"= {self.shape_max_radius / 4:g}")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +290,8 @@ def measure_sources(
             img, var, msk, np.ascontiguousarray(detections.labels, dtype=np.int32),
             np.ascontiguousarray(detections.id, dtype=np.int32), np.ascontiguousarray(detections.bbox, dtype=np.int32),
             x0, y0, sign, basis, weights, per_source, psf_sigma, radii, bitmask(cfg.bad_mask_planes),
-            int(cfg.max_iter), int(cfg.shape_max_radius), int(cfg.aperture_subpixels), fout, iout,
+            int(cfg.max_iter), int(cfg.shape_max_radius), float(cfg.shape_min_sigma), int(cfg.aperture_subpixels),
+            fout, iout,
         )  # fmt: skip
     f = {name: fout[:, i] for i, name in enumerate(_k.FCOLS)}
     g = {name: iout[:, i] for i, name in enumerate(_k.ICOLS)}
@@ -295,7 +306,7 @@ def measure_sources(
     cols["shape_flag_maxRadius"] = (g["shape_flags"] & 4) != 0
     for name in ("Ixx_psf", "Iyy_psf", "Ixy_psf"):
         cols[name] = f[name]
-    cols["psf_shape_flag"] = g["psf_shape_flags"] != 0
+    cols["psf_shape_flag"] = (g["psf_shape_flags"] & 7) != 0  # 8: sub-pixel weight (information only)
     for name in ("psfFlux", "psfFluxErr", "psfChi2"):
         cols[name] = f[name]
     cols["psfNdata"] = g["psfNdata"].astype(np.int32)

@@ -7,6 +7,8 @@ giving the weight meaning, the data-quality mapping, gain and saturation); then 
 rays and PSF (characterize), the astrometric refit against the astrometric refcat starting from the
 header WCS (TPV or SIP, as astropy reads it) and the zero point against the photometric refcat
 (calibrate), and the same outputs (``calexp``, ``calexpBackground``, ``src``, ``srcMatch``).
+A variance built from the gain and read noise (no weight map) is rescaled to the measured sky
+noise by default (``characterize.scale_variance``; header cards ``VARRATIO``, ``VARSCALE``).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
     timings["isr"] = 0.0
 
     t = time.perf_counter()
-    char = run_characterize(planes.image, planes.mask, planes.variance, config=cfg.characterize)
+    char = run_characterize(planes.image, planes.mask, planes.variance, config=cfg.characterize,
+                            variance_source=planes.variance_source)
     timings["characterize"] = time.perf_counter() - t
 
     t = time.perf_counter()

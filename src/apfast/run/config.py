@@ -173,7 +173,9 @@ class PipelineConfig(ConfigSection):
 #: stored config that lacks their keys compares as if it held the defaults (:func:`comparable_settings`).
 ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.", "calibrate.astrometry_source",
                                    "calibrate.zero_point_source", "amp_offset.", "dia_filter.", "reliability.",
-                                   "alerts.min_reliability", "calibrate.photocal.camera_colour_terms")
+                                   "alerts.min_reliability", "calibrate.photocal.camera_colour_terms",
+                                   "characterize.scale_variance.", "characterize.measurement.shape_min_sigma",
+                                   "calibrate.measurement.shape_min_sigma")
 
 #: Keys added with a default that changes products: what a config written before them means (the
 #: behaviour of the version that wrote it). A stored config lacking them compares as these values, so a
@@ -185,6 +187,9 @@ LEGACY_VALUES: dict[str, Any] = {
     "reliability.model": "none",
     "alerts.min_reliability": 0.0,
     "calibrate.photocal.camera_colour_terms": False,
+    "characterize.scale_variance.apply": "never",
+    "characterize.measurement.shape_min_sigma": 0.0,
+    "calibrate.measurement.shape_min_sigma": 0.0,
 }
 
 

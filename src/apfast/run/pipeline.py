@@ -240,6 +240,9 @@ def calexp_outcome(out: Butler | OutputWriter, did: dict[str, Any], char: Any, c
     ``meta`` gets the ``stats`` (non-finite ones left out), which colour term and flux the zero point
     refers to (``ZPCTERM``, ``ZPFLUX``; see :mod:`apfast.ccd.photocal`) and the aperture correction.
     """
+    if char.variance_scale is not None:  # the cards with their comments; the stats loop keeps them
+        for k, card in char.variance_scale.header_cards().items():
+            meta[k] = card
     for k, v in stats.items():
         if not (isinstance(v, float) and not math.isfinite(v)):  # e.g. no astrometric fit: no ASTR_RMS card
             meta[k] = v
