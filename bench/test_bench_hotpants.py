@@ -54,10 +54,28 @@ FILL = 1.0e-30  # HOTPANTS -fi: value written to its bad output pixels
 EDGE = 40  # ignore stars and pixels this close to the border (both tools flag the kernel-width edge)
 
 
-def _write(path: Path, data: np.ndarray) -> None:
+def _write(path: Path, data: np.ndarray, header: fits.Header | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fits.PrimaryHDU(np.ascontiguousarray(data, dtype=np.float32)).writeto(tmp, overwrite=True)
+    fits.PrimaryHDU(np.ascontiguousarray(data, dtype=np.float32), header=header).writeto(tmp, overwrite=True)
     os.replace(tmp, path)
+
+
+def _hotpants_cmd(files: dict[str, Path], sigmas: list[float], r_kern: int, r_stamp: int,
+                  kernel_order: int) -> list[str]:
+    """The HOTPANTS command line with apfast's basis, kernel and stamp sizes (module docstring).
+
+    ``files`` names ``sci``, ``tmpl``, ``sci_noise``, ``tmpl_noise`` (inputs) and
+    ``diff``, ``diff_noise`` (outputs).
+    """
+    degrees = list(PsfMatchConfig().alard_deg_gauss)
+    ng = [str(len(sigmas))] + [v for d, s in zip(degrees, sigmas, strict=True) for v in (str(d), f"{s:.4f}")]
+    io = {"-inim": "sci", "-tmplim": "tmpl", "-outim": "diff", "-ini": "sci_noise", "-tni": "tmpl_noise",
+          "-oni": "diff_noise"}  # fmt: skip
+    opts = (
+        f"-c t -n i -ko {kernel_order} -bgo 1 -r {r_kern} -rss {r_stamp} -nsx 10 -nsy 20 "
+        f"-tl -1e6 -il -1e6 -tu 1e8 -iu 1e8 -fi {FILL} -v 0"
+    ).split()
+    return [HOTPANTS, *[v for k, n in io.items() for v in (k, str(files[n]))], *opts, "-ng", *ng]
 
 
 def _star_apertures(cat: dict, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,15 +162,7 @@ def test_hotpants_vs_apfast(benchmark, pair, tmp_path, kernel_order):  # noqa: F
     _write(files["tmpl"], tmp.image)
     _write(files["sci_noise"], np.sqrt(sci.variance))
     _write(files["tmpl_noise"], np.sqrt(tmp.variance))
-    degrees = list(PsfMatchConfig().alard_deg_gauss)
-    ng = [str(len(sigmas))] + [v for d, s in zip(degrees, sigmas, strict=True) for v in (str(d), f"{s:.4f}")]
-    io = {"-inim": "sci", "-tmplim": "tmpl", "-outim": "diff", "-ini": "sci_noise", "-tni": "tmpl_noise",
-          "-oni": "diff_noise"}  # fmt: skip
-    opts = (
-        f"-c t -n i -ko {kernel_order} -bgo 1 -r {r_kern} -rss {r_stamp} -nsx 10 -nsy 20 "
-        f"-tl -1e6 -il -1e6 -tu 1e8 -iu 1e8 -fi {FILL} -v 0"
-    ).split()
-    cmd = [HOTPANTS, *[v for k, n in io.items() for v in (k, str(files[n]))], *opts, "-ng", *ng]
+    cmd = _hotpants_cmd(files, sigmas, r_kern, r_stamp, kernel_order)
 
     def hotpants():
         t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)

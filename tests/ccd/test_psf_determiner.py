@@ -104,6 +104,25 @@ def test_lanczos_stamps_centre_and_preserve_flux(rng: np.random.Generator) -> No
     assert flags[0] == 1
 
 
+@pytest.mark.parametrize("shape", [(60, 441), (500, 121)])
+def test_principal_axes_match_svd(rng: np.random.Generator, shape: tuple[int, int]) -> None:
+    """The PCA axes come from the smaller Gram matrix: the same as numpy's SVD up to sign, either orientation."""
+    from apfast.ccd.psf_determiner import _principal_axes
+
+    m, p = shape
+    # PSF-like residual stamps: a few strong components plus noise, singular values well separated
+    comps = rng.standard_normal((4, p))
+    a = (rng.standard_normal((m, 4)) * [8.0, 4.0, 2.0, 1.0]) @ comps + 0.05 * rng.standard_normal((m, p))
+    got = _principal_axes(a, 4)
+    want = np.linalg.svd(a, full_matrices=False)[2][:4]
+    assert got.shape == (4, p)
+    np.testing.assert_allclose(np.abs(np.sum(got * want, axis=1)), 1.0, atol=1e-9)
+    # rank-deficient: identical stamps leave no residual direction; zero rows, never NaN
+    flat = np.tile(rng.standard_normal(p), (m, 1))
+    axes = _principal_axes(flat - flat.mean(0), 3)
+    assert np.isfinite(axes).all()
+
+
 def test_no_stars_message(rng: np.random.Generator) -> None:
     img, var, x, y, f, snr, size, _ = _render(rng, n_stars=3, n_gal=5)
     with pytest.raises(NoPsfStarsError, match="characterize.psf"):
