@@ -175,7 +175,8 @@ ADDED_SECTIONS: tuple[str, ...] = ("dia.detection.", "inject.", "subtract.", "ca
                                    "calibrate.zero_point_source", "amp_offset.", "dia_filter.", "reliability.",
                                    "alerts.min_reliability", "calibrate.photocal.camera_colour_terms",
                                    "characterize.scale_variance.", "characterize.measurement.shape_min_sigma",
-                                   "calibrate.measurement.shape_min_sigma")
+                                   "calibrate.measurement.shape_min_sigma", "difference.psfmatch.basis",
+                                   "difference.psfmatch.delta_", "difference.psfmatch.auto_")
 
 #: Keys added with a default that changes products: what a config written before them means (the
 #: behaviour of the version that wrote it). A stored config lacking them compares as these values, so a
@@ -190,6 +191,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "characterize.scale_variance.apply": "never",
     "characterize.measurement.shape_min_sigma": 0.0,
     "calibrate.measurement.shape_min_sigma": 0.0,
+    "difference.psfmatch.basis": "gaussian",
 }
 
 
