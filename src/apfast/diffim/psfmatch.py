@@ -159,9 +159,13 @@ class PsfMatchConfig(ConfigSection):
     )
     basis: Literal["gaussian", "delta", "auto"] = opt(
         "auto",
-        "Kernel basis: gaussian (Alard-Lupton), delta (one free value per kernel pixel, regularised; "
-        "apfast.diffim.deltabasis) or auto (delta only when the Gaussian fit leaves structured residuals "
-        "and the delta fit is better on held-out stamps).",
+        "Kernel basis (apfast.diffim.deltabasis).",
+        choices={
+            "gaussian": "Alard-Lupton: Gaussians times polynomials (Rubin's default)",
+            "delta": "one free value per kernel pixel, regularised (Bramich 2008; Becker et al. 2012)",
+            "auto": "gaussian, or delta when the Gaussian fit leaves structured residuals at the bright stars "
+                    "and the delta fit predicts held-out stars better",
+        },
     )
     delta_lambda: tuple[float, ...] = opt(
         (0.001, 0.01, 0.1),
