@@ -67,6 +67,18 @@ def test_subtract_apfast(benchmark, pair):
 
 
 @pytest.mark.benchmark(group="psfmatch-full-ccd")
+def test_subtract_apfast_delta_basis(benchmark, pair):
+    """The same subtraction with the delta-function (pixel) basis forced: its extra cost on a full CCD."""
+    sci, tmp, cat = pair
+    cfg = PsfMatchConfig(fft_planner="FFTW_MEASURE", basis="delta")
+    subtract_images(sci, tmp, sources=cat, config=cfg)
+    res = benchmark(subtract_images, sci, tmp, sources=cat, config=cfg)
+    assert res.metadata["basis_choice"].basis == "delta"
+    assert abs(res.kernel.sum(1024, 2048) * SCALE - 1) < 0.01
+    benchmark.extra_info["delta_seconds"] = res.metadata["basis_choice"].seconds
+
+
+@pytest.mark.benchmark(group="psfmatch-full-ccd")
 def test_fftconvolve_constant_kernel_scipy(benchmark, pair):
     _, tmp, _ = pair
     sk = math.sqrt(SIG_SCI**2 - SIG_TMPL**2)

@@ -229,6 +229,10 @@ class _Equations:
     def __add__(self, other: _Equations) -> _Equations:
         return _Equations(self.n + other.n, self.b + other.b, self.sws + other.sws)
 
+    def sub(self, idx: np.ndarray) -> _Equations:
+        """The equations of the unknowns ``idx`` with the others held at zero."""
+        return _Equations(self.n[np.ix_(idx, idx)], self.b[idx], self.sws)
+
     def chi2(self, theta: np.ndarray) -> float:
         return float(theta @ self.n @ theta - 2.0 * theta @ self.b + self.sws)
 
@@ -415,21 +419,27 @@ def solve_delta_kernel(
         # so a noise-dominated fit is held by the regularisation rather than left indefinite
         scale = (float(np.mean(np.diag(total.n)[: nk * nt : nt])) + noise_diag * float(rho[2 * r, 2 * r])) / float(
             np.mean(np.diag(h)))
-        held: dict[float, tuple[float, list[np.ndarray]]] = {}
+        cv: dict[float, float] = {}
         held_core = np.full(cx.size, np.nan)
         lam = lams[0]
         theta = None
+        thetas: list[np.ndarray] = []
         try:
-            if len(lams) > 1 or held_out:
+            if len(lams) > 1:
+                # the strength is chosen on the spatially constant part of the problem (the t = 0 term of
+                # every pixel and the constant background: nk + 1 unknowns, ~1000x cheaper to solve)
+                sub = np.r_[np.arange(0, nk * nt, nt), nk * nt]
                 for v in lams:
                     try:
-                        thetas = [_checked(_solve(eqs[1 - f], penalty, v * scale)) for f in (0, 1)]
+                        cv[v] = sum(eqs[f].sub(sub).chi2(_checked(_solve(eqs[1 - f].sub(sub), penalty[np.ix_(
+                            sub, sub)], v * scale))) for f in (0, 1))
                     except _Indefinite:
                         continue  # too weak for these stamps: not a candidate
-                    held[v] = (sum(eqs[f].chi2(thetas[f]) for f in (0, 1)), thetas)
-                if not held:
+                if not cv:
                     raise _Indefinite
-                lam = min(held, key=lambda v: held[v][0])
+                lam = min(cv, key=lambda v: cv[v])
+            if held_out:
+                thetas = [_checked(_solve(eqs[1 - f], penalty, lam * scale)) for f in (0, 1)]
             theta = _checked(_solve(total, penalty, lam * scale))
         except _Indefinite:
             if attempt == 1 or not rho.any():
@@ -445,7 +455,7 @@ def solve_delta_kernel(
     if held_out:
         # held-out core chi^2 at the chosen strength: each fold's stamps under the other fold's kernel
         for f in (0, 1):
-            kern_f, bg_f = _models(held[lam][1][f], k, nt, kord, bord, (ny, nx), basis)
+            kern_f, bg_f = _models(thetas[f], k, nt, kord, bord, (ny, nx), basis)
             sel = fold == f
             held_core[sel] = core_chi2(ref, var_ref, tgt, var_tgt, cx[sel], cy[sel], kern_f, bg_f, half=half,
                                        radius=radius)[0]
@@ -454,7 +464,7 @@ def solve_delta_kernel(
     ksum = np.array([kernel.sum(float(x), float(y)) for x, y in zip(cx, cy, strict=True)])
     if len(lams) > 1:
         logger.debug("delta basis: held-out chi^2 per lambda %s -> %g",
-                     {v: round(c[0], 1) for v, c in held.items()}, lam)
+                     {v: round(c, 1) for v, c in cv.items()}, lam)
     sol = KernelSolution(kernel=kernel, background=bg, basis=basis, stamp_x=cx, stamp_y=cy, n_candidates=cx.size,
                          kernel_sums=ksum, residual_std=np.sqrt(full), candidate_x=cx, candidate_y=cy,
                          candidate_status=np.zeros(cx.size, dtype=np.int8), candidate_kernel_sums=ksum,
