@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+from scipy import ndimage
 from scipy.signal import fftconvolve
 from threadpoolctl import threadpool_limits
 
@@ -75,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 _DECIDE_STAMPS = 50  # most stamps whose core chi^2 decides basis=auto (the brightest quarter): <= ~15 ms
 _MIN_STAMPS = 20  # fewest stamps a delta fit takes (the brightest), when enough were kept
+_ACF_MAX_LAG = 4  # the reference noise's correlation is kept out to this lag (drizzle, warps: 1-3 px)
 _ACF_HALF = 256  # the reference noise's correlation is measured on the central <= 512 x 512 pixels
 _CHUNK = 32  # stamps whose normal matrices are held at once (32 x 1.6 MB for a 21-px kernel)
 
@@ -291,7 +293,12 @@ def _noise_correlation(ref: np.ndarray, var_ref: np.ndarray, r: int) -> np.ndarr
     xs = slice(max(0, nx // 2 - _ACF_HALF), nx // 2 + _ACF_HALF)
     vr = np.asarray(var_ref[ys, xs], dtype=np.float64)
     z = np.asarray(ref[ys, xs], dtype=np.float64) / np.sqrt(np.where(vr > 0, vr, np.inf))
-    z = np.where(np.isfinite(z) & (np.abs(z) < 3.0), z, 0.0)
+    # sky left in the reference, a gradient or the wings of sources correlate at every lag: take the noise
+    # as what a 15-px box mean does not hold, away from (grown) sources
+    fin = np.isfinite(z)
+    z = np.where(fin, z, 0.0)
+    src = ndimage.binary_dilation(np.abs(z - float(np.median(z))) > 3.0, iterations=3) | ~fin
+    z = np.where(src, 0.0, z - ndimage.uniform_filter(z, 15, mode="nearest"))
     n = 2 * r
     ny, nx = z.shape
     f = np.fft.rfft2(z, s=(ny + n, nx + n))
@@ -300,8 +307,16 @@ def _noise_correlation(ref: np.ndarray, var_ref: np.ndarray, r: int) -> np.ndarr
     cnt = np.fft.irfft2(one * np.conj(one), s=(ny + n, nx + n))
     idx_y = np.arange(-n, n + 1) % (ny + n)
     idx_x = np.arange(-n, n + 1) % (nx + n)
-    c = acf[np.ix_(idx_y, idx_x)] / np.maximum(cnt[np.ix_(idx_y, idx_x)], 1.0)
-    return c / c[n, n]
+    npair = cnt[np.ix_(idx_y, idx_x)]
+    c = acf[np.ix_(idx_y, idx_x)] / np.maximum(npair, 1.0)
+    rho = c / c[n, n]
+    # keep the lags where the correlation is real: within _ACF_MAX_LAG and above 5 sigma of its estimate.
+    # The noise of ~1700 estimated lags, summed into the kernel's sum direction, would otherwise bias the
+    # photometric scale (measured +0.7% on white noise)
+    dv, du = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
+    keep = (np.maximum(np.abs(dv), np.abs(du)) <= _ACF_MAX_LAG) & (np.abs(rho) > 5.0 / np.sqrt(np.maximum(npair, 1.0)))
+    keep[n, n] = True
+    return np.where(keep, rho, 0.0)
 
 
 def _solve(eq: _Equations, penalty: np.ndarray, lam: float) -> np.ndarray | None:
