@@ -11,28 +11,37 @@ spatial term whose noise must be held down by regularisation.
 
 Method
 ------
-1. **Stamps**: the ones the Gaussian fit kept (kernel-sum and residual clipped),
-   thinned evenly to ``delta_max_stamps``; each gets one weight, the inverse median
-   target variance in it. One weight per stamp (not per pixel) makes the stamp's
+1. **Stamps**: of the ones the Gaussian fit kept (kernel-sum and residual clipped),
+   those whose reference peak pixel has S/N >= ``delta_min_peak_snr`` (at least the
+   brightest 20, at most ``delta_max_stamps``), of half-size
+   ``delta_stamp_fwhm_scaling`` FWHM; each gets one weight, the inverse median target
+   variance in it. One weight per stamp (not per pixel) makes the stamp's
    normal matrix a function of the lag between two kernel pixels, which
    :func:`apfast.kernels.psfmatch.delta_stamp_normal_equations` builds from
    summed-area tables of lag products in ``O((4r)^2 S^2 / 2)`` instead of the
    ``O(S^2 r^4)`` of outer products (a 21-px kernel: 14x fewer operations).
 2. **Spatial fit**: every kernel pixel varies as the Gaussian solution's spatial
-   polynomial (order ``spatial_kernel_order``, lowered for few stamps), the
-   background as its polynomial; the global normal equations are sums over stamps
-   of ``P_s (x) M_s``.
+   polynomial (order ``spatial_kernel_order``, lowered to keep ten stamps per term: a
+   term is a whole kernel image here), the background as its polynomial; the global
+   normal equations are sums over stamps of ``P_s (x) M_s``.
 3. **Regularisation** (Becker et al. 2012 eq. 10; Tikhonov): ``lambda |L k_t|^2``
    added for each spatial term's kernel image ``k_t``, ``L`` the 5-point Laplacian
    of the kernel pixels with the kernel's central row left out (so a kernel close to
    a delta function, two images with the same PSF, is not smoothed away: SFFT's
    ``IGNORE_LAPLACIAN_KERCENT``). ``lambda`` is relative: ``delta_lambda`` times the
-   mean diagonal of the data term over the mean diagonal of ``L^T L``. With several
-   values the one with the least chi^2 on held-out stamps (two folds) is used.
+   mean diagonal of the data term (signal plus reference noise) over the mean diagonal
+   of ``L^T L``. With several values the one with the least chi^2 on held-out stamps
+   (two folds) is used, judged on the spatially constant part of the problem
+   (``nk + 1`` unknowns), which costs ~1000x less than the full solves.
+   **Errors in variables**: the reference's noise adds ``rho(d) sqrt(V_j V_k)`` to the
+   expected normal matrix and biases a least-squares kernel towards smoothing it away;
+   it is subtracted (``delta_noise_correction``), with ``rho`` the noise's correlation
+   measured on the reference's sky (:func:`_noise_correlation`). Should the corrected
+   matrix not be positive definite (a few faint stamps), the fit is redone without it.
 4. **Automatic choice** (``basis = auto``): the Gaussian fit's median reduced chi^2
-   within two FWHM of the kernel stars (the "core chi^2", computed from the pixels,
-   with the convolved reference variance) above ``auto_core_chi2`` marks structured
-   residuals; the delta basis is then fitted and kept when its core chi^2 on
+   within two FWHM of the brightest quarter of the kernel stars (the "core chi^2",
+   computed from the pixels, with the convolved reference variance) above
+   ``auto_core_chi2`` marks structured residuals; the delta basis is then fitted and kept when its core chi^2 on
    held-out stamps (each fold's stars predicted by the other fold's solution) is at
    least ``auto_min_gain`` lower than the Gaussian's.
 
