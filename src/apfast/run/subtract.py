@@ -3,7 +3,7 @@
 The files are read by :mod:`apfast.repo.pairio`, the chain runs in
 :func:`apfast.diffim.pair.subtract_pair` (no I/O), and the outputs are written
 back by :mod:`apfast.repo.pairio`. Configuration is the pipeline's
-(``characterize.*``, ``diffim.*``, ``decorrelation.*``, ``difference.*``,
+(``characterize.*``, ``difference.*`` (``psfmatch``, ``decorrelation``),
 ``warp.*``, ``dia.*``, ``subtract.*``; ``apfast config show`` lists them) with
 different defaults suited to single images of any size:
 
