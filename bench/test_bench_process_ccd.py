@@ -21,13 +21,12 @@ from apfast.ccd.isr import amp_params_from_header, run_isr
 from apfast.repo.butler import Butler
 from apfast.run.config import load_config
 from apfast.run.pipeline import _refs, _trim_offset, _trimmed_wcs
-from simrepo import build_sim_repo
 
 
 @pytest.fixture(scope="module")
-def ccd(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    ds = build_sim_repo(tmp_path_factory.mktemp("bench_pccd"), ccdnums=(35,), n_template=1, n_science=1, seed=5)
-    d, summary, repo = ds["dir"], ds["summary"], ds["repo"]
+def ccd(sim_ccds: dict) -> dict:
+    """CCD 35 of the science visit of the session's simulation (conftest.py ``sim_ccds``, read only)."""
+    d, summary, repo = sim_ccds["dir"], sim_ccds["summary"], sim_ccds["repo"]
     butler = Butler(repo)
     v = summary.science_visits[0]
     did = {"visit": v, "ccdnum": 35}

@@ -47,3 +47,33 @@ def dia_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ds = build_sim_repo(tmp_path_factory.mktemp("dia_dataset"), ccdnums=(ccd,), n_template=2, n_science=3, seed=5,
                         templates=True)
     return {**ds, "ccd": ccd}
+
+
+@pytest.fixture(scope="session")
+def dia_run(dia_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``apfast process`` of the 3 science visits of ``dia_dataset`` (CCD 35) into rerun ``p``, SQLite APDB.
+
+    Processed once per session: the full pipeline (calexp, matched template, decorrelated difference,
+    DIA sources, APDB, alerts) of three full-size CCD-visits is the costliest product of the test run.
+    tests/dia/test_dia_pipeline.py owns it: its re-run tests process into it again and leave it as
+    they found it (same outputs, same APDB rows). Other modules only read it
+    (tests/diffim/test_diffim_pipeline.py) or work on a hard-linked copy of the rerun
+    (tests/report/test_report.py); outputs are written atomically (write, then rename), so a
+    re-processed file never changes a copy's. Keys: ``d``, ``repo``, ``url``, ``db``, ``args``
+    (the ``process`` command line), ``truth``, ``visits``, ``out`` (the rerun), ``ccd``, ``dataset``.
+    """
+    from apfast.run.cli import main
+    from apfast.sim.simulate import load_truth
+
+    d = tmp_path_factory.mktemp("dia_run")
+    repo, summary, ccd = dia_dataset["repo"], dia_dataset["summary"], dia_dataset["ccd"]
+    url = f"sqlite:///{d / 'apdb' / 'association.db'}"
+    assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}", "-c", "apdb.isolation_level=READ_UNCOMMITTED"]) == 0
+    sv = "^".join(str(v) for v in summary.science_visits)
+    args = ["-q", "process", str(repo), "--rerun", "p", "--id", f"visit={sv}", f"ccdnum={ccd}", "filter=g",
+            "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}",
+            "-c", "apdb.isolation_level=READ_UNCOMMITTED"]
+    assert main(args) == 0
+    return {"d": d, "repo": repo, "url": url, "db": d / "apdb" / "association.db", "args": args,
+            "truth": load_truth(dia_dataset["dir"] / "sim"), "visits": list(summary.science_visits),
+            "out": repo / "rerun" / "p", "ccd": ccd, "dataset": dia_dataset}

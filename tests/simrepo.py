@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,3 +35,21 @@ def build_sim_repo(d: Path, *, ccdnums: Sequence[int], n_template: int, n_scienc
         assert rc == 0, "make-templates failed on the simulated template visits"
         out["templates"] = d / "templates"
     return out
+
+
+def linked_repo_copy(src: Path, dest: Path) -> Path:
+    """A copy of a repository (or an output folder) with hard links for its FITS files.
+
+    Cheap, and safe as long as a damaged FITS file is replaced, never edited (apfast writes its
+    outputs atomically). Every other file is copied: SQLite edits its registries in place, so each
+    copy needs its own.
+    """
+
+    def copy(s: str, d: str) -> None:
+        if s.endswith((".fits", ".fits.fz")):
+            os.link(s, d)
+        else:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dest, copy_function=copy)
+    return dest

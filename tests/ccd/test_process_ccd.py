@@ -1,8 +1,8 @@
 """processCcd end to end on simulated DECam data, checked against the simulator's truth.
 
-One module-scoped simulation (2 CCDs x 2 visits, full size) is ingested and
-processed through the real CLI; every tolerance is the issue's (ISR residual
-and pull from the noise, astrometry 0.03", zero point 0.02 mag, PSF FWHM 3%,
+The session's simulation (2 CCDs x 2 visits, full size; conftest.py ``sim_ccds``) is
+processed through the real CLI in a copy of its repository; every tolerance is the issue's
+(ISR residual and pull from the noise, astrometry 0.03", zero point 0.02 mag, PSF FWHM 3%,
 background 0.5% of sky).
 """
 
@@ -26,15 +26,17 @@ from apfast.repo.refcat import ingest_refcat
 from apfast.run.cli import main
 from apfast.run.config import load_config
 from apfast.sim.simulate import load_truth, psf_fwhm, truth_image
-from simrepo import build_sim_repo
+from simrepo import linked_repo_copy
 
 CCDS = (35, 36)
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    ds = build_sim_repo(tmp_path_factory.mktemp("pccd"), ccdnums=CCDS, n_template=1, n_science=1, seed=11)
-    d, summary, repo = ds["dir"], ds["summary"], ds["repo"]
+def sim(sim_ccds: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """process-ccd of every CCD-visit of the session's simulation (conftest.py ``sim_ccds``), in a repository copy."""
+    assert tuple(sim_ccds["ccds"]) == CCDS
+    d, summary = sim_ccds["dir"], sim_ccds["summary"]
+    repo = linked_repo_copy(sim_ccds["repo"], tmp_path_factory.mktemp("pccd") / "repo")
     visits = "^".join(str(v) for v in summary.visits)
     rc = main(["-q", "process-ccd", str(repo), "--rerun", "t", "--id", f"visit={visits}"])
     assert rc == 0

@@ -3,7 +3,8 @@
 One full-size CCD, two template visits coadded into a template, three science visits with
 injected transients (hosted, hostless, variables, movers; ``truth/transients.csv`` gives
 their positions, difference fluxes and expected S/N). Everything runs through the CLI into
-a real SQLite APDB.
+a real SQLite APDB: the session's ``dia_run`` (tests/conftest.py), processed once and shared
+with test_diffim_pipeline and test_report.
 """
 
 from __future__ import annotations
@@ -17,26 +18,15 @@ import pytest
 from apfast.dia.truth_match import explained_by_truth, match_nearest
 from apfast.repo.butler import Butler
 from apfast.run.cli import main
-from apfast.sim.simulate import load_truth
 
 CCD = 35
 MATCH_ARCSEC = 1.0
 
 
 @pytest.fixture(scope="module")
-def run(dia_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    d = tmp_path_factory.mktemp("diapipe")
-    repo, summary = dia_dataset["repo"], dia_dataset["summary"]
-    url = f"sqlite:///{d / 'apdb' / 'association.db'}"
-    assert main(["-q", "make-apdb", "-c", f"apdb.db_url={url}", "-c", "apdb.isolation_level=READ_UNCOMMITTED"]) == 0
-    sv = "^".join(str(v) for v in summary.science_visits)
-    args = ["-q", "process", str(repo), "--rerun", "p", "--id", f"visit={sv}", f"ccdnum={CCD}", "filter=g",
-            "--template", str(dia_dataset["templates"]), "-c", f"apdb.db_url={url}",
-            "-c", "apdb.isolation_level=READ_UNCOMMITTED"]
-    assert main(args) == 0
-    return {"d": d, "repo": repo, "url": url, "db": d / "apdb" / "association.db", "args": args,
-            "truth": load_truth(dia_dataset["dir"] / "sim"), "visits": list(summary.science_visits),
-            "out": repo / "rerun" / "p"}
+def run(dia_run: dict) -> dict:
+    """The session's processed run (tests/conftest.py ``dia_run``); the re-run tests here leave it as found."""
+    return dia_run
 
 
 def _rows(db: Path, sql: str) -> list[tuple]:

@@ -59,8 +59,14 @@ def test_rerun_skips_and_a_dia_redo_says_the_matched_template_is_missing(run: di
     assert main(run["args"]) == 1
     err = capsys.readouterr().err
     assert "deepDiff_matchedExp was not written" in err and "--clobber-output" in err
-    assert main([*run["args"], "--clobber-output"]) == 0  # differencing hands it over in memory again
-    assert Butler(run["out"]).datasetExists("deepDiff_diaSrc", run["did"])
+
+
+@pytest.mark.slow  # re-processes the full-size CCD-visit (~8 s); the module's run checks the same hand-over
+def test_clobber_redo_hands_the_matched_template_over_in_memory_again(run: dict) -> None:
+    """The fix the message above suggests: --clobber-output redoes differencing, which hands it to DIA again."""
+    assert main([*run["args"], "--clobber-output"]) == 0
+    b = Butler(run["out"])
+    assert b.datasetExists("deepDiff_diaSrc", run["did"]) and not b.datasetExists("deepDiff_matchedExp", run["did"])
 
 
 def test_no_write_matched_refuses_parallel_runs(run: dict, capsys) -> None:

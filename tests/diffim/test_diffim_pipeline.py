@@ -15,19 +15,20 @@ import pytest
 from apfast.masks import bitmask
 from apfast.repo.butler import Butler
 from apfast.run.cli import main
-from apfast.sim.simulate import load_truth
 
-CCD = 35  # the CCD of the shared dia_dataset fixture (tests/conftest.py)
+CCD = 35  # the CCD of the shared dia_dataset and dia_run fixtures (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def run(dia_dataset: dict) -> dict:
-    repo, summary = dia_dataset["repo"], dia_dataset["summary"]
-    sv = summary.science_visits[0]
-    assert main(["-q", "process", str(repo), "--rerun", "diffim", "--id", f"visit={sv}", "--template",
-                 str(dia_dataset["templates"]), "-c", "dia_pipe.do_dia=false"]) == 0
-    return {"dir": dia_dataset["dir"], "summary": summary, "repo": repo, "visit": sv,
-            "butler": Butler(repo / "rerun" / "diffim"), "truth": load_truth(dia_dataset["dir"] / "sim")}
+def run(dia_run: dict) -> dict:
+    """The first science visit of the session's processed run (tests/conftest.py ``dia_run``).
+
+    Its calexp, matched template and difference are the ones a ``-c dia_pipe.do_dia=false`` run writes
+    (bit for bit: the DIA stage only reads them), so the differencing checks need no run of their own.
+    """
+    ds = dia_run["dataset"]
+    return {"dir": ds["dir"], "summary": ds["summary"], "repo": dia_run["repo"], "visit": dia_run["visits"][0],
+            "butler": Butler(dia_run["out"]), "truth": dia_run["truth"]}
 
 
 def test_difference_noise_is_white_and_unbiased(run: dict) -> None:
@@ -95,7 +96,7 @@ def test_no_template_is_an_error_unless_skipped(run: dict, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty_templates"
     empty.mkdir()
-    args = ["-q", "process", str(run["repo"]), "--rerun", "diffim", "--id", f"visit={run['visit']}",
+    args = ["-q", "process", str(run["repo"]), "--rerun", "notemplate", "--id", f"visit={run['visit']}",
             "--template", str(empty), "--clobber-output", "-c", "dia_pipe.do_dia=false"]
     assert main(args) == 1  # before any work
     err = capsys.readouterr().err

@@ -305,22 +305,22 @@ def test_ztf_process_ccd_without_refcat_is_a_clear_failure(ztf_repo: Path, capsy
 
 # ----------------------------------------------------------------------------------- synthetic InstCal
 @pytest.fixture(scope="module")
-def instcal(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from apfast.sim.simulate import simulate
+def instcal(sim_ccds: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """InstCal image, weight and DQ files of CCD 35 in both visits of conftest.py ``sim_ccds`` (read only)."""
     from synth_instcal import write_instcal
 
     d = tmp_path_factory.mktemp("instcal")
-    s = simulate(d / "sim", ccdnums=(35,), n_template=1, n_science=1, seed=3)
+    s, sim = sim_ccds["summary"], sim_ccds["dir"] / "sim"
     files = []
     for raw in s.raw_files:
         visit = int(fits.getheader(raw, 0)["EXPNUM"])
-        files += write_instcal(d / "sim", raw, visit, 35, d / "in", crop=(1024, 3072, 0, 2048))
+        files += write_instcal(sim, raw, visit, 35, d / "in", crop=(1024, 3072, 0, 2048))
     repo = d / "repo"
     assert main(["-q", "ingest", str(repo), *[str(f) for f in files], "--calibrated", "--camera",
                  "decam-instcal"]) == 0
     assert main(["-q", "ingest-refcat", str(repo), "gaia", str(s.gaia_file)]) == 0
     assert main(["-q", "ingest-refcat", str(repo), "ps1", str(s.ps1_file)]) == 0
-    return {"dir": d, "repo": repo, "summary": s}
+    return {"dir": d, "sim": sim, "repo": repo, "summary": s}
 
 
 def test_instcal_process_ccd_matches_the_simulation(instcal: dict) -> None:
@@ -331,7 +331,7 @@ def test_instcal_process_ccd_matches_the_simulation(instcal: dict) -> None:
     visit = int(s.science_visits[0])
     assert main(["-q", "process-ccd", str(repo), "--id", f"visit={visit}", "--output", str(repo.parent / "out")]) == 0
     calexp = Butler(repo.parent / "out").get("calexp", visit=visit, ccdnum=35)
-    truth = load_truth(instcal["dir"] / "sim")
+    truth = load_truth(instcal["sim"])
     meta = truth.ccd(visit, 35)
     assert calexp.metadata["CALINPUT"] is True
     # zero point in electrons, as for raws: the image became electrons with ARAWGAIN
@@ -364,7 +364,7 @@ def test_instcal_header_wcs_and_magzero_need_no_refcat(instcal: dict) -> None:
     h0, h1 = fits.getheader(image, 0), fits.getheader(image, 1)
     zp = float(h0["MAGZERO"]) + 2.5 * np.log10(float(h0["ARAWGAIN"]))
     assert calexp.photo_calib.zero_point == pytest.approx(zp, abs=1e-9)
-    assert zp == pytest.approx(load_truth(instcal["dir"] / "sim").ccd(visit, 35)["zero_point_e"], abs=1e-6)
+    assert zp == pytest.approx(load_truth(instcal["sim"]).ccd(visit, 35)["zero_point_e"], abs=1e-6)
     assert (calexp.metadata["ASTRSRC"], calexp.metadata["ZPSRC"]) == ("header", "header")
     assert "ASTR_RMS" not in calexp.metadata
     w = wcs_from_header(h1)
@@ -390,7 +390,7 @@ def test_instcal_templates_difference_dia_end_to_end(instcal: dict) -> None:
     butler = Butler(d / "out")
     visit = int(s.science_visits[0])
     dia = butler.get("deepDiff_diaSrc", visit=visit, ccdnum=35)
-    truth = load_truth(d / "sim").transients
+    truth = load_truth(instcal["sim"]).transients
     t = truth[(truth["visit"] == visit) & (truth["snr_expected"] > 20)]
     t = t[(t["y"] >= 1024) & (t["y"] < 3072)]
     assert len(t) > 3

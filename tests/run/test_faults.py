@@ -6,15 +6,15 @@ fully saturated): the affected CCD fails (or is skipped) with a one-line message
 the file or dataId and what was searched, the others succeed, and the exit status says so.
 Never a traceback, never a half-ingested registry.
 
-One module-scoped simulation (2 CCDs x 2 visits) is ingested once; each test works on a
-hard-linked copy of that repository and replaces (never edits) the files it damages.
+The session's simulation (2 CCDs x 2 visits, conftest.py ``sim_ccds``) is ingested once; each
+test works on a copy of that repository (FITS files hard-linked, registries copied: an ingest into
+the copy edits its own registry) and replaces (never edits) the files it damages.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -24,26 +24,19 @@ from apfast.repo.ingest import ingest_raws
 from apfast.repo.registry import Registry
 from apfast.run.cli import main
 from apfast.sim.testing import write_decam_raw
-from simrepo import build_sim_repo
+from simrepo import linked_repo_copy
 
 CCDS = (35, 36)
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    ds = build_sim_repo(tmp_path_factory.mktemp("faults"), ccdnums=CCDS, n_template=1, n_science=1, seed=5,
-                        mode="copy")
-    d, summary, repo = ds["dir"], ds["summary"], ds["repo"]
-    with Registry(repo) as reg:
+def sim(sim_ccds: dict) -> dict:
+    """The session's simulation (conftest.py ``sim_ccds``): read only here, every test damages a copy."""
+    assert tuple(sim_ccds["ccds"]) == CCDS
+    with Registry(sim_ccds["repo"]) as reg:
         rows = reg.find({})
-    return {"dir": d, "summary": summary, "repo": repo, "rows": rows,
+    return {"dir": sim_ccds["dir"], "summary": sim_ccds["summary"], "repo": sim_ccds["repo"], "rows": rows,
             "visits": sorted({r["visit"] for r in rows})}
-
-
-def _copy_repo(src: Path, dest: Path) -> Path:
-    """A hard-linked copy: cheap, and safe as long as damaged files are replaced, not edited."""
-    shutil.copytree(src, dest, copy_function=os.link)
-    return dest
 
 
 def _replace_bytes(path: Path, data: bytes) -> None:
@@ -105,7 +98,7 @@ def test_non_fits_file_among_many_fails_ingest_naming_the_file(sim: dict, tmp_pa
 # ---------------------------------------------------------------------------------------- process-ccd
 def test_truncated_raw_after_ingest_fails_that_ccd_only(sim: dict, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    repo = _copy_repo(sim["repo"], tmp_path / "repo")
+    repo = linked_repo_copy(sim["repo"], tmp_path / "repo")
     v_bad, v_good = sim["visits"]
     row = next(r for r in sim["rows"] if r["visit"] == v_bad)
     raw = repo / row["file"]
@@ -141,7 +134,7 @@ def test_missing_template_coverage_names_dataid_and_search(sim: dict, tmp_path: 
                                                            caplog: pytest.LogCaptureFixture,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     # processCcd outputs come from a fresh rerun; only the diffim step is looked at here
-    repo = _copy_repo(sim["repo"], tmp_path / "repo")
+    repo = linked_repo_copy(sim["repo"], tmp_path / "repo")
     v = sim["visits"][1]
     assert main(["-q", "process-ccd", str(repo), "--rerun", "t", "--id", f"visit={v}", "ccdnum=36",
                  "-c", "dia_pipe.do_dia=false"]) == 0
@@ -160,7 +153,7 @@ def test_missing_template_coverage_names_dataid_and_search(sim: dict, tmp_path: 
 
 def test_missing_flat_file_fails_with_the_path(sim: dict, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    repo = _copy_repo(sim["repo"], tmp_path / "repo")
+    repo = linked_repo_copy(sim["repo"], tmp_path / "repo")
     flats = sorted((repo / "calibs" / "flat").rglob("*.fits*"))
     assert flats
     for f in flats:
@@ -174,7 +167,7 @@ def test_missing_flat_file_fails_with_the_path(sim: dict, tmp_path: Path,
 
 def test_empty_calib_repository_names_dataid_and_registry(sim: dict, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    repo = _copy_repo(sim["repo"], tmp_path / "repo")
+    repo = linked_repo_copy(sim["repo"], tmp_path / "repo")
     no_calibs = tmp_path / "no_calibs"
     no_calibs.mkdir()
     v = sim["visits"][1]
@@ -188,7 +181,7 @@ def test_empty_calib_repository_names_dataid_and_registry(sim: dict, tmp_path: P
 
 def test_missing_refcat_shard_names_dataid_and_catalogue(sim: dict, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    repo = _copy_repo(sim["repo"], tmp_path / "repo")
+    repo = linked_repo_copy(sim["repo"], tmp_path / "repo")
     shards = sorted((repo / "ref_cats" / "gaia").glob("*.fits"))
     assert shards
     for s in shards:
@@ -203,7 +196,7 @@ def test_missing_refcat_shard_names_dataid_and_catalogue(sim: dict, tmp_path: Pa
 
 def test_degenerate_frames_fail_cleanly(sim: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A constant frame, a zero-second frame and a fully saturated frame: clear per-CCD failures."""
-    repo = _copy_repo(sim["repo"], tmp_path / "repo")
+    repo = linked_repo_copy(sim["repo"], tmp_path / "repo")
     ref = next(r for r in sim["rows"] if r["visit"] == sim["visits"][1] and r["ccdnum"] == 35)
     common = {"ccdnums": (35,), "date_obs": ref["taiObs"], "ra": ref["ra"], "dec": ref["dec"], "band": "g"}
     files = [
