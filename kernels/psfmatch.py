@@ -455,6 +455,26 @@ def solve_symmetric_batch(m, b, max_cond, out):
 
 
 @jit
+def _summed_area(img, cum, sat):
+    """Fill ``sat`` (h + 1, h + 1) with the summed-area table of the square ``img`` (h, h); ``cum`` (h,) scratch.
+
+    ``sat[a, c]`` is the sum of ``img[:a, :c]`` in float64, so any box sum is four look-ups.
+    """
+    h = img.shape[0]
+    for c in range(h):
+        cum[c] = 0.0
+    for a in range(h + 1):
+        run = 0.0
+        sat[a, 0] = 0.0
+        for c in range(h):
+            run += cum[c]
+            sat[a, c + 1] = run
+        if a < h:
+            for c in range(h):
+                cum[c] += img[a, c]
+
+
+@jit
 def _delta_stamp(ref, tgt, var_ref, rho, x0, y0, s, r, win, cum, sat, vbox, m_out, b_out):
     """Unweighted delta-basis normal equations of the stamp with corner ``(x0, y0)``.
 
@@ -468,17 +488,7 @@ def _delta_stamp(ref, tgt, var_ref, rho, x0, y0, s, r, win, cum, sat, vbox, m_ou
     nk = k * k
     h = s + 2 * r
     # reference variance summed over each shifted stamp box (the errors-in-variables term)
-    for c in range(h):
-        cum[c] = 0.0
-    for a in range(h + 1):
-        run = 0.0
-        sat[a, 0] = 0.0
-        for c in range(h):
-            run += cum[c]
-            sat[a, c + 1] = run
-        if a < h:
-            for c in range(h):
-                cum[c] += var_ref[y0 - r + a, x0 - r + c]
+    _summed_area(var_ref[y0 - r : y0 - r + h, x0 - r : x0 - r + h], cum, sat)
     for v in range(-r, r + 1):
         for u in range(-r, r + 1):
             a0 = r - v
@@ -523,17 +533,7 @@ def _delta_stamp(ref, tgt, var_ref, rho, x0, y0, s, r, win, cum, sat, vbox, m_ou
                     m_out[i, j] = box
                     m_out[j, i] = box
     # background column (sum of each shifted stamp) and the target products
-    for c in range(h):
-        cum[c] = 0.0
-    for a in range(h + 1):
-        run = 0.0
-        sat[a, 0] = 0.0
-        for c in range(h):
-            run += cum[c]
-            sat[a, c + 1] = run
-        if a < h:
-            for c in range(h):
-                cum[c] += win[a, c]
+    _summed_area(win, cum, sat)
     sws = 0.0
     bsum = 0.0
     for a in range(s):
