@@ -391,7 +391,7 @@ def test_instcal_templates_difference_dia_end_to_end(instcal: dict) -> None:
     visit = int(s.science_visits[0])
     dia = butler.get("deepDiff_diaSrc", visit=visit, ccdnum=35)
     truth = load_truth(instcal["sim"]).transients
-    t = truth[(truth["visit"] == visit) & (truth["snr_expected"] > 20)]
+    t = truth[(truth["visit"] == visit) & (truth["ccdnum"] == 35) & (truth["snr_expected"] > 20)]
     t = t[(t["y"] >= 1024) & (t["y"] < 3072)]
     assert len(t) > 3
     x, y = np.asarray(dia["x"], float), np.asarray(dia["y"], float)
