@@ -170,7 +170,7 @@ class PsfMatchConfig(ConfigSection):
     delta_lambda: tuple[float, ...] = opt(
         (0.001, 0.01, 0.1),
         "Regularisation strength of the delta basis (relative to the data term); with several values, the one "
-        "with the least chi^2 on held-out stamps (two-fold) is taken (two more solves each).",
+        "with the least chi^2 on held-out stamps (two-fold, judged on the spatially constant kernel) is taken.",
     )
     delta_noise_correction: bool = opt(
         True,
@@ -189,8 +189,8 @@ class PsfMatchConfig(ConfigSection):
     )
     delta_min_peak_snr: float = opt(
         20.0,
-        "Delta basis: use the kernel stamps whose reference peak pixel has at least this S/N (the brightest "
-        "2 * min_stamps when fewer do): a faint stamp adds more reference noise than kernel signal.",
+        "Delta basis: use the kernel stamps whose reference peak pixel has at least this S/N (at least the "
+        "brightest 20 of them): a faint stamp adds more reference noise than kernel signal.",
     )
     delta_max_stamps: int = opt(100, "Cap on stamps in a delta-basis fit (its cost grows with each stamp).")
     auto_core_chi2: float = opt(
