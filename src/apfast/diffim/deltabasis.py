@@ -212,7 +212,8 @@ class BasisChoice:
     reason : str
         One line: why.
     gaussian_core_chi2 : float
-        Median core chi^2 of the Gaussian fit at its kept stamps.
+        Median core chi^2 of the Gaussian fit at the brightest quarter of its kept stamps (NaN
+        unless ``basis = auto``: the check is not spent when a basis is configured).
     delta_core_chi2 : float
         Median held-out core chi^2 of the delta fit (NaN when it was not tried).
     delta_lambda : float
@@ -522,13 +523,15 @@ def choose_basis(
     the PSF's structure leaves residuals in proportion to a star's flux, so faint stamps, near
     the noise under either basis, would hide it.
     """
-    sx, sy = gaussian.stamp_x.astype(np.int64), gaussian.stamp_y.astype(np.int64)
-    bright = _bright(peak_snr(ref, var_ref, sx, sy))
-    core, _ = core_chi2(ref, var_ref, tgt, var_tgt, sx[bright], sy[bright], gaussian.kernel, gaussian.background,
-                        half=half, radius=2.0 * fwhm)
-    g_core = float(np.median(core))
     if config.basis == "gaussian":
-        return gaussian, BasisChoice(basis="gaussian", reason="configured", gaussian_core_chi2=g_core)
+        return gaussian, BasisChoice(basis="gaussian", reason="configured", gaussian_core_chi2=math.nan)
+    g_core = math.nan
+    if config.basis == "auto":
+        sx, sy = gaussian.stamp_x.astype(np.int64), gaussian.stamp_y.astype(np.int64)
+        bright = _bright(peak_snr(ref, var_ref, sx, sy))
+        core, _ = core_chi2(ref, var_ref, tgt, var_tgt, sx[bright], sy[bright], gaussian.kernel,
+                            gaussian.background, half=half, radius=2.0 * fwhm)
+        g_core = float(np.median(core))
     if config.basis == "auto" and g_core <= config.auto_core_chi2:
         return gaussian, BasisChoice(
             basis="gaussian", gaussian_core_chi2=g_core,

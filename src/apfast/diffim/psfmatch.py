@@ -192,7 +192,7 @@ class PsfMatchConfig(ConfigSection):
         "Delta basis: use the kernel stamps whose reference peak pixel has at least this S/N (at least the "
         "brightest 20 of them): a faint stamp adds more reference noise than kernel signal.",
     )
-    delta_max_stamps: int = opt(100, "Cap on stamps in a delta-basis fit (its cost grows with each stamp).")
+    delta_max_stamps: int = opt(60, "Cap on stamps in a delta-basis fit (its cost grows with each stamp).")
     auto_core_chi2: float = opt(
         2.0,
         "basis=auto: try the delta basis when the median reduced chi^2 of the Gaussian fit within 2 FWHM of "
