@@ -22,7 +22,7 @@ from astropy.io import fits
 from apfast.camera.calibrated import get_calibrated_camera
 from apfast.ccd.calibrate import mjd_to_epoch, run_calibrate
 from apfast.ccd.calibrated_input import CalibratedPlanes, planes_from_calibrated
-from apfast.ccd.characterize import run_characterize, summarize
+from apfast.ccd.characterize import run_characterize
 from apfast.errors import CalibrationError
 from apfast.exposure import VisitInfo
 from apfast.repo.butler import Butler
@@ -99,6 +99,7 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
         _colour_term,
         _refs,
         calexp_outcome,
+        calexp_stats,
     )
 
     did = {"visit": int(row["visit"]), "ccdnum": int(row["ccdnum"])}
@@ -152,10 +153,7 @@ def process_calibrated_ccd(butler: Butler, row: dict[str, Any], cal_row: dict[st
 
     t = time.perf_counter()
     meta = fits.Header()
-    stats = summarize(char)
-    stats.update(ZP=round(cal.photocal.zero_point, 5), ZP_ERR=round(cal.photocal.zero_point_err, 5),
-                 ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
-                 ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog), N_SAT=planes.n_saturated)
+    stats = calexp_stats(char, cal, N_SAT=planes.n_saturated)
     meta["CALINPUT"] = (True, "processed from a calibrated image (ISR skipped)")
     meta["ASTRSRC"] = (ccfg.astrometry_source, "WCS: refcat fit or the input header's")
     meta["ZPSRC"] = (ccfg.zero_point_source, "zero point: refcat fit or the input header's")

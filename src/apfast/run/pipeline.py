@@ -223,13 +223,19 @@ def process_ccd(butler: Butler, row: dict[str, Any], cfg: Any, *, writer: Output
 
     t = time.perf_counter()
     meta = fits.Header()
+    stats = calexp_stats(char, cal, N_SAT=int(isr.n_saturated), **amp_stats)
+    return calexp_outcome(out, did, char, cal, meta=meta, stats=stats, visit_info=raw.visit_info, camera=camera,
+                          term=term, cfg=cfg, timings=timings, t_write=t)
+
+
+def calexp_stats(char: Any, cal: Any, **extra: Any) -> dict[str, Any]:
+    """processCcd's summary numbers (raws and calibrated inputs alike): characterize's, the zero point's,
+    the astrometric fit's and the source count, then ``extra`` (e.g. ``N_SAT``), in that order."""
     stats = summarize(char)
     stats.update(ZP=round(cal.photocal.zero_point, 5), ZP_ERR=round(cal.photocal.zero_point_err, 5),
                  ZP_N=cal.photocal.n_used, ASTR_RMS=round(cal.astrometry.rms_arcsec, 5),
-                 ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog),
-                 N_SAT=int(isr.n_saturated), **amp_stats)
-    return calexp_outcome(out, did, char, cal, meta=meta, stats=stats, visit_info=raw.visit_info, camera=camera,
-                          term=term, cfg=cfg, timings=timings, t_write=t)
+                 ASTR_N=cal.astrometry.n_matches, N_SRC=len(cal.catalog), **extra)
+    return stats
 
 
 def calexp_outcome(out: Butler | OutputWriter, did: dict[str, Any], char: Any, cal: Any, *, meta: fits.Header,
