@@ -226,13 +226,7 @@ def run_characterize(
 
     psf_res: PsfResult | None = None
     cat: MeasurementResult | None = None
-    if given is not None:
-        det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
-        cat = measure_sources(img, var, msk, det, psf=given, psf_sigma=sigma, config=cfg.measurement)
-        none = np.zeros(0, dtype=np.int64)
-        psf_res = PsfResult(psf=given, star_index=none, candidate_index=none, size=sigma,
-                            fwhm_center=sigma * FWHM_PER_SIGMA, n_stars=0)
-    for _ in range(cfg.psf_iterations if given is None else 0):
+    for _ in range(cfg.psf_iterations if given is None else 1):
         if det is None or cfg.redetect:
             t = time.perf_counter()
             det = detect_sources(img, var, msk, psf_sigma=sigma, config=cfg.detection)
@@ -240,6 +234,11 @@ def run_characterize(
         t = time.perf_counter()
         cat = measure_sources(img, var, msk, det, psf=psf, psf_sigma=sigma, config=cfg.measurement)
         timings["measurement"] += time.perf_counter() - t
+        if given is not None:  # a known PSF: one detect-measure pass, no PSF stars
+            none = np.zeros(0, dtype=np.int64)
+            psf_res = PsfResult(psf=given, star_index=none, candidate_index=none, size=sigma,
+                                fwhm_center=sigma * FWHM_PER_SIGMA, n_stars=0)
+            break
         t = time.perf_counter()
         size = np.sqrt(0.5 * (np.asarray(cat["Ixx"], float) + np.asarray(cat["Iyy"], float)))
         flux = np.asarray(cat["gaussianFlux"] if psf is None else cat["psfFlux"], float)

@@ -333,15 +333,13 @@ def _solve(eq: _Equations, penalty: np.ndarray, lam: float) -> np.ndarray | None
     """Solve ``(n + lam P) theta = b`` by Cholesky; None when the matrix is not positive definite.
 
     The noise correction can leave it indefinite when a few faint stamps carry less signal
-    than noise. One BLAS thread: at n ~ 1300 OpenBLAS's threads cost 5-40x more than they
-    give when numba's threads or other processes share the cores.
+    than noise.
     """
     a = eq.n + lam * penalty
-    with threadpool_limits(1, user_api="blas"):
-        try:
-            return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, check_finite=False), eq.b, check_finite=False)
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-            return None
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, check_finite=False), eq.b, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return None
 
 
 class _Indefinite(Exception):
@@ -398,7 +396,21 @@ def solve_delta_kernel(
         Core chi^2 of each stamp of ``solution`` under the other fold's solution (NaN without ``held_out``).
     lam : float
         The relative regularisation strength used.
+
+    Notes
+    -----
+    BLAS runs on one thread here: at n ~ 1300 unknowns OpenBLAS's own threads cost 5-40x
+    more than they give when numba's threads or other processes share the cores.
     """
+    with threadpool_limits(1, user_api="blas"):
+        return _solve_delta_kernel(ref, var_ref, tgt, var_tgt, gaussian, half=half, fwhm=fwhm, config=config,
+                                   held_out=held_out)
+
+
+def _solve_delta_kernel(
+    ref: np.ndarray, var_ref: np.ndarray, tgt: np.ndarray, var_tgt: np.ndarray, gaussian: KernelSolution, *,
+    half: int, fwhm: float, config: PsfMatchConfig, held_out: bool,
+) -> tuple[KernelSolution, np.ndarray, float]:
     ny, nx = ref.shape
     k = min(gaussian.kernel.size, config.delta_kernel_size)
     r = k // 2
@@ -538,9 +550,8 @@ def choose_basis(
             reason=f"Gaussian core chi^2 {g_core:.2f} <= auto_core_chi2 {config.auto_core_chi2:g}",
         )
     t0 = time.perf_counter()
-    with threadpool_limits(1, user_api="blas"):  # see _solve
-        delta, held, lam = solve_delta_kernel(ref, var_ref, tgt, var_tgt, gaussian, half=half, fwhm=fwhm,
-                                              config=config, held_out=config.basis == "auto")
+    delta, held, lam = solve_delta_kernel(ref, var_ref, tgt, var_tgt, gaussian, half=half, fwhm=fwhm,
+                                          config=config, held_out=config.basis == "auto")
     dt = time.perf_counter() - t0
     d_bright = _bright(peak_snr(ref, var_ref, delta.stamp_x, delta.stamp_y))
     d_core = float(np.median(held[d_bright]))
