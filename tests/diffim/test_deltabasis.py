@@ -9,7 +9,7 @@ from scipy.signal import fftconvolve
 from apfast.diffim.deltabasis import choose_basis, make_delta_basis, peak_snr, solve_delta_kernel
 from apfast.diffim.psfmatch import PsfMatchConfig, make_basis, select_stamps, solve_kernel
 from apfast.diffim.subtract import subtract_images
-from apfast.errors import ConfigError
+from apfast.errors import AlgorithmError, ConfigError
 from apfast.exposure import Exposure
 from apfast.kernels.psfmatch import delta_stamp_normal_equations, stamp_normal_equations
 from apfast.psf import GaussianPsf
@@ -216,3 +216,40 @@ def test_choose_basis_configured_gaussian_does_no_delta_work(ghost_pair) -> None
 def test_bad_delta_settings_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"difference.psfmatch.{key}"):
         PsfMatchConfig(**{key: value})
+
+
+@pytest.fixture(scope="module")
+def faint_delta_pair() -> dict:
+    """Identical PSFs, a very noisy reference (noise 15), faint stars: the noise correction's hard case."""
+    delta = np.zeros((21, 21))
+    delta[10, 10] = 1.0
+    sci, tmp, cat = _pair(delta, seed=13, ref_noise=15.0, flux=(3.0, 3.6))
+    cfg = PsfMatchConfig(size_cell=64, basis="delta", delta_min_peak_snr=0.0)
+    bad = np.zeros(tmp.image.shape, bool)
+    cx, cy = select_stamps(cat["x"], cat["y"], cat["snr"], np.ones(cat["x"].size, bool), bad, half=11, r=10,
+                           isolation=3.0, config=cfg)
+    gauss = solve_kernel(tmp.image, tmp.variance, sci.image, sci.variance, bad, cx, cy,
+                         basis=make_basis((0.7, 1.4, 2.8), (4, 2, 2), 21), half=11, config=cfg)
+    return {"sci": sci, "tmp": tmp, "gauss": gauss}
+
+
+def test_indefinite_corrected_equations_fall_back_with_a_warning(faint_delta_pair: dict,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    p = faint_delta_pair
+    cfg = PsfMatchConfig(size_cell=64, basis="delta", delta_min_peak_snr=0.0, delta_lambda=(1e-6,))
+    with caplog.at_level("WARNING", logger="apfast.diffim.deltabasis"):
+        sol, _, _ = solve_delta_kernel(p["tmp"].image, p["tmp"].variance, p["sci"].image, p["sci"].variance,
+                                       p["gauss"], half=11, fwhm=3.5, config=cfg, held_out=False)
+    assert "fitting without the noise correction (difference.psfmatch.delta_noise_correction)" in caplog.text
+    assert sol.kernel.sum(256.0, 256.0) == pytest.approx(1.0, abs=0.1)  # still a usable kernel
+
+
+def test_singular_delta_equations_name_the_keys(faint_delta_pair: dict) -> None:
+    """A reference with nothing in it and no regularisation: nothing can determine the kernel."""
+    p = faint_delta_pair
+    blank = np.zeros_like(p["tmp"].image)
+    cfg = PsfMatchConfig(size_cell=64, basis="delta", delta_min_peak_snr=0.0, delta_lambda=(0.0,),
+                         delta_noise_correction=False)
+    with pytest.raises(AlgorithmError, match=r'basis = "gaussian".*delta_lambda'):
+        solve_delta_kernel(blank, p["tmp"].variance, p["sci"].image, p["sci"].variance, p["gauss"], half=11,
+                           fwhm=3.5, config=cfg, held_out=False)

@@ -112,3 +112,18 @@ def test_cli_takes_psf_files_and_rejects_a_bad_one(jwst: dict, tmp_path: Path,
     assert rc == 2
     assert len(err) == 1 and "science PSF" in err[0] and str(bad) in err[0] and "positive total flux" in err[0]
     assert not (tmp_path / "x.fits").exists()
+
+
+def test_psf_file_peaked_on_its_edge_is_refused(tmp_path: Path) -> None:
+    from apfast.errors import InputError
+    from apfast.repo.pairio import read_psf_image
+
+    stamp = np.zeros((11, 11), np.float32)
+    stamp[5, 0] = 1.0
+    fits.writeto(tmp_path / "edge.fits", stamp)
+    with pytest.raises(InputError, match=r"template PSF .*edge\.fits: its peak at x=0, y=5 is on the stamp's edge"):
+        read_psf_image(tmp_path / "edge.fits", max_size=51, what="template PSF")
+    stamp[5, 0], stamp[5, 5] = 0.0, 1.0
+    fits.writeto(tmp_path / "ok.fits", stamp)
+    psf = read_psf_image(tmp_path / "ok.fits", max_size=5, what="template PSF")
+    assert psf.size == 5 and psf.image[2, 2] == pytest.approx(1.0)  # cut to max_size about the peak
